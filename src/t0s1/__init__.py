@@ -1,0 +1,20 @@
+"""t0-s1: s1-style fine-tuning and budget forcing for small reasoning models."""
+
+from t0s1.errors import ModelNotFoundError, UserError
+from t0s1.forcing import BudgetForcing, Result, generate, generate_sweep
+from t0s1.models import EMBEDDED_MODEL, LoadedModel, load_model
+from t0s1.reasoning_format import ReasoningFormat, reasoning_format_for
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "BudgetForcing",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "ReasoningFormat",
+    "Result",
+    "UserError",
+    "generate",
+    "generate_sweep",
+    "load_model",
+    "reasoning_format_for",
+]

