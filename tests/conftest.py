@@ -71,10 +71,28 @@ def build_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
+    _make_it_stop(model, tokenizer)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@torch.no_grad()
+def _make_it_stop(model, tokenizer) -> None:
+    """A random model almost never emits a given token, so thinking would never end by itself.
+    Give ``<|im_start|>`` (end of thinking) and ``<|im_end|>`` (end of turn) the output rows of
+    tokens it does emit, slightly scaled, so both stops happen every few dozen tokens."""
+    prompts = ["How many r", "What is 12", "Wait, let", "Final Answer:"]
+    counts = torch.zeros(model.config.vocab_size)
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+        counts += torch.bincount(out[0, ids.shape[1] :], minlength=model.config.vocab_size)
+    frequent = [int(i) for i in torch.argsort(counts, descending=True) if counts[i] > 0]
+    head = model.get_output_embeddings().weight
+    for stop, source in zip(("<|im_start|>", "<|im_end|>"), frequent[1:4:2]):
+        head[tokenizer.convert_tokens_to_ids(stop)] = head[source] * 1.05
 
 
 @pytest.fixture(scope="session")

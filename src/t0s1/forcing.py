@@ -280,7 +280,7 @@ class _Engine:
         else:
             self.stop_ids = set(self.end_ids)
             self.written_delimiter = delimiter
-        self.forced_end_ids = {nl: _encode(lm, fmt.forced_end("\n" if not nl else "")) for nl in (False, True)}
+        self.forced_end_ids = {nl: _encode(lm, fmt.forced_end("\n" if nl else "")) for nl in (False, True)}
         self.ignore_cache: dict[str, list[int]] = {}
         self.started = time.perf_counter()
         self.results: list[Result | None] = []
@@ -480,6 +480,7 @@ class _Engine:
         """Natural end: drop the stop token, append the answer delimiter."""
         row.thinking = False
         row.queue.extend(self.answer_delimiter)
+        self._stream(row, "thinking", final=True)
 
     def _force_answer(self, row: _Row, last_token: int | None) -> None:
         """The budget is spent: append "\\n" if needed, the answer delimiter and "Final Answer:"."""
@@ -491,6 +492,7 @@ class _Engine:
         row.thinking = False
         row.hit_budget = True
         row.queue.extend(forced)
+        self._stream(row, "thinking", final=True)
         row.answer_ids.extend(_after(forced, self.answer_delimiter))
         self._stream(row, "answer")
 
@@ -547,13 +549,13 @@ class _Engine:
 
     # ---- results and streaming ------------------------------------------------------------
 
-    def _stream(self, row: _Row, channel: str) -> None:
+    def _stream(self, row: _Row, channel: str, *, final: bool = False) -> None:
         """Send the new text of ``channel``: the stripped text grows by exactly what is sent."""
         if self.on_delta is None or row.index is None:
             return
         ids = row.thinking_ids if channel == "thinking" else row.answer_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=False).strip()
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+        if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 character: wait for the rest
             return
         sent = row.streamed[channel]
         if len(text) > sent:
@@ -563,6 +565,8 @@ class _Engine:
     def _finish(self, row: _Row) -> None:
         if row.index is None:
             return
+        self._stream(row, "thinking", final=True)
+        self._stream(row, "answer", final=True)
         decode = self.tokenizer.decode
         self.results[row.index] = Result(
             thinking=decode(row.thinking_ids, skip_special_tokens=False).strip(),

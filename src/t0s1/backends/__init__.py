@@ -1,0 +1,86 @@
+"""Backends: one small interface over the engines that run budget forcing.
+
+- ``transformers``: the project's own engine (``t0s1.forcing``), with prefix-sharing sweeps.
+- ``vllm``: vLLM offline inference (GPU only; vLLM is an optional dependency).
+- ``openai``: any OpenAI-compatible completions endpoint (``vllm serve``, ``t0s1 serve``), with
+  budget forcing driven from the client, as t0 drove ``vllm serve``.
+
+Every backend returns the engine's ``Result`` objects, so evaluation and serving treat them alike.
+The vLLM and OpenAI backends re-submit the sequence after each intervention, as s1's engine did;
+the rules of the intervention come from ``BudgetForcing.may_ignore`` and
+``ReasoningFormat.forced_end`` (``t0s1.backends.client_forcing``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from t0s1.errors import UserError
+from t0s1.forcing import BudgetForcing, Prompt, Result
+
+BACKENDS = ("transformers", "vllm", "openai")
+
+
+class Backend:
+    """Generate with budget forcing. Subclasses implement ``generate``; ``sweep`` defaults to one
+    ``generate`` call per setting (the transformers backend shares the thinking prefix instead)."""
+
+    name: str = "backend"
+    model_name: str = ""
+
+    def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
+        """One result per prompt; ``budgets`` is one setting, or one per prompt."""
+        raise NotImplementedError
+
+    def sweep(self, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing]) -> list[list[Result]]:
+        """``results[prompt][setting]`` for greedy settings that differ in budget or num_ignore."""
+        per_setting = [self.generate(prompts, setting) for setting in settings]
+        return [[per_setting[j][i] for j in range(len(settings))] for i in range(len(prompts))]
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether ``sweep`` costs about as much as its largest setting alone."""
+        return False
+
+
+def per_prompt(budgets: BudgetForcing | Sequence[BudgetForcing], count: int) -> list[BudgetForcing]:
+    if isinstance(budgets, BudgetForcing):
+        return [budgets] * count
+    budgets = list(budgets)
+    if len(budgets) != count:
+        raise UserError(f"Got {len(budgets)} budget settings for {count} prompts: give one, or one per prompt.")
+    return budgets
+
+
+def make_backend(
+    name: str,
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    tokenizer: str | None = None,
+    reasoning_format: str | None = None,
+    trust_remote_code: bool = False,
+) -> Backend:
+    """The backend called ``name`` for ``model`` (a model name, directory or served model name)."""
+    if name == "transformers":
+        from t0s1.backends.transformers import TransformersBackend
+
+        if base_url:
+            raise UserError("--base-url is for --backend openai; the transformers backend runs the model here.")
+        return TransformersBackend.load(model, device=device, dtype=dtype, reasoning_format=reasoning_format, trust_remote_code=trust_remote_code)
+    if name == "vllm":
+        from t0s1.backends.vllm import VLLMBackend
+
+        return VLLMBackend.load(model, dtype=dtype, reasoning_format=reasoning_format, trust_remote_code=trust_remote_code)
+    if name == "openai":
+        from t0s1.backends.openai_compat import OpenAIBackend
+
+        if not base_url:
+            raise UserError("--backend openai needs --base-url, e.g. http://localhost:8000/v1 (vllm serve or t0s1 serve).")
+        return OpenAIBackend.connect(
+            base_url, model, api_key=api_key, tokenizer=tokenizer, reasoning_format=reasoning_format, trust_remote_code=trust_remote_code
+        )
+    raise UserError(f"Unknown backend {name!r}; use one of {', '.join(BACKENDS)}.")

@@ -1,0 +1,78 @@
+"""Decontamination as in s1: drop a training question that shares an 8-gram with a benchmark question.
+
+Benchmark questions come from the evaluation task registry (``t0s1.evaluation.tasks``), so that
+training and evaluation read exactly the same benchmark files (local data dir first, hub otherwise).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from t0s1.errors import UserError
+
+NGRAM = 8
+DEFAULT_BENCHMARKS = ("math500", "aime24", "gpqa_diamond")
+
+_WORD = re.compile(r"\w+")
+
+
+def ngrams(text: str, n: int = NGRAM) -> list[tuple[str, ...]]:
+    """Word n-grams of ``text``, lowercased, punctuation and LaTeX markup ignored."""
+    words = _WORD.findall(text.lower())
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+@dataclass(frozen=True)
+class Contamination:
+    """A training row dropped because it shares ``ngram`` with ``benchmark`` example ``benchmark_id``."""
+
+    row: int
+    benchmark: str
+    benchmark_id: str
+    ngram: str
+
+    def to_dict(self) -> dict:
+        return {"row": self.row, "benchmark": self.benchmark, "benchmark_id": self.benchmark_id, "ngram": self.ngram}
+
+
+class BenchmarkIndex:
+    """Every 8-gram of the benchmark questions -> (benchmark, example id) of its first occurrence."""
+
+    def __init__(self, benchmarks: dict[str, list[tuple[str, str]]]):
+        self.sizes = {name: len(questions) for name, questions in benchmarks.items()}
+        self._owner: dict[tuple[str, ...], tuple[str, str]] = {}
+        for name, questions in benchmarks.items():
+            for example_id, question in questions:
+                for gram in ngrams(question):
+                    self._owner.setdefault(gram, (name, example_id))
+
+    @classmethod
+    def load(cls, names: list[str], data_dir: str | None = None) -> BenchmarkIndex:
+        try:
+            from t0s1.evaluation.tasks import get_task
+        except ImportError as error:
+            raise UserError(
+                f"Decontamination needs the evaluation task registry (t0s1.evaluation.tasks), which could "
+                f"not be imported ({error})."
+            ) from None
+        benchmarks = {}
+        for name in names:
+            task = get_task(name)  # raises UserError naming the known tasks
+            examples = task.load(data_dir=data_dir)
+            benchmarks[name] = [(str(example.id), example.question) for example in examples]
+        return cls(benchmarks)
+
+    def match(self, row: int, question: str) -> Contamination | None:
+        for gram in ngrams(question):
+            owner = self._owner.get(gram)
+            if owner:
+                return Contamination(row, owner[0], owner[1], " ".join(gram))
+        return None
+
+
+def parse_benchmarks(value: str | None) -> list[str]:
+    """``"math500,aime24"`` -> ``["math500", "aime24"]``; ``"none"`` or empty -> ``[]``."""
+    if not value or value.strip().lower() in ("none", "no", "false"):
+        return []
+    return [name.strip() for name in value.split(",") if name.strip()]

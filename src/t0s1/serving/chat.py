@@ -1,0 +1,128 @@
+"""``t0s1 chat``: a terminal chat that streams the thinking (dimmed), then the answer.
+
+Commands: ``/budget N`` (or ``/budget auto``) sets the thinking budget, ``/wait K`` how many times
+the end of thinking is ignored ("Wait" appended), ``/reset`` forgets the conversation, ``/exit``
+quits (so does end of input). The conversation keeps the answers only, not the thinking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from rich.console import Console
+
+from t0s1.errors import UserError
+from t0s1.forcing import BudgetForcing, Result, generate
+from t0s1.models import LoadedModel
+
+HELP = (
+    "Commands: /budget N|auto (thinking budget in tokens), /wait K (ignore the end of thinking K times), "
+    "/reset (new conversation), /help, /exit."
+)
+
+
+def parse_budget_value(text: str) -> int | str:
+    """A thinking budget typed by a user: an integer or "auto" (``BudgetForcing`` checks it)."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def describe(budget: BudgetForcing) -> str:
+    return f"thinking budget {budget.max_thinking_tokens}, wait x{budget.num_ignore} ({budget.ignore_str!r})"
+
+
+def run_chat(
+    lm: LoadedModel,
+    budget: BudgetForcing,
+    *,
+    read_line: Callable[[str], str] | None = None,
+    console: Console | None = None,
+) -> list[dict]:
+    """Chat until ``/exit`` or end of input; returns the conversation.
+
+    ``read_line(prompt)`` returns the next line and raises ``EOFError`` at the end of input
+    (default: the console's input, with line editing).
+    """
+    console = console or Console(highlight=False)
+    read_line = read_line or (lambda prompt: console.input(prompt))
+    messages: list[dict] = []
+    console.print(f"[bold]t0s1 chat[/] with {lm.name}: {describe(budget)}. {HELP}", highlight=False)
+    while True:
+        try:
+            line = read_line("[bold cyan]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return messages
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                return messages
+            try:
+                budget, messages = _command(command, argument, budget, messages, console)
+            except UserError as error:
+                console.print(f"[bold red]Error:[/] {error}", highlight=False)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            result = _reply(lm, messages, budget, console)
+        except UserError as error:  # e.g. the conversation no longer fits the context
+            console.print(f"[bold red]Error:[/] {error}", highlight=False)
+            result = None
+        if result is None or result.finish_reason == "cancelled":
+            messages.pop()  # an interrupted turn is forgotten
+        else:
+            messages.append({"role": "assistant", "content": result.answer})
+
+
+def _command(command: str, argument: str, budget: BudgetForcing, messages: list[dict], console: Console):
+    if command == "/budget":
+        budget = replace(budget, max_thinking_tokens=parse_budget_value(argument))
+    elif command == "/wait":
+        budget = replace(budget, num_ignore=parse_budget_value(argument))
+    elif command == "/reset":
+        messages = []
+        console.print("[dim]New conversation.[/]")
+        return budget, messages
+    elif command == "/help":
+        console.print(HELP, highlight=False)
+        return budget, messages
+    else:
+        raise UserError(f"Unknown command {command!r}. {HELP}")
+    console.print(f"[dim]{describe(budget)}[/]", highlight=False)
+    return budget, messages
+
+
+def _reply(lm: LoadedModel, messages: list[dict], budget: BudgetForcing, console: Console) -> Result | None:
+    """Generate and stream one answer; Ctrl-C stops it (returns None)."""
+    shown = {"channel": None}
+
+    def on_delta(_: int, channel: str, text: str) -> None:
+        if channel != shown["channel"]:
+            if channel == "thinking":
+                console.print("[dim italic]thinking[/]")
+            else:
+                if shown["channel"] == "thinking":
+                    console.print()
+                console.print("[bold green]answer[/]")
+            shown["channel"] = channel
+        console.print(text, style="dim" if channel == "thinking" else None, end="", markup=False,
+                      highlight=False, soft_wrap=True)
+
+    try:
+        [result] = generate(lm, [messages], budget, on_delta=on_delta)
+    except KeyboardInterrupt:
+        console.print("\n[yellow](interrupted)[/]")
+        return None
+    console.print()
+    extended = f", {result.num_ignored} x {budget.ignore_str!r}" if result.num_ignored else ""
+    capped = ", budget reached" if result.hit_budget else ""
+    console.print(f"[dim]({result.thinking_tokens} thinking + {result.answer_tokens} answer tokens{extended}"
+                  f"{capped}, {result.seconds:.1f} s)[/]", highlight=False)
+    return result

@@ -1,0 +1,232 @@
+"""``t0s1 train``: supervised fine-tuning with the s1 recipe (TRL SFTTrainer, completion-only loss).
+
+Reads top to bottom like open-r1's sft.py: parse the recipe, load the data (a directory written by
+``t0s1 prepare``, or raw s1K-style data rendered on the fly), train (resuming from the last
+checkpoint in output_dir), save weights + tokenizer + generation config + model card.
+Runs unchanged under ``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-3) and on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from t0s1.data.prepare import (
+    build,
+    is_prepared_dir,
+    load_tokenizer,
+    model_source,
+    read_report,
+)
+from t0s1.data.sources import load_traces, read_rows
+from t0s1.errors import UserError
+from t0s1.reasoning_format import reasoning_format_for
+from t0s1.training.config import parse_args
+
+
+def main(argv: list[str] | None = None):
+    """Train from ``[RECIPE.yaml, --key, value, ...]``; returns the trainer."""
+    script_args, training_args, model_args, ours = parse_args(sys.argv[1:] if argv is None else argv)
+    return train(script_args, training_args, model_args, ours)
+
+
+def train(script_args, training_args, model_args, ours):
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer, get_peft_config
+
+    log = _Log(training_args)
+    source, gguf_file = model_source(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    fmt = reasoning_format_for(tokenizer, ours.reasoning_format)
+
+    dataset, data_info = load_train_dataset(script_args, tokenizer, fmt, training_args.max_length, ours, log)
+    # The completions end with the chat template's end-of-turn token; make it the eos token so TRL
+    # does not append a second one and generation stops there.
+    end_token = data_info["end_token"]
+    if end_token and end_token != tokenizer.eos_token and end_token in tokenizer.get_vocab():
+        training_args.eos_token = end_token
+
+    if ours.effective_batch_size:
+        per_step = training_args.per_device_train_batch_size * training_args.world_size
+        steps = max(1, ours.effective_batch_size // per_step)
+        if steps * per_step != ours.effective_batch_size:
+            log(f"effective_batch_size {ours.effective_batch_size} is not a multiple of {per_step}: using {steps * per_step}.")
+        training_args.gradient_accumulation_steps = steps
+
+    # Weights in float32 on CPU; on GPUs the recipe's dtype (bf16) unless fp16 mixed precision needs fp32 masters.
+    if not torch.cuda.is_available() or training_args.fp16:
+        dtype = "float32"
+    else:
+        dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
+    training_args.model_init_kwargs = {
+        "dtype": dtype,
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        **(training_args.model_init_kwargs or {}),
+    }
+    model = source
+    if gguf_file:  # a GGUF file cannot be loaded from a string by TRL: load it the engine's way
+        from t0s1.models import load_model
+
+        model = load_model(model_args.model_name_or_path, device="cpu", dtype=dtype).model
+    peft_config = get_peft_config(model_args)
+    if ours.merge_lora and peft_config is None:
+        log("merge_lora is set but use_peft is not: nothing to merge, the full model is saved.")
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+    output_dir = training_args.output_dir
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and os.path.isdir(output_dir):
+        checkpoint = get_last_checkpoint(output_dir)
+    if checkpoint:
+        log(f"Resuming from checkpoint {checkpoint}")
+    log(
+        f"Training {model_args.model_name_or_path} on {len(dataset)} examples "
+        f"({'LoRA r=' + str(model_args.lora_r) if peft_config else 'full fine-tuning'}, {dtype}, "
+        f"{training_args.world_size} process(es), effective batch "
+        f"{training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size})"
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_examples"] = len(dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    save_model(trainer, source, gguf_file, dtype, peft_config is not None and ours.merge_lora, end_token)
+    if trainer.is_world_process_zero():
+        from t0s1.training.model_card import write_model_card
+
+        write_model_card(
+            output_dir,
+            base_model=model_args.model_name_or_path,
+            dataset=script_args.dataset_name,
+            data_info=data_info,
+            training_args=training_args,
+            model_args=model_args,
+            ours=ours,
+            merged=peft_config is None or ours.merge_lora,
+            log_history=trainer.state.log_history,
+            metrics=metrics,
+            reasoning_format=fmt,
+            license=ours.license,
+        )
+        log(f"Saved the model, tokenizer and model card to {output_dir}")
+    trainer.accelerator.wait_for_everyone()
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return trainer
+
+
+def load_train_dataset(script_args, tokenizer, fmt, max_length, ours, log):
+    """The prompt/completion training split and what the model card says about it."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    name = script_args.dataset_name
+    split = script_args.dataset_train_split
+    if is_prepared_dir(name):
+        report = read_report(name)
+        loaded = load_from_disk(name)
+        dataset = loaded[split] if isinstance(loaded, DatasetDict) else loaded
+        return dataset, {**report, "prepared": True}
+    rows, columns = read_rows(name, split)
+    if {"prompt", "completion"} <= set(columns):  # already prompt/completion: TRL reads it as it is
+        from t0s1.data.prepare import end_of_turn
+
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        return dataset, {"source": name, "rows_in": len(rows), "rows_out": len(rows), "end_token": end_of_turn(tokenizer)}
+    # Raw s1K-style data: render it now, exactly as `t0s1 prepare` would (without decontamination).
+    traces = load_traces(name, split=split)
+    rendered, report = build(
+        traces,
+        tokenizer,
+        fmt,
+        model_name=str(tokenizer.name_or_path),
+        block_size=max_length,
+        on_overflow=ours.on_overflow,
+    )
+    log(report.summary())
+    return Dataset.from_list(rendered), {**report.to_dict(), "prepared": False}
+
+
+def save_model(trainer, source: str, gguf_file: str | None, dtype: str, merge: bool, end_token: str) -> None:
+    """Weights as safetensors (LoRA merged when asked), tokenizer, and a generation config that stops
+    at the end-of-turn token."""
+    output_dir = trainer.args.output_dir
+    trainer.save_model(output_dir)  # gathers FSDP / ZeRO-3 shards; the adapter only for LoRA
+    if trainer.is_world_process_zero():
+        tokenizer = trainer.processing_class
+        tokenizer.save_pretrained(output_dir)
+        if merge:
+            _merge_adapter(output_dir, source, gguf_file, dtype)
+        _write_generation_config(output_dir, source, tokenizer, end_token)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _merge_adapter(output_dir: str, source: str, gguf_file: str | None, dtype: str) -> None:
+    """Reload the base model and the saved adapter, merge, and replace the adapter by the merged
+    weights (done from the saved files, so it works the same after FSDP or ZeRO-3 training)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from t0s1.models import clear_quantization_flags
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+    if gguf_file:
+        clear_quantization_flags(base)
+    merged = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
+    for name in ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"):
+        path = Path(output_dir) / name
+        if path.exists():
+            path.unlink()
+    merged.save_pretrained(output_dir)
+
+
+def _write_generation_config(output_dir: str, source: str, tokenizer, end_token: str) -> None:
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(source)
+    except OSError:
+        config = GenerationConfig()
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for token in (end_token, tokenizer.eos_token):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token else None
+        if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in eos:
+            eos.append(token_id)
+    config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(output_dir)
+
+
+class _Log:
+    """Print on the main process only."""
+
+    def __init__(self, training_args):
+        self.main = training_args.process_index == 0
+
+    def __call__(self, message: str) -> None:
+        if self.main:
+            print(f"[t0s1 train] {message}", flush=True)
+
+
+def main_guarded(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m t0s1.training``: a ``UserError`` is one line and exit code 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
