@@ -189,7 +189,41 @@ def _locate(name_or_path: str) -> tuple[str, str | None]:
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
     if looks_like_path or name_or_path.count("/") > 1:
         raise ModelNotFoundError(f"No model at {name_or_path!r}: the path does not exist.")
+    if not _hub_cached(name_or_path) and not _hub_reachable():
+        raise ModelNotFoundError(
+            f"{name_or_path!r} is not a local path, and the model hub is unreachable (offline?), so it "
+            f"cannot be downloaded. Give a local model directory, a .gguf file, or the embedded default "
+            f"{EMBEDDED_MODEL!r}."
+        )
     return name_or_path, None
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Is a hub model already in the local Hugging Face cache (loadable offline)?"""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid repo id: let from_pretrained explain
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connection test, so that an unknown name fails in seconds rather than after the
+    hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _explain_load_failure(name_or_path: str, error: Exception) -> Exception:

@@ -1,0 +1,31 @@
+# Two entry points: `make quickstart` (the main job) and `make test`. Both create .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN = $(VENV)/bin
+# The CPU build of torch (pip finds it locally where it is cached); pinned before the rest so that
+# nothing pulls a multi-GB CUDA build. On a GPU machine install the torch build you need instead.
+TORCH ?= torch==2.13.0
+
+.PHONY: install quickstart generate test bench
+
+$(BIN)/t0s1: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/t0s1
+
+quickstart: install
+	$(BIN)/t0s1 quickstart
+
+generate: install
+	$(BIN)/t0s1 generate "How many r are in the word raspberry?" --max-thinking-tokens 256 --num-ignore 1
+
+# Benchmarks read ../shared/data unless T0S1_DATA_DIR says otherwise.
+test: install
+	T0S1_DATA_DIR=$${T0S1_DATA_DIR:-$(abspath ..)/shared/data} $(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python bench/forcing.py

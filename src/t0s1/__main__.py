@@ -1,0 +1,3 @@
+from t0s1.cli import main
+
+main()

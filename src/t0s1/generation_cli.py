@@ -1,0 +1,143 @@
+"""``t0s1 generate``: budget forcing from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from t0s1.cli_support import exit_on_user_error, parse_thinking_budget
+from t0s1.errors import UserError
+from t0s1.forcing import BudgetForcing, generate
+from t0s1.models import EMBEDDED_MODEL, load_model
+
+DEFAULTS = BudgetForcing()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_command)
+
+
+@exit_on_user_error
+def generate_command(
+    prompt: Annotated[str | None, typer.Argument(help="The question. Omit it when using --file.")] = None,
+    model: Annotated[str, typer.Option(help="Hub id, local directory, .gguf file or the embedded default.")] = EMBEDDED_MODEL,
+    max_thinking_tokens: Annotated[
+        str, typer.Option(help="Thinking budget in tokens (injected ones count), or 'auto' (fill the context).")
+    ] = str(DEFAULTS.max_thinking_tokens),
+    num_ignore: Annotated[int, typer.Option(help="Ignore the end of thinking this many times, appending --ignore-str.")] = DEFAULTS.num_ignore,
+    ignore_str: Annotated[str, typer.Option(help="What to append when the end of thinking is ignored.")] = DEFAULTS.ignore_str,
+    max_answer_tokens: Annotated[int, typer.Option(help="At most this many answer tokens.")] = DEFAULTS.max_answer_tokens,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (the default).")] = DEFAULTS.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature > 0).")] = DEFAULTS.top_p,
+    seed: Annotated[int, typer.Option(help="Seed for sampling; prompt i of a file uses seed + i.")] = DEFAULTS.seed,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result fields.")] = False,
+    file: Annotated[
+        Path | None, typer.Option(help="JSONL file of prompts (field 'prompt'): generated in batches, JSONL out.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="With --file: write the JSONL here instead of standard output.")] = None,
+    batch_size: Annotated[int, typer.Option(help="With --file: prompts per batch.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16.")] = "auto",
+    reasoning_format: Annotated[
+        str | None, typer.Option(help="Override the delimiters: chatml, think-tags or 'START,END'.")
+    ] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run code from the model repository (only if you trust it).")] = False,
+) -> None:
+    """Answer a question with budget forcing: cap the thinking, or extend it with "Wait"."""
+    if (prompt is None) == (file is None):
+        raise UserError("Give either a PROMPT or --file prompts.jsonl (not both).")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    settings = BudgetForcing(
+        max_thinking_tokens=parse_thinking_budget(max_thinking_tokens),
+        num_ignore=num_ignore,
+        ignore_str=ignore_str,
+        max_answer_tokens=max_answer_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    prompts = [prompt] if file is None else read_prompts(file)
+    if prompt is not None and not prompt.strip():
+        raise UserError("The prompt is empty: give the question to answer.")
+    lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format)
+    if file is not None:
+        _generate_file(lm, prompts, settings, out, batch_size)
+    elif json_output:
+        print(json.dumps(generate(lm, prompts, settings)[0].to_dict(), ensure_ascii=False))
+    else:
+        _generate_streaming(lm, prompt, settings)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a JSONL file with a ``prompt`` field per line."""
+    if not path.is_file():
+        raise UserError(f"No prompts file at {path}.")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise UserError(f"{path}, line {number}: no 'prompt' field.")
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise UserError(f"{path}, line {number}: 'prompt' must be a non-empty string.")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise UserError(f"{path} holds no prompts.")
+    return prompts
+
+
+def _generate_file(lm, prompts: list[str], settings: BudgetForcing, out: Path | None, batch_size: int) -> None:
+    from rich.progress import Progress
+
+    sink = out.open("w", encoding="utf-8") if out else sys.stdout
+    try:
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("prompts", total=len(prompts))
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                budgets = [_with_seed(settings, start) for _ in batch]
+                for offset, result in enumerate(generate(lm, batch, budgets)):
+                    row = {"index": start + offset, "prompt": batch[offset], **result.to_dict()}
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                sink.flush()
+                progress.advance(task, len(batch))
+    finally:
+        if out:
+            sink.close()
+
+
+def _with_seed(settings: BudgetForcing, offset: int) -> BudgetForcing:
+    """Batches of a file keep the per-prompt seeds of one big call (seed + prompt index)."""
+    from dataclasses import replace
+
+    return settings if settings.seed is None else replace(settings, seed=settings.seed + offset)
+
+
+def _generate_streaming(lm, prompt: str, settings: BudgetForcing) -> None:
+    console = Console(highlight=False)
+    shown = {"thinking": False, "answer": False}
+
+    def on_delta(_index: int, channel: str, text: str) -> None:
+        if not shown[channel]:
+            console.print(Text("Thinking" if channel == "thinking" else "\n\nAnswer", style="bold"))
+            shown[channel] = True
+        console.print(Text(text, style="dim" if channel == "thinking" else ""), end="")
+
+    result = generate(lm, [prompt], settings, on_delta=on_delta)[0]
+    ending = "forced by the budget" if result.hit_budget else "ended by itself"
+    console.print(
+        f"\n\n[dim]{result.thinking_tokens} thinking tokens ({ending}, {result.num_ignored} x "
+        f"{settings.ignore_str!r}), {result.answer_tokens} answer tokens, "
+        f"{result.seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, finish: {result.finish_reason}[/]"
+    )
