@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from t0s1 import BudgetForcing, generate
+from t0s1.forcing import render_prompt
 from t0s1.serving.server import create_app, serve_in_background
 
 DEFAULTS = BudgetForcing(max_thinking_tokens=24, max_answer_tokens=8)
@@ -158,7 +159,8 @@ def test_concurrent_requests_keep_their_own_budgets(server, client, tiny_model):
                 chat(client, max_thinking_tokens=-1)
             return None
         b, k = budgets[i]
-        return chat(client, [{"role": "user", "content": prompts[i]}], max_thinking_tokens=b, num_ignore=k, max_tokens=5)
+        messages = [{"role": "user", "content": prompts[i]}]
+        return chat(client, messages, max_thinking_tokens=b, num_ignore=k, max_tokens=5)
 
     batches_before = httpx.get(f"{server}/health").json()["batches"]
     with concurrent.futures.ThreadPoolExecutor(len(prompts) + 1) as pool:
@@ -177,8 +179,9 @@ def test_disconnect_stops_the_generation(server):
             "num_ignore": 50, "stream": True}
     cancelled = httpx.get(f"{server}/health").json()["cancelled"]
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")  # generation has started; now hang up
+        for line in response.iter_lines():
+            if "reasoning_content" in line:
+                break  # the engine is generating this request; now hang up
     deadline = time.monotonic() + 20
     while httpx.get(f"{server}/health").json()["cancelled"] == cancelled:
         assert time.monotonic() < deadline, "the generation went on after the client left"
@@ -208,12 +211,16 @@ def test_disconnect_stops_the_generation(server):
         ({"model": "tiny", "messages": QUESTION, "temperature": "hot"}, "temperature"),
         ({"model": "tiny", "messages": QUESTION, "stream": "yes"}, "stream"),
         ({"model": "tiny", "messages": QUESTION, "n": 2}, "n"),
+        ({"model": "tiny", "messages": QUESTION, "stop": ["."]}, "stop"),
         ({"model": "tiny", "messages": QUESTION, "max_thinking_tokens": 5000}, "max_thinking_tokens"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 3000}]}, "max_thinking_tokens"),
     ],
 )
 def test_malformed_requests_get_400_and_the_server_goes_on(server, client, body, param):
-    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    if isinstance(body, bytes):
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}}
+    else:
+        kwargs = {"json": body}
     response = httpx.post(f"{server}/v1/chat/completions", timeout=30, **kwargs)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -237,7 +244,7 @@ def test_unknown_route_is_an_openai_error(server):
 def test_api_key_is_required_when_set(tiny_model):
     app = create_app(tiny_model, DEFAULTS, api_key=API_KEY)
     with serve_in_background(app) as url:
-        for key in ("wrong-key", ""):
+        for key in ("wrong-key", f"{API_KEY}-not"):
             with openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as bad:
                 with pytest.raises(openai.AuthenticationError):
                     chat(bad)
@@ -272,3 +279,38 @@ def test_serve_command_binds_loopback(tiny_model_dir):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_completions_with_stop_are_plain_continuations(server, tiny_model):
+    """What client-side budget forcing (``t0s1 eval --backend openai``) asks of a server."""
+    question = "1+1?"
+    [expected] = generate(tiny_model, [question], BudgetForcing(max_thinking_tokens=60, max_answer_tokens=2))
+    assert not expected.hit_budget  # this thinking ends by itself
+    prompt = tiny_model.tokenizer.decode(render_prompt(tiny_model, question), skip_special_tokens=False)
+    decode = tiny_model.tokenizer.decode
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0) as client:
+        stop = ["<|im_start|>", "<|im_end|>"]
+        ended = client.completions.create(model="tiny", prompt=prompt, max_tokens=60, stop=stop)
+        assert ended.choices[0].finish_reason == "stop"
+        assert ended.choices[0].text == decode(expected.thinking_token_ids, skip_special_tokens=False)
+        cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, stop=["<|im_end|>"])
+        assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+        assert cut.choices[0].text == decode(expected.thinking_token_ids[:3], skip_special_tokens=False)
+        with pytest.raises(openai.BadRequestError, match="num_ignore"):
+            client.completions.create(model="tiny", prompt=prompt, stop=["x"], extra_body={"num_ignore": 1})
+
+
+@pytest.mark.slow
+def test_client_side_forcing_against_the_server_equals_the_engine(smollm2):
+    """``t0s1 eval --backend openai --base-url .../v1`` pointed at ``t0s1 serve``."""
+    from t0s1.backends.openai_compat import OpenAIBackend
+
+    prompts = ["How many r are in raspberry?", "What is 12 + 35 * 2?"]
+    settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=8)
+    expected = generate(smollm2, prompts, settings)
+    with serve_in_background(create_app(smollm2)) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="x") as client:
+        backend = OpenAIBackend(client, "smollm2", smollm2.tokenizer, context_length=smollm2.context_length)
+        results = backend.generate(prompts, settings)
+    for got, want in zip(results, expected, strict=True):
+        assert (got.thinking, got.answer, got.num_ignored, got.hit_budget) == (
+            want.thinking, want.answer, want.num_ignored, want.hit_budget)

@@ -38,6 +38,9 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     streamed_any: bool = False
+    stop: tuple[str, ...] | None = None  # a plain continuation (see Batcher.submit)
+    text: str = ""  # a plain continuation's text so far
+    stopped: bool = False  # a plain continuation ended at one of its stop strings
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -112,9 +115,15 @@ class Batcher:
         self._thread.join(timeout)
         self._thread = None
 
-    def submit(self, prompt_ids: list[int], budget: BudgetForcing, *, stream: bool) -> Job:
-        """Queue a request; call from the event loop that will read the job's events."""
-        job = Job(list(prompt_ids), budget, stream, asyncio.get_running_loop())
+    def submit(self, prompt_ids: list[int], budget: BudgetForcing, *, stream: bool,
+               stop: tuple[str, ...] | None = None) -> Job:
+        """Queue a request; call from the event loop that will read the job's events.
+
+        ``stop``: a plain continuation instead of budget forcing: the engine's thinking phase
+        continues ``prompt_ids`` for up to ``budget.max_thinking_tokens`` tokens and the job ends
+        where that phase ends (a stop token, the budget) or where a stop string appears.
+        """
+        job = Job(list(prompt_ids), budget, stream, asyncio.get_running_loop(), stop=stop)
         self._queue.put(job)
         return job
 
@@ -136,7 +145,9 @@ class Batcher:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(more)
-            batch = [job for job in batch if not job.cancelled.is_set()]
+            waiting = [job for job in batch if not job.cancelled.is_set()]
+            self.stats.cancelled += len(batch) - len(waiting)  # their clients left while they queued
+            batch = waiting
             if batch:
                 self._run(batch)
 
@@ -153,13 +164,22 @@ class Batcher:
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for job, result in zip(batch, results, strict=True):
             self.stats.requests += 1
-            self.stats.cancelled += result.finish_reason == "cancelled"
+            self.stats.cancelled += result.finish_reason == "cancelled" and job.stop is None
             self.stats.generated_tokens += result.thinking_tokens + result.answer_tokens
             job.emit("result", result)
 
     def _generate(self, batch: list[Job]) -> list[Result]:
         def on_delta(i: int, channel: str, text: str) -> None:
             job = batch[i]
+            if job.stop is not None:
+                if channel == "answer":  # the continuation has ended; skip the answer
+                    job.cancel()
+                    return
+                job.text += text
+                if any(stop in job.text for stop in job.stop):
+                    job.stopped = True
+                    job.cancel()
+                return
             if job.stream:
                 job.streamed_any = True
                 job.emit(channel, text)
@@ -168,7 +188,7 @@ class Batcher:
             self.lm,
             [job.prompt_ids for job in batch],
             [_seeded_for_row(job.budget, i) for i, job in enumerate(batch)],
-            on_delta=on_delta if any(job.stream for job in batch) else None,
+            on_delta=on_delta if any(job.stream or job.stop is not None for job in batch) else None,
             is_cancelled=lambda i: batch[i].cancelled.is_set(),
         )
 

@@ -77,8 +77,9 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible API with budget forcing per request.
 
-    Requests may set max_thinking_tokens (or thinking_budget), num_ignore and ignore_str; the
-    flags here are the defaults. Replies separate reasoning_content from content.
+    Requests may set max_thinking_tokens (or thinking_budget), num_ignore and ignore_str.
+
+    The flags below are the defaults. See docs/serving.md.
     """
     import uvicorn
 

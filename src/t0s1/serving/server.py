@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t0s1.errors import UserError
@@ -120,6 +120,9 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
         authorize(request)
         body = await _json_body(request)
         messages = _messages(body.get("messages"))
+        if _stop_strings(body) is not None:
+            raise APIError(400, "stop is not supported by chat completions: the answer ends at the model's end of "
+                           "turn or max_tokens (/v1/completions takes stop for plain continuations).", param="stop")
         budget, stream, include_usage = _common_fields(body, defaults)
         try:
             prompt_ids = render_prompt(lm, messages)
@@ -141,10 +144,13 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
             if body.get(name) not in (None, False):
                 raise APIError(400, f"{name} is not supported by this server.", param=name)
         budget, stream, include_usage = _common_fields(body, defaults)
+        reply = _Reply("text_completion", f"cmpl-{uuid.uuid4().hex}", lm.name)
+        stop = _stop_strings(body)
+        if stop is not None:
+            return await _plain_continuation(lm, batcher, reply, request, body, prompt, budget, stop, stream)
         prompt_ids = completion_prompt_ids(lm, prompt)
         _check_context(lm, budget, prompt_ids)
         job = batcher.submit(prompt_ids, budget, stream=stream)
-        reply = _Reply("text_completion", f"cmpl-{uuid.uuid4().hex}", lm.name)
         if stream:
             return _event_stream(reply.completion_stream(job, include_usage), job)
         return reply.completion(await _wait(job, request))
@@ -189,6 +195,54 @@ def completion_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
     return list(lm.tokenizer(text).input_ids)
 
 
+async def _plain_continuation(lm, batcher, reply, request, body, prompt, budget, stop, stream) -> dict:
+    """A ``/v1/completions`` request with ``stop``: continue the prompt as it is (no thinking
+    delimiter, no forcing) for up to ``max_tokens`` tokens, until the model's end of turn, the
+    start of the answer delimiter or a stop string. This is what client-side budget forcing
+    (``t0s1 eval --backend openai``) asks of a server, one step at a time."""
+    if stream:
+        raise APIError(400, "stream is not supported together with stop (a plain continuation).", param="stream")
+    for name in ("max_thinking_tokens", "thinking_budget", "num_ignore", "ignore_str"):
+        if body.get(name) is not None:
+            raise APIError(400, f"{name} cannot be combined with stop: a request with stop is a plain continuation "
+                           "without budget forcing.", param=name)
+    length = budget.max_answer_tokens
+    settings = replace(budget, max_thinking_tokens=length, num_ignore=0, max_answer_tokens=1)
+    prompt_ids = list(lm.tokenizer(prompt).input_ids)
+    try:
+        resolve_budget(lm, settings, len(prompt_ids))
+    except UserError:
+        room = lm.context_length - len(prompt_ids)
+        raise APIError(400, f"The prompt ({len(prompt_ids)} tokens) and max_tokens={length} exceed the model's "
+                       f"context of {lm.context_length} tokens; ask for fewer than {room} tokens.",
+                       param="max_tokens", code="context_length_exceeded") from None
+    job = batcher.submit(prompt_ids, settings, stream=False, stop=stop)
+    result = await _wait(job, request)
+    text = lm.tokenizer.decode(result.thinking_token_ids, skip_special_tokens=False)
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    # The thinking phase ended at a stop token (not the budget, not the context) iff the answer began.
+    ended = not result.hit_budget and (result.answer_tokens > 0 or result.finish_reason != "length")
+    finish = "stop" if cut >= 0 or ended else "length"
+    tokens = result.thinking_tokens
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": tokens,
+             "total_tokens": result.prompt_tokens + tokens}
+    return reply._envelope("text_completion", [choice], usage)
+
+
+def _stop_strings(body: dict) -> tuple[str, ...] | None:
+    stop = body.get("stop")
+    if stop in (None, "", []):
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "stop must be a string or a list of non-empty strings.", param="stop")
+    return tuple(stop)
+
+
 # ---- parsing requests --------------------------------------------------------------------------
 
 
@@ -208,9 +262,6 @@ def _common_fields(body: dict, defaults: BudgetForcing) -> tuple[BudgetForcing, 
     n = body.get("n")
     if n is not None and n != 1:
         raise APIError(400, f"n={n!r} is not supported: this server returns one choice per request.", param="n")
-    if body.get("stop") not in (None, [], ""):
-        raise APIError(400, "stop is not supported: the answer ends at the model's end of turn or max_tokens.",
-                       param="stop")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -440,13 +491,29 @@ class _Reply:
 async def _stream_events(job: Job):
     """The job's ("thinking" | "answer", text) events, then ("result", Result). An engine error
     after the reply has started goes to the client as an ``{"error": ...}`` event."""
+    pending = []
     while True:
-        kind, value = await job.events.get()
-        if kind == "error":
-            raise _StreamError(_engine_error(value))
-        yield kind, value
-        if kind == "result":
-            return
+        pending.append(await job.events.get())
+        while not job.events.empty():  # the client is behind: send what has piled up at once
+            pending.append(job.events.get_nowait())
+        for kind, value in _merge_deltas(pending):
+            if kind == "error":
+                raise _StreamError(_engine_error(value))
+            yield kind, value
+            if kind == "result":
+                return
+        pending = []
+
+
+def _merge_deltas(events: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """Consecutive text deltas of the same channel as one delta (fewer, larger chunks)."""
+    merged: list[tuple[str, object]] = []
+    for kind, value in events:
+        if merged and kind in ("thinking", "answer") and merged[-1][0] == kind:
+            merged[-1] = (kind, merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    return merged
 
 
 class _StreamError(Exception):

@@ -1,0 +1,80 @@
+"""``t0s1 chat``: the REPL driven by scripted input."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from t0s1 import BudgetForcing
+from t0s1.cli import app
+from t0s1.serving.chat import run_chat
+
+
+def scripted(lines):
+    """A ``read_line`` that replays ``lines``, then signals the end of input."""
+    remaining = list(lines)
+
+    def read_line(prompt: str) -> str:
+        if not remaining:
+            raise EOFError
+        return remaining.pop(0)
+
+    return read_line
+
+
+def chat_with(lm, lines, budget=None):
+    output = io.StringIO()
+    console = Console(file=output, width=200, force_terminal=False, color_system=None)
+    budget = budget or BudgetForcing(max_thinking_tokens=20, max_answer_tokens=6)
+    messages = run_chat(lm, budget, read_line=scripted(lines), console=console)
+    return messages, output.getvalue()
+
+
+def token_counts(text):
+    return [tuple(map(int, m)) for m in re.findall(r"\((\d+) thinking \+ (\d+) answer tokens", text)]
+
+
+def test_chat_streams_thinking_then_answer_and_keeps_the_conversation(tiny_model):
+    lines = ["How many r are in raspberry?", "And in strawberry?", "/exit", "never read"]
+    messages, text = chat_with(tiny_model, lines)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert text.count("thinking\n") == 2 and text.count("answer\n") == 2
+    assert text.index("thinking\n") < text.index("answer\n")
+    assert len(token_counts(text)) == 2
+
+
+def test_budget_and_wait_commands_change_the_next_turn(tiny_model):
+    lines = ["/budget 5", "How many r are in raspberry?", "/budget 60", "/wait 1", "How many r are in raspberry?"]
+    messages, text = chat_with(tiny_model, lines)
+    first, second = token_counts(text)
+    assert first[0] == 5  # the thinking budget binds
+    assert "thinking budget 60, wait x1" in text
+    assert "1 x 'Wait'" in text and second[0] > 5
+    assert len(messages) == 4
+
+
+def test_bad_commands_are_reported_and_the_chat_goes_on(tiny_model):
+    messages, text = chat_with(tiny_model, ["/budget lots", "/wait -1", "/frobnicate", "/reset", "Hi", "/reset"])
+    assert text.count("Error:") == 3
+    assert "max_thinking_tokens" in text and "num_ignore" in text and "Unknown command" in text
+    assert messages == [] and "New conversation." in text
+    assert len(token_counts(text)) == 1
+
+
+def test_chat_command_reads_stdin(tiny_model_dir):
+    result = CliRunner().invoke(
+        app, ["chat", "--model", str(tiny_model_dir), "--max-thinking-tokens", "6", "--max-answer-tokens", "3"],
+        input="Hi\n/exit\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "(6 thinking + " in result.output
+
+
+def test_bad_budget_flags_exit_with_code_2(tiny_model_dir):
+    for command in ("chat", "serve"):
+        result = CliRunner().invoke(app, [command, "--model", str(tiny_model_dir), "--max-thinking-tokens", "-3"])
+        assert result.exit_code == 2
+        assert "max_thinking_tokens" in result.output
