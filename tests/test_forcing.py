@@ -226,10 +226,33 @@ def test_engine_equals_reference_on_smollm2(smollm2, num_ignore):
     prompts = ["Say hi.", "What is 7 + 5?", "Name a colour.", "How many r are in the word raspberry?"]
     for budget in (12, 64):
         settings = BudgetForcing(max_thinking_tokens=budget, num_ignore=num_ignore, max_answer_tokens=12)
-        results = assert_matches_reference(smollm2, prompts, settings)
-        print(budget, num_ignore, [(r.thinking_tokens, r.num_ignored, r.hit_budget) for r in results])
+        batched = generate(smollm2, prompts, settings)
+        alone = generate(smollm2, prompts[-1:], settings)  # batch 1
+        assert_invariants(smollm2, batched + alone, settings)
+        for prompt, result in zip(prompts, batched, strict=True):
+            expected = reference_generate(smollm2, prompt, settings)
+            assert result.thinking_token_ids == expected.thinking_token_ids, prompt
+            assert result.answer_token_ids == expected.answer_token_ids, prompt
+            assert (result.num_ignored, result.hit_budget) == (expected.num_ignored, expected.hit_budget)
+        assert alone[0].thinking_token_ids == expected.thinking_token_ids
+        assert alone[0].answer_token_ids == expected.answer_token_ids
         if budget == 12:
-            assert any(r.hit_budget for r in results), "want a budget that binds"
+            assert any(r.hit_budget for r in batched), "want a budget that binds"
         else:
-            assert any(not r.hit_budget for r in results), "want a budget that does not bind"
-            assert any(r.num_ignored for r in results) == bool(num_ignore)
+            assert any(not r.hit_budget for r in batched), "want a budget that does not bind"
+            assert any(r.num_ignored for r in batched) == bool(num_ignore)
+
+
+def test_per_prompt_settings_keep_their_own_seed(tiny_model):
+    """A sampled request gives the same text wherever it lands in a batch (the server relies on it)."""
+    sampled = BudgetForcing(max_thinking_tokens=25, max_answer_tokens=8, temperature=1.0, seed=123)
+    greedy = BudgetForcing(max_thinking_tokens=5, max_answer_tokens=3)
+    alone = generate(tiny_model, [PROMPTS[1]], [sampled])[0]
+    batched = generate(tiny_model, [PROMPTS[0], PROMPTS[2], PROMPTS[1]], [greedy, greedy, sampled])[2]
+    assert batched.thinking_token_ids == alone.thinking_token_ids
+    assert batched.answer_token_ids == alone.answer_token_ids
+    # One setting for the whole call: prompt i is sampled with seed + i.
+    shared = generate(tiny_model, [PROMPTS[0], PROMPTS[1]], sampled)[1]
+    assert shared.thinking_token_ids == generate(
+        tiny_model, [PROMPTS[1]], BudgetForcing(**{**sampled.__dict__, "seed": 124})
+    )[0].thinking_token_ids

@@ -52,7 +52,8 @@ class BudgetForcing:
     ignore_str: the string appended when the end of thinking is ignored (s1: "Wait").
     max_answer_tokens: at most this many tokens are generated after the answer delimiter.
     temperature, top_p: sampling; temperature 0 is greedy.
-    seed: seeds sampling; the i-th prompt of a call uses ``seed + i``. None: not reproducible.
+    seed: seeds sampling. One setting for a whole call seeds its i-th prompt with ``seed + i``;
+        settings given per prompt are used as they are. None: not reproducible.
     """
 
     max_thinking_tokens: int | Literal["auto"] = 1024
@@ -158,7 +159,8 @@ def generate(
 ) -> list[Result]:
     """Generate with budget forcing for every prompt, batched. One result per prompt, in order.
 
-    ``budget`` is one setting for all prompts, or one per prompt. ``on_delta`` streams the text as
+    ``budget`` is one setting for all prompts (prompt i sampled with ``seed + i``), or one per
+    prompt (each with its own seed). ``on_delta`` streams the text as
     it is generated; ``is_cancelled(i)`` stops prompt ``i`` early (finish_reason "cancelled").
     """
     if isinstance(prompts, str):
@@ -177,7 +179,7 @@ def generate_from_ids(
     progress: bool = False,
 ) -> list[Result]:
     """``generate`` for prompts already rendered to ids (ending with the thinking delimiter)."""
-    budgets = _per_prompt(budget, len(prompt_ids))
+    budgets = per_prompt_settings(budget, len(prompt_ids))
     engine = _Engine(lm, on_delta=on_delta, is_cancelled=is_cancelled)
     rows = [engine.new_row(i, ids, settings) for i, (ids, settings) in enumerate(zip(prompt_ids, budgets, strict=True))]
     return engine.run(rows, len(prompt_ids), progress=progress)
@@ -333,7 +335,7 @@ class _Engine:
         )
         if not settings.greedy:
             row.generator = torch.Generator(device="cpu")
-            row.generator.manual_seed(settings.seed + (index or 0) if settings.seed is not None else torch.seed())
+            row.generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
         row.prompt_ids = prompt_ids
         return row
 
@@ -645,11 +647,14 @@ def _after(ids: list[int], delimiter: list[int]) -> list[int]:
     return []
 
 
-def _per_prompt(budget, count: int) -> list[BudgetForcing]:
+def per_prompt_settings(budget, count: int) -> list[BudgetForcing]:
+    """One setting per prompt: a single setting is repeated, prompt i sampled with seed + i."""
     if budget is None:
         return [BudgetForcing()] * count
     if isinstance(budget, BudgetForcing):
-        return [budget] * count
+        if budget.seed is None or budget.greedy:
+            return [budget] * count
+        return [replace(budget, seed=budget.seed + i) for i in range(count)]  # prompt i: seed + i
     budgets = list(budget)
     if len(budgets) != count:
         raise UserError(f"Got {len(budgets)} budget settings for {count} prompts: give one, or one per prompt.")

@@ -106,8 +106,7 @@ def _generate_file(lm, prompts: list[str], settings: BudgetForcing, out: Path | 
             task = progress.add_task("prompts", total=len(prompts))
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
-                budgets = [_with_seed(settings, start) for _ in batch]
-                for offset, result in enumerate(generate(lm, batch, budgets)):
+                for offset, result in enumerate(generate(lm, batch, _with_seed(settings, start))):
                     row = {"index": start + offset, "prompt": batch[offset], **result.to_dict()}
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()

@@ -43,15 +43,6 @@ class Backend:
         return False
 
 
-def per_prompt(budgets: BudgetForcing | Sequence[BudgetForcing], count: int) -> list[BudgetForcing]:
-    if isinstance(budgets, BudgetForcing):
-        return [budgets] * count
-    budgets = list(budgets)
-    if len(budgets) != count:
-        raise UserError(f"Got {len(budgets)} budget settings for {count} prompts: give one, or one per prompt.")
-    return budgets
-
-
 def make_backend(
     name: str,
     model: str,

@@ -110,7 +110,7 @@ class ClientForcing:
         sequences = []
         for i, (prompt, settings) in enumerate(zip(prompts, budgets, strict=True)):
             ids = self.render(prompt)
-            seed = None if settings.greedy or settings.seed is None else settings.seed + i
+            seed = None if settings.greedy else settings.seed
             sequences.append(_Sequence(ids, settings, self.resolve_budget(settings, len(ids)), seed))
         for sequence in sequences:
             if sequence.max_thinking == 0:

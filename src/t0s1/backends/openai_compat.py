@@ -15,7 +15,8 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from t0s1.backends import Backend, per_prompt
+from t0s1.backends import Backend
+from t0s1.forcing import per_prompt_settings
 from t0s1.backends.client_forcing import ClientForcing, Completion, Request
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, Prompt, Result
@@ -54,7 +55,7 @@ class OpenAIBackend(Backend):
         return cls(client, model, local_tokenizer, reasoning_format=reasoning_format)
 
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
-        return self.forcing.generate(list(prompts), per_prompt(budgets, len(prompts)))
+        return self.forcing.generate(list(prompts), per_prompt_settings(budgets, len(prompts)))
 
     def _complete(self, requests: list[Request]) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(requests)))) as pool:

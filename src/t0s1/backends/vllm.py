@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from t0s1.backends import Backend, per_prompt
+from t0s1.backends import Backend
+from t0s1.forcing import per_prompt_settings
 from t0s1.backends.client_forcing import ClientForcing, Completion, Request
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, Prompt, Result
@@ -50,7 +51,7 @@ class VLLMBackend(Backend):
         return cls(llm, model_name=model, reasoning_format=reasoning_format, sampling_params_class=vllm.SamplingParams)
 
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
-        return self.forcing.generate(list(prompts), per_prompt(budgets, len(prompts)))
+        return self.forcing.generate(list(prompts), per_prompt_settings(budgets, len(prompts)))
 
     def _complete(self, requests: list[Request]) -> list[Completion]:
         allowed = list(range(self.vocab_size))

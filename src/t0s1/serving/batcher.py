@@ -17,7 +17,7 @@ import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from t0s1.forcing import BudgetForcing, Result, generate_from_ids
 from t0s1.models import LoadedModel
@@ -187,7 +187,7 @@ class Batcher:
         return generate_from_ids(
             self.lm,
             [job.prompt_ids for job in batch],
-            [_seeded_for_row(job.budget, i) for i, job in enumerate(batch)],
+            [job.budget for job in batch],
             on_delta=on_delta if any(job.stream or job.stop is not None for job in batch) else None,
             is_cancelled=lambda i: batch[i].cancelled.is_set(),
         )
@@ -203,11 +203,3 @@ class Batcher:
                 job.emit("error", error)
             elif not job.cancelled.is_set():
                 self._run([job])
-
-
-def _seeded_for_row(budget: BudgetForcing, row: int) -> BudgetForcing:
-    """The engine seeds row ``i`` of a batch with ``seed + i``; undo that, so a request's samples
-    depend on its own seed only, not on where it landed in the batch."""
-    if budget.greedy or budget.seed is None or row == 0:
-        return budget
-    return replace(budget, seed=budget.seed - row)

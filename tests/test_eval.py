@@ -1,0 +1,277 @@
+"""`t0s1 eval` / `t0s1 grade`: sweeps, resumption, metrics, files, CLI errors (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from t0s1.backends import Backend
+from t0s1.backends.transformers import TransformersBackend
+from t0s1.cli import app
+from t0s1.errors import UserError
+from t0s1.evaluation import metrics
+from t0s1.evaluation.runner import EvalConfig, parse_int_list, run_eval
+from t0s1.evaluation.tasks import get_task
+
+VOLATILE = {"seconds"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One CPU thread: on a shared 2-core machine more threads are many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class SeparateRuns(Backend):
+    """The engine without prefix sharing: every setting generated on its own (Backend.sweep)."""
+
+    name = "transformers"
+
+    def __init__(self, lm):
+        self.inner = TransformersBackend(lm)
+        self.calls = 0
+
+    def generate(self, prompts, budgets):
+        self.calls += 1
+        return self.inner.generate(prompts, budgets)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _config(**overrides):
+    base = dict(model="tiny", max_thinking_tokens=[4, 8, 16], num_ignore=[0, 2], max_answer_tokens=6, batch_size=3)
+    base.update(overrides)
+    return EvalConfig(**base)
+
+
+def test_sweep_equals_separate_runs_sample_by_sample(tiny_model, shared_data_dir, tmp_path):
+    tasks = [get_task("gsm8k")]
+    config = _config(batch_size=3)
+    shared = run_eval(TransformersBackend(tiny_model), tasks, config, tmp_path / "sweep", data_dir=shared_data_dir, limit=5, progress=False)
+    separate_backend = SeparateRuns(tiny_model)
+    separate = run_eval(separate_backend, tasks, config, tmp_path / "separate", data_dir=shared_data_dir, limit=5, progress=False)
+    assert separate_backend.calls == 2 * len(config.settings)  # 2 batches x 6 settings, no sharing
+    rows_shared = {(r["setting"], r["id"]): r for r in _rows(tmp_path / "sweep" / "samples" / "gsm8k.jsonl")}
+    rows_separate = {(r["setting"], r["id"]): r for r in _rows(tmp_path / "separate" / "samples" / "gsm8k.jsonl")}
+    assert len(rows_shared) == 5 * 6 and rows_shared.keys() == rows_separate.keys()
+    for key, row in rows_shared.items():
+        other = rows_separate[key]
+        assert {k: v for k, v in row.items() if k not in VOLATILE} == {k: v for k, v in other.items() if k not in VOLATILE}, key
+    assert shared == separate
+    # The sweep really exercised the forcing rules: budgets were hit and Waits were injected.
+    assert any(r["hit_budget"] for r in rows_shared.values())
+    assert {r["thinking_tokens"] <= r["max_thinking_tokens"] for r in rows_shared.values()} == {True}
+
+
+def test_killed_run_resumes_without_duplicates_or_losses(tiny_model, shared_data_dir, tmp_path):
+    tasks = [get_task("gsm8k"), get_task("aime24")]
+    config = _config(max_thinking_tokens=[4, 8], num_ignore=[0, 1], batch_size=2)
+    backend = TransformersBackend(tiny_model)
+    whole = run_eval(backend, tasks, config, tmp_path / "whole", data_dir=shared_data_dir, limit=5, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second_batch(task, batch):
+        if (task, batch) == ("gsm8k", 1):
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_eval(backend, tasks, config, tmp_path / "resumed", data_dir=shared_data_dir, limit=5, progress=False, on_batch=kill_after_second_batch)
+    log = tmp_path / "resumed" / "samples" / "gsm8k.jsonl"
+    assert len(_rows(log)) == 2 * 2 * 4  # two batches of two questions, four settings each
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    with log.open("a", encoding="utf-8") as handle:  # a kill in the middle of a write
+        handle.write('{"task": "gsm8k", "setting": "budg')
+    computed = []
+    resumed = run_eval(backend, tasks, config, tmp_path / "resumed", data_dir=shared_data_dir, limit=5, progress=False, on_batch=lambda t, b: computed.append((t, b)))
+    assert computed == [("gsm8k", 2), ("aime24", 0), ("aime24", 1), ("aime24", 2)]  # only what was missing
+    assert resumed == whole
+    assert (tmp_path / "resumed" / "results.json").read_bytes() == (tmp_path / "whole" / "results.json").read_bytes()
+    rows = _rows(log)
+    keys = [(r["setting"], r["id"], r["sample"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 5 * 4
+    # A third run computes nothing and changes nothing.
+    computed.clear()
+    again = run_eval(backend, tasks, config, tmp_path / "resumed", data_dir=shared_data_dir, limit=5, progress=False, on_batch=lambda t, b: computed.append((t, b)))
+    assert computed == [] and again == whole
+
+
+def test_outputs_metrics_and_plot(tiny_model, shared_data_dir, tmp_path):
+    config = _config()
+    results = run_eval(TransformersBackend(tiny_model), [get_task("math500")], config, tmp_path, data_dir=shared_data_dir, limit=3, progress=False)
+    task = results["tasks"]["math500"]
+    assert [s["setting"] for s in task["settings"]] == [s.key for s in config.settings]
+    assert set(task["methods"]) == {"budget", "wait"}
+    budget = task["methods"]["budget"]
+    assert budget["control"] == 100.0  # budget forcing never exceeds its cap
+    assert len(budget["points"]) == 3
+    assert results["scaling_unit"].startswith("accuracy points (%) per 1,000")
+    png = (tmp_path / "math500.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "results.md").read_text()
+    assert "## math500" in report and "| 16 | 2 |" in report and "Scaling" in report
+    row = _rows(tmp_path / "samples" / "math500.jsonl")[0]
+    for field in ("prompt", "output", "thinking", "thinking_tokens", "extracted", "gold", "correct"):
+        assert field in row
+    assert "seconds" not in json.dumps(results)  # timings live in timings.json
+    assert json.loads((tmp_path / "timings.json").read_text())[0]["seconds_per_task"]["math500"] > 0
+
+
+def test_sampling_gives_majority_vote_and_pass_at_k(tiny_model, shared_data_dir, tmp_path):
+    config = _config(max_thinking_tokens=[8], num_ignore=[0], samples=4, temperature=1.0, batch_size=4)
+    results = run_eval(TransformersBackend(tiny_model), [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=2, progress=False)
+    setting = results["tasks"]["gsm8k"]["settings"][0]
+    assert setting["samples"] == 8
+    assert set(setting["pass_at_k"]) == {"1", "2", "4"}
+    assert "majority_vote" in setting
+    curve = results["tasks"]["gsm8k"]["methods"]["majority_vote"]["points"]
+    assert len(curve) == 3 and curve[0][0] < curve[1][0] < curve[2][0]  # more samples, more tokens
+    rows = _rows(tmp_path / "samples" / "gsm8k.jsonl")
+    outputs = {r["thinking"] for r in rows}
+    assert len(outputs) > 1  # samples differ
+    # Reproducible: the same seeds give the same samples.
+    run_eval(TransformersBackend(tiny_model), [get_task("gsm8k")], config, tmp_path / "again", data_dir=shared_data_dir, limit=2, progress=False)
+    again = _rows(tmp_path / "again" / "samples" / "gsm8k.jsonl")
+    assert [r["thinking"] for r in again] == [r["thinking"] for r in rows]
+
+
+def test_rerun_with_other_settings_is_refused(tiny_model, shared_data_dir, tmp_path):
+    backend = TransformersBackend(tiny_model)
+    run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0]), tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+    with pytest.raises(UserError, match="max_answer_tokens"):
+        run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], max_answer_tokens=9), tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+
+
+def test_metrics_definitions():
+    points = [(100.0, 10.0), (200.0, 20.0), (400.0, 20.0)]
+    # slopes per 1,000 tokens: (10/100, 10/300, 0/200) * 1000 = 100, 33.33, 0 -> mean 44.44
+    assert metrics.scaling(points) == pytest.approx((100 + 100 / 3 + 0) / 3)
+    assert metrics.scaling([(100.0, 5.0)]) is None
+    assert metrics.performance(points) == 20.0
+    assert metrics.control([(10, 16), (17, 16), (5, None), (16, 16)]) == 75.0
+    assert metrics.majority_answer(["3", None, "4", "4", "3"]) == "3"  # tie: the first seen
+    assert metrics.majority_answer([None, None]) is None
+    assert metrics.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert metrics.pass_at_k(4, 1, 4) == 1.0
+    assert metrics.pass_at_k(4, 0, 2) == 0.0
+
+
+def test_config_validation():
+    assert parse_int_list("256, 512,auto,256", "--max-thinking-tokens", allow_auto=True) == [256, 512, "auto"]
+    with pytest.raises(UserError, match="negative"):
+        parse_int_list("16,-1", "--max-thinking-tokens")
+    with pytest.raises(UserError, match="not an integer"):
+        parse_int_list("16,lots", "--num-ignore")
+    with pytest.raises(UserError, match="--temperature"):
+        EvalConfig(model="m", samples=4)
+
+
+# ---- command line ------------------------------------------------------------------------
+
+
+def test_eval_cli_end_to_end(tiny_model_dir, shared_data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--model", str(tiny_model_dir), "--tasks", "gsm8k,aime25", "--limit", "2", "--max-thinking-tokens", "4,8",
+         "--num-ignore", "0,1", "--max-answer-tokens", "4", "--data-dir", str(shared_data_dir), "--out", str(out), "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"gsm8k", "aime25"}
+    assert (out / "gsm8k.png").exists() and (out / "aime25.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "--tasks", "mmlu", "--out", "x"], "Unknown task 'mmlu'"),
+        (["eval", "--tasks", "gsm8k", "--out", "x", "--max-thinking-tokens", "16,-2"], "negative"),
+        (["eval", "--tasks", "gsm8k", "--out", "x", "--samples", "3"], "--temperature"),
+        (["eval", "--tasks", "gsm8k", "--out", "x", "--backend", "openai"], "--base-url"),
+        (["eval", "--tasks", "gsm8k"], "--out"),
+    ],
+)
+def test_eval_cli_bad_input_exits_2(args, message, shared_data_dir):
+    result = CliRunner().invoke(app, [*args, "--data-dir", str(shared_data_dir)])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_list_tasks(shared_data_dir):
+    result = CliRunner().invoke(app, ["eval", "--list-tasks"])
+    assert result.exit_code == 0
+    for name in ("aime24", "aime24_nofigures", "aime25", "math500", "gpqa_diamond", "gsm8k"):
+        assert name in result.output
+
+
+def test_grade_cli(shared_data_dir, tmp_path):
+    examples = get_task("math500").load(shared_data_dir, limit=3)
+    predictions = tmp_path / "predictions.jsonl"
+    lines = [
+        {"id": examples[0].id, "output": f"So the answer is $\\boxed{{{examples[0].gold}}}$."},
+        {"index": 1, "output": "Final Answer: 123456789"},
+        {"id": examples[2].id, "output": f"<|im_start|>think\nhmm\n<|im_start|>answer\nAnswer: ${examples[2].gold}$"},
+    ]
+    predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "verdicts.jsonl"
+    result = CliRunner().invoke(app, ["grade", "--task", "math500", "--predictions", str(predictions), "--out", str(out), "--data-dir", str(shared_data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "66.67%" in result.output
+    verdicts = _rows(out)
+    assert [v["id"] for v in verdicts] == [e.id for e in examples]
+    assert [v["correct"] for v in verdicts] == [True, False, True]
+    assert verdicts[1]["extracted"] == "123456789" and verdicts[1]["gold"] == examples[1].gold
+    assert set(verdicts[0]) == {"id", "extracted", "gold", "correct"}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"id": "test/x.json"}, "line 2: missing the field `output`"),
+        ({"output": "1"}, "line 2: missing `id`"),
+        ({"id": "nope", "output": "1"}, "line 2: id 'nope' is not in math500"),
+        ({"index": 999, "output": "1"}, "line 2: index 999 is out of range"),
+    ],
+)
+def test_grade_cli_bad_predictions(line, message, shared_data_dir, tmp_path):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"index": 0, "output": "1"}) + "\n" + json.dumps(line) + "\n")
+    result = CliRunner().invoke(app, ["grade", "--task", "math500", "--predictions", str(predictions), "--data-dir", str(shared_data_dir)])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+# ---- the real model ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_gsm8k_sweep_resumes_to_the_same_results(smollm2, shared_data_dir, tmp_path):
+    """>= 20 GSM8K problems at 3 budgets on the embedded model; a killed run, resumed, matches."""
+    tasks = [get_task("gsm8k")]
+    config = EvalConfig(model="smollm2-135m-instruct", max_thinking_tokens=[16, 32, 64], num_ignore=[0], max_answer_tokens=16, batch_size=10)
+    backend = TransformersBackend(smollm2)
+    whole = run_eval(backend, tasks, config, tmp_path / "whole", data_dir=shared_data_dir, limit=20, progress=False)
+    assert [s["samples"] for s in whole["tasks"]["gsm8k"]["settings"]] == [20, 20, 20]
+    assert (tmp_path / "whole" / "gsm8k.png").exists() and (tmp_path / "whole" / "results.md").exists()
+    # "Kill" after the first batch: keep its rows plus a torn line, as a SIGKILL mid-write leaves them.
+    resumed = tmp_path / "resumed"
+    (resumed / "samples").mkdir(parents=True)
+    shutil.copy(tmp_path / "whole" / "config.json", resumed / "config.json")
+    rows = (tmp_path / "whole" / "samples" / "gsm8k.jsonl").read_text().splitlines(keepends=True)
+    (resumed / "samples" / "gsm8k.jsonl").write_text("".join(rows[:30]) + rows[30][:40])
+    computed = []
+    again = run_eval(backend, tasks, config, resumed, data_dir=shared_data_dir, limit=20, progress=False, on_batch=lambda t, b: computed.append(b))
+    assert computed == [1]  # only the lost batch was generated again
+    assert (resumed / "results.json").read_bytes() == (tmp_path / "whole" / "results.json").read_bytes()
+    assert again == whole
