@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from t0s1.backends import Backend
 from t0s1.backends.transformers import TransformersBackend
 from t0s1.cli import app
+from t0s1.cli_support import parse_int_list
 from t0s1.errors import UserError
 from t0s1.evaluation import metrics
-from t0s1.evaluation.runner import EvalConfig, parse_int_list, run_eval
+from t0s1.evaluation.runner import EvalConfig, run_eval
 from t0s1.evaluation.tasks import get_task
 
 VOLATILE = {"seconds"}
@@ -170,7 +171,7 @@ def test_config_validation():
     assert parse_int_list("256, 512,auto,256", "--max-thinking-tokens", allow_auto=True) == [256, 512, "auto"]
     with pytest.raises(UserError, match="negative"):
         parse_int_list("16,-1", "--max-thinking-tokens")
-    with pytest.raises(UserError, match="not an integer"):
+    with pytest.raises(UserError, match="--num-ignore: .lots. is not a non-negative integer"):
         parse_int_list("16,lots", "--num-ignore")
     with pytest.raises(UserError, match="--temperature"):
         EvalConfig(model="m", samples=4)

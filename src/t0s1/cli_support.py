@@ -1,15 +1,43 @@
-"""What every command shares: user errors become one red line and exit code 2."""
+"""What the commands share: the budget flags (defaults from ``BudgetForcing``), model flags, and
+user errors turned into one red line and exit code 2."""
 
 from __future__ import annotations
 
 import functools
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from t0s1.errors import UserError
+from t0s1.forcing import BudgetForcing
 
 stderr = Console(stderr=True)
+
+BUDGET_DEFAULTS = BudgetForcing()
+"""Every command's budget flags default to BudgetForcing's own defaults."""
+
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="The embedded default, a model directory, a .gguf file or a hub id.")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto (GPU if any), cpu, cuda, cuda:1, ...")]
+DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
+ReasoningFormatOption = Annotated[
+    str | None,
+    typer.Option("--reasoning-format", help="Override the delimiters: chatml, think-tags or 'START,END' (default: from the chat template)."),
+]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Run code from the model repository (only if you trust it).")]
+MaxThinkingOption = Annotated[
+    str, typer.Option("--max-thinking-tokens", help="Thinking budget in tokens (injected ones count), or 'auto' (fill the context).")
+]
+NumIgnoreOption = Annotated[
+    int, typer.Option("--num-ignore", help="Ignore the end of thinking this many times, appending --ignore-str (s1: Wait).")
+]
+IgnoreStrOption = Annotated[str, typer.Option("--ignore-str", help="What to append when the end of thinking is ignored.")]
+MaxAnswerOption = Annotated[int, typer.Option("--max-answer-tokens", help="At most this many answer tokens.")]
+TemperatureOption = Annotated[float, typer.Option(help="0 = greedy (the default).")]
+TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature > 0).")]
+SeedOption = Annotated[int, typer.Option(help="Seed for sampling.")]
 
 
 def exit_on_user_error(command):
@@ -26,23 +54,54 @@ def exit_on_user_error(command):
     return wrapper
 
 
-def parse_thinking_budget(text: str) -> int | str:
-    """A thinking budget from the command line: a non-negative integer or "auto"."""
-    value = text.strip().lower()
-    if value == "auto":
-        return "auto"
-    try:
-        budget = int(value)
-    except ValueError:
-        raise UserError(f"The thinking budget must be a non-negative integer or 'auto', got {text!r}.") from None
-    if budget < 0:
-        raise UserError(f"The thinking budget must be a non-negative integer or 'auto', got {text!r}.")
-    return budget
+def budget_from_flags(
+    max_thinking_tokens: str,
+    num_ignore: int,
+    ignore_str: str,
+    max_answer_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> BudgetForcing:
+    """The ``BudgetForcing`` of a command's budget flags (BudgetForcing checks the values)."""
+    return BudgetForcing(
+        max_thinking_tokens=parse_thinking_budget(max_thinking_tokens),
+        num_ignore=num_ignore,
+        ignore_str=ignore_str,
+        max_answer_tokens=max_answer_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
 
 
-def parse_thinking_budgets(text: str) -> list[int | str]:
-    """A comma-separated list of thinking budgets, e.g. "256,512,1024"."""
-    budgets = [parse_thinking_budget(part) for part in text.split(",") if part.strip()]
-    if not budgets:
-        raise UserError(f"No thinking budget in {text!r}: give e.g. 256,512,1024.")
-    return budgets
+def parse_int_list(text: str, option: str, *, allow_auto: bool = False) -> list:
+    """``"256,512,1024"`` -> [256, 512, 1024] without repeats; a UserError naming the option."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if allow_auto and part == "auto":
+            values.append("auto")
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise UserError(
+                f"{option}: {part!r} is not a non-negative integer{' or auto' if allow_auto else ''} (write e.g. 256,512,1024)."
+            ) from None
+        if value < 0:
+            raise UserError(f"{option}: {value} is negative; give non-negative integers{' or auto' if allow_auto else ''}.")
+        values.append(value)
+    if not values:
+        raise UserError(f"{option}: no value given (write e.g. 256,512,1024).")
+    return list(dict.fromkeys(values))
+
+
+def parse_thinking_budget(text: str, option: str = "--max-thinking-tokens") -> int | str:
+    """One thinking budget typed by a user: a non-negative integer or "auto"."""
+    values = parse_int_list(text, option, allow_auto=True)
+    if len(values) != 1 or "," in str(text):
+        raise UserError(f"{option}: give one budget (a non-negative integer or auto), got {text!r}.")
+    return values[0]

@@ -11,12 +11,25 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from t0s1.cli_support import exit_on_user_error, parse_thinking_budget
+from t0s1.cli_support import (
+    BUDGET_DEFAULTS,
+    DeviceOption,
+    DtypeOption,
+    IgnoreStrOption,
+    MaxAnswerOption,
+    MaxThinkingOption,
+    ModelOption,
+    NumIgnoreOption,
+    ReasoningFormatOption,
+    TemperatureOption,
+    TopPOption,
+    TrustRemoteCodeOption,
+    budget_from_flags,
+    exit_on_user_error,
+)
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, generate
 from t0s1.models import EMBEDDED_MODEL, load_model
-
-DEFAULTS = BudgetForcing()
 
 
 def register(app: typer.Typer) -> None:
@@ -26,43 +39,31 @@ def register(app: typer.Typer) -> None:
 @exit_on_user_error
 def generate_command(
     prompt: Annotated[str | None, typer.Argument(help="The question. Omit it when using --file.")] = None,
-    model: Annotated[str, typer.Option(help="Hub id, local directory, .gguf file or the embedded default.")] = EMBEDDED_MODEL,
-    max_thinking_tokens: Annotated[
-        str, typer.Option(help="Thinking budget in tokens (injected ones count), or 'auto' (fill the context).")
-    ] = str(DEFAULTS.max_thinking_tokens),
-    num_ignore: Annotated[int, typer.Option(help="Ignore the end of thinking this many times, appending --ignore-str.")] = DEFAULTS.num_ignore,
-    ignore_str: Annotated[str, typer.Option(help="What to append when the end of thinking is ignored.")] = DEFAULTS.ignore_str,
-    max_answer_tokens: Annotated[int, typer.Option(help="At most this many answer tokens.")] = DEFAULTS.max_answer_tokens,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (the default).")] = DEFAULTS.temperature,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature > 0).")] = DEFAULTS.top_p,
-    seed: Annotated[int, typer.Option(help="Seed for sampling; prompt i of a file uses seed + i.")] = DEFAULTS.seed,
+    model: ModelOption = EMBEDDED_MODEL,
+    max_thinking_tokens: MaxThinkingOption = str(BUDGET_DEFAULTS.max_thinking_tokens),
+    num_ignore: NumIgnoreOption = BUDGET_DEFAULTS.num_ignore,
+    ignore_str: IgnoreStrOption = BUDGET_DEFAULTS.ignore_str,
+    max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
+    temperature: TemperatureOption = BUDGET_DEFAULTS.temperature,
+    top_p: TopPOption = BUDGET_DEFAULTS.top_p,
+    seed: Annotated[int, typer.Option(help="Seed for sampling; prompt i of a file uses seed + i.")] = BUDGET_DEFAULTS.seed,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result fields.")] = False,
     file: Annotated[
         Path | None, typer.Option(help="JSONL file of prompts (field 'prompt'): generated in batches, JSONL out.")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="With --file: write the JSONL here instead of standard output.")] = None,
     batch_size: Annotated[int, typer.Option(help="With --file: prompts per batch.")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16.")] = "auto",
-    reasoning_format: Annotated[
-        str | None, typer.Option(help="Override the delimiters: chatml, think-tags or 'START,END'.")
-    ] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run code from the model repository (only if you trust it).")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    reasoning_format: ReasoningFormatOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Answer a question with budget forcing: cap the thinking, or extend it with "Wait"."""
     if (prompt is None) == (file is None):
         raise UserError("Give either a PROMPT or --file prompts.jsonl (not both).")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
-    settings = BudgetForcing(
-        max_thinking_tokens=parse_thinking_budget(max_thinking_tokens),
-        num_ignore=num_ignore,
-        ignore_str=ignore_str,
-        max_answer_tokens=max_answer_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-    )
+    settings = budget_from_flags(max_thinking_tokens, num_ignore, ignore_str, max_answer_tokens, temperature, top_p, seed)
     prompts = [prompt] if file is None else read_prompts(file)
     if prompt is not None and not prompt.strip():
         raise UserError("The prompt is empty: give the question to answer.")

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from t0s1.cli_support import exit_on_user_error
+from t0s1.cli_support import BUDGET_DEFAULTS, exit_on_user_error, parse_int_list
 from t0s1.errors import UserError
 from t0s1.evaluation.tasks import DATA_DIR_ENV, TASKS, get_task, parse_task_list
 from t0s1.models import EMBEDDED_MODEL
@@ -35,15 +35,15 @@ def eval_command(
     model: str = typer.Option(EMBEDDED_MODEL, "--model", "-m", help="Model directory, .gguf file, hub id, or the served model name (--backend openai)."),
     tasks: str = typer.Option(None, "--tasks", "-t", help=f"Comma-separated tasks: {', '.join(TASKS)}."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (rerun with the same one to resume)."),
-    max_thinking_tokens: str = typer.Option("1024", "--max-thinking-tokens", help="Thinking budgets to sweep, e.g. 256,512,1024 (or auto)."),
-    num_ignore: str = typer.Option("0", "--num-ignore", help="Numbers of ignored ends of thinking ('Wait') to sweep, e.g. 0,1,2."),
-    ignore_str: str = typer.Option("Wait", "--ignore-str", help="String appended when the end of thinking is ignored."),
-    max_answer_tokens: int = typer.Option(512, "--max-answer-tokens", help="Tokens allowed for the answer after the thinking."),
+    max_thinking_tokens: str = typer.Option(str(BUDGET_DEFAULTS.max_thinking_tokens), "--max-thinking-tokens", help="Thinking budgets to sweep, e.g. 256,512,1024 (or auto)."),
+    num_ignore: str = typer.Option(str(BUDGET_DEFAULTS.num_ignore), "--num-ignore", help="Numbers of ignored ends of thinking ('Wait') to sweep, e.g. 0,1,2."),
+    ignore_str: str = typer.Option(BUDGET_DEFAULTS.ignore_str, "--ignore-str", help="String appended when the end of thinking is ignored."),
+    max_answer_tokens: int = typer.Option(BUDGET_DEFAULTS.max_answer_tokens, "--max-answer-tokens", help="Tokens allowed for the answer after the thinking."),
     limit: int = typer.Option(None, "--limit", help="Evaluate only the first N questions of each task."),
     samples: int = typer.Option(1, "--samples", help="Samples per question (majority vote and pass@k); needs --temperature > 0."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (budget sweeps share one thinking trace)."),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    seed: int = typer.Option(0, "--seed", help="Base seed; each (question, sample) has its own seed derived from it."),
+    temperature: float = typer.Option(BUDGET_DEFAULTS.temperature, "--temperature", help="0: greedy (budget sweeps share one thinking trace)."),
+    top_p: float = typer.Option(BUDGET_DEFAULTS.top_p, "--top-p"),
+    seed: int = typer.Option(BUDGET_DEFAULTS.seed, "--seed", help="Base seed; each (question, sample) has its own seed derived from it."),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions generated together."),
     backend: str = typer.Option("transformers", "--backend", help="transformers | vllm | openai."),
     base_url: str = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint for --backend openai, e.g. http://localhost:8000/v1."),
@@ -62,7 +62,7 @@ def eval_command(
         _print_tasks()
         return
     from t0s1.backends import make_backend
-    from t0s1.evaluation.runner import EvalConfig, parse_int_list, run_eval
+    from t0s1.evaluation.runner import EvalConfig, run_eval
 
     if not tasks:
         raise UserError(f"Give --tasks, e.g. --tasks math500,aime24. Known tasks: {', '.join(TASKS)}.")

@@ -106,28 +106,6 @@ class EvalConfig:
         return {key: data[key] for key in ("model", "backend", "ignore_str", "max_answer_tokens", "temperature", "top_p", "seed", "batch_size")}
 
 
-def parse_int_list(text: str, option: str, *, allow_auto: bool = False) -> list:
-    """``"256,512,1024"`` -> [256, 512, 1024]; a UserError naming the option for bad values."""
-    values = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if allow_auto and part == "auto":
-            values.append("auto")
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise UserError(f"{option}: {part!r} is not an integer{' or auto' if allow_auto else ''} (write e.g. 256,512,1024).") from None
-        if value < 0:
-            raise UserError(f"{option}: {value} is negative; give non-negative integers.")
-        values.append(value)
-    if not values:
-        raise UserError(f"{option}: no value given (write e.g. 256,512,1024).")
-    return list(dict.fromkeys(values))
-
-
 # --------------------------------------------------------------------------------------------
 # Grading a sample
 
@@ -462,7 +440,14 @@ class _ProgressBar:
         self.bar = None
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(
                 TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from rich.console import Console
 
+from t0s1.cli_support import parse_int_list, parse_thinking_budget
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, Result, generate
 from t0s1.models import LoadedModel
@@ -20,15 +21,6 @@ HELP = (
     "Commands: /budget N|auto (thinking budget in tokens), /wait K (ignore the end of thinking K times), "
     "/reset (new conversation), /help, /exit."
 )
-
-
-def parse_budget_value(text: str) -> int | str:
-    """A thinking budget typed by a user: an integer or "auto" (``BudgetForcing`` checks it)."""
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        return text
 
 
 def describe(budget: BudgetForcing) -> str:
@@ -83,9 +75,9 @@ def run_chat(
 
 def _command(command: str, argument: str, budget: BudgetForcing, messages: list[dict], console: Console):
     if command == "/budget":
-        budget = replace(budget, max_thinking_tokens=parse_budget_value(argument))
+        budget = replace(budget, max_thinking_tokens=parse_thinking_budget(argument, "/budget"))
     elif command == "/wait":
-        budget = replace(budget, num_ignore=parse_budget_value(argument))
+        budget = replace(budget, num_ignore=parse_int_list(argument, "/wait")[0])
     elif command == "/reset":
         messages = []
         console.print("[dim]New conversation.[/]")

@@ -8,46 +8,26 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from t0s1.cli_support import exit_on_user_error
+from t0s1.cli_support import (
+    BUDGET_DEFAULTS,
+    DeviceOption,
+    DtypeOption,
+    IgnoreStrOption,
+    MaxAnswerOption,
+    MaxThinkingOption,
+    ModelOption,
+    NumIgnoreOption,
+    ReasoningFormatOption,
+    SeedOption,
+    TemperatureOption,
+    TopPOption,
+    budget_from_flags,
+    exit_on_user_error,
+)
 from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing
 from t0s1.models import EMBEDDED_MODEL
 
-DEFAULTS = BudgetForcing()
-"""The budget flags' defaults are BudgetForcing's own."""
-
 stderr = Console(stderr=True)
-
-Model = Annotated[str, typer.Option("--model", "-m", help="Embedded name, model directory, .gguf file or hub id.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
-Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
-ReasoningFormatName = Annotated[
-    str | None, typer.Option("--reasoning-format", help="chatml, think-tags or 'START,END' (default: by the template).")
-]
-MaxThinking = Annotated[
-    str, typer.Option("--max-thinking-tokens", help="Thinking budget in tokens (injected ones count), or 'auto'.")
-]
-NumIgnore = Annotated[int, typer.Option("--num-ignore", help="Ignore the end of thinking this many times (s1: Wait).")]
-IgnoreStr = Annotated[str, typer.Option("--ignore-str", help="Appended when the end of thinking is ignored.")]
-MaxAnswer = Annotated[int, typer.Option("--max-answer-tokens", help="At most this many answer tokens.")]
-Temperature = Annotated[float, typer.Option(help="0 is greedy.")]
-TopP = Annotated[float, typer.Option("--top-p")]
-Seed = Annotated[int, typer.Option(help="Seed for sampling.")]
-
-
-def budget_from_flags(max_thinking_tokens: str, num_ignore: int, ignore_str: str, max_answer_tokens: int,
-                      temperature: float, top_p: float, seed: int) -> BudgetForcing:
-    from t0s1.serving.chat import parse_budget_value
-
-    return BudgetForcing(
-        max_thinking_tokens=parse_budget_value(max_thinking_tokens),
-        num_ignore=num_ignore,
-        ignore_str=ignore_str,
-        max_answer_tokens=max_answer_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-    )
 
 
 def register(app: typer.Typer) -> None:
@@ -57,23 +37,23 @@ def register(app: typer.Typer) -> None:
 
 @exit_on_user_error
 def serve(
-    model: Model = EMBEDDED_MODEL,
+    model: ModelOption = EMBEDDED_MODEL,
     host: Annotated[str, typer.Option(help="Address to bind; only this machine by default.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None, typer.Option("--api-key", envvar="T0S1_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most requests generated together.")] = 8,
-    max_thinking_tokens: MaxThinking = str(DEFAULTS.max_thinking_tokens),
-    num_ignore: NumIgnore = DEFAULTS.num_ignore,
-    ignore_str: IgnoreStr = DEFAULTS.ignore_str,
-    max_answer_tokens: MaxAnswer = DEFAULTS.max_answer_tokens,
-    temperature: Temperature = DEFAULTS.temperature,
-    top_p: TopP = DEFAULTS.top_p,
-    seed: Seed = DEFAULTS.seed,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    reasoning_format: ReasoningFormatName = None,
+    max_thinking_tokens: MaxThinkingOption = str(BUDGET_DEFAULTS.max_thinking_tokens),
+    num_ignore: NumIgnoreOption = BUDGET_DEFAULTS.num_ignore,
+    ignore_str: IgnoreStrOption = BUDGET_DEFAULTS.ignore_str,
+    max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
+    temperature: TemperatureOption = BUDGET_DEFAULTS.temperature,
+    top_p: TopPOption = BUDGET_DEFAULTS.top_p,
+    seed: SeedOption = BUDGET_DEFAULTS.seed,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    reasoning_format: ReasoningFormatOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API with budget forcing per request.
 
@@ -105,17 +85,17 @@ def serve(
 
 @exit_on_user_error
 def chat(
-    model: Model = EMBEDDED_MODEL,
-    max_thinking_tokens: MaxThinking = str(DEFAULTS.max_thinking_tokens),
-    num_ignore: NumIgnore = DEFAULTS.num_ignore,
-    ignore_str: IgnoreStr = DEFAULTS.ignore_str,
-    max_answer_tokens: MaxAnswer = DEFAULTS.max_answer_tokens,
-    temperature: Temperature = DEFAULTS.temperature,
-    top_p: TopP = DEFAULTS.top_p,
-    seed: Seed = DEFAULTS.seed,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    reasoning_format: ReasoningFormatName = None,
+    model: ModelOption = EMBEDDED_MODEL,
+    max_thinking_tokens: MaxThinkingOption = str(BUDGET_DEFAULTS.max_thinking_tokens),
+    num_ignore: NumIgnoreOption = BUDGET_DEFAULTS.num_ignore,
+    ignore_str: IgnoreStrOption = BUDGET_DEFAULTS.ignore_str,
+    max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
+    temperature: TemperatureOption = BUDGET_DEFAULTS.temperature,
+    top_p: TopPOption = BUDGET_DEFAULTS.top_p,
+    seed: SeedOption = BUDGET_DEFAULTS.seed,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    reasoning_format: ReasoningFormatOption = None,
 ) -> None:
     """Chat in the terminal: the thinking streams dimmed, then the answer.
 
