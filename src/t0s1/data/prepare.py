@@ -122,8 +122,20 @@ def _render(trace: Trace, tokenizer, fmt: ReasoningFormat, end_token: str) -> di
     if trace.text is None:
         completion = fmt.assistant_content(trace.thinking, answer_text(trace.answer)) + end_token
         return {"prompt": render_prompt(tokenizer, trace.question), "completion": completion}
-    # A ``_tokenized`` row is a whole ChatML conversation: split it at the assistant turn.
-    text = trace.text
+    question, assistant = split_chatml_text(trace)
+    if fmt.thinking_start == CHATML.thinking_start and fmt.thinking_end == CHATML.thinking_end:
+        completion = assistant + end_token  # already in this model's delimiters: keep it verbatim
+    else:
+        thinking, answer = CHATML.split(assistant)
+        completion = fmt.assistant_content(thinking, answer) + end_token
+    # The prompt is re-rendered with this model's template (s1 rendered it with Qwen's system prompt).
+    return {"prompt": render_prompt(tokenizer, question), "completion": completion}
+
+
+def split_chatml_text(trace: Trace) -> tuple[str, str]:
+    """A ``_tokenized`` row is a whole ChatML conversation: (user question, assistant turn without
+    its end token), split at the assistant turn."""
+    text = trace.text or ""
     start = text.rfind(_ASSISTANT_TURN)
     user = text.rfind(_USER_TURN, 0, max(start, 0))
     if start < 0 or user < 0:
@@ -137,13 +149,7 @@ def _render(trace: Trace, tokenizer, fmt: ReasoningFormat, end_token: str) -> di
     assistant = text[start + len(_ASSISTANT_TURN) :].rstrip()
     for stop in ("<|im_end|>", "<|endoftext|>"):
         assistant = assistant.removesuffix(stop).rstrip()
-    if fmt.thinking_start == CHATML.thinking_start and fmt.thinking_end == CHATML.thinking_end:
-        completion = assistant + end_token  # already in this model's delimiters: keep it verbatim
-    else:
-        thinking, answer = CHATML.split(assistant)
-        completion = fmt.assistant_content(thinking, answer) + end_token
-    # The prompt is re-rendered with this model's template (s1 rendered it with Qwen's system prompt).
-    return {"prompt": render_prompt(tokenizer, question), "completion": completion}
+    return question, assistant
 
 
 def token_lengths(rows: list[dict], tokenizer) -> list[int]:
@@ -212,19 +218,17 @@ def build(
         on_overflow=on_overflow,
     )
     rows = render_traces(traces.traces, tokenizer, fmt, end_token)
-    source_rows = [trace.row for trace in traces.traces]
 
     if benchmark_index is not None:
-        dropped, kept_rows, kept_index = [], [], []
+        dropped, kept_rows = [], []
         for trace, row in zip(traces.traces, rows, strict=True):
-            question = trace.question or row["prompt"]
+            question = trace.question if trace.text is None else split_chatml_text(trace)[0]
             hit = benchmark_index.match(trace.row, question)
             if hit:
                 dropped.append(hit.to_dict())
             else:
                 kept_rows.append(row)
-                kept_index.append(trace.row)
-        rows, source_rows = kept_rows, kept_index
+        rows = kept_rows
         report.decontamination = {
             "ngram": 8,
             "benchmarks": list(benchmark_index.sizes),
@@ -332,6 +336,9 @@ def write_atomically(rows: list[dict], report: PrepareReport, out: Path) -> None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     previous = None
     try:
         DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(staging))

@@ -63,6 +63,8 @@ def write_model_card(
     model_id = training_args.hub_model_id or training_args.output_dir
     name = Path(str(model_id)).name
     dataset_id = data_info.get("source") or dataset
+    if Path(dataset_id).exists():  # a local file or directory: the hub metadata gets its name only
+        dataset_id = Path(dataset_id).name
     license = license or KNOWN_LICENSES.get(base_id, "apache-2.0")
     loss = final_loss(log_history)
     first = next((float(e["loss"]) for e in log_history if "loss" in e), None)
@@ -70,6 +72,8 @@ def write_model_card(
     effective = (
         training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
     )
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    optimizer = getattr(training_args.optim, "value", training_args.optim)
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "float32"
     rows = [
         ("method", "LoRA" + (" (merged into the weights)" if merged else " adapter") if lora else "full fine-tuning"),
@@ -80,8 +84,9 @@ def write_model_card(
         ("gradient accumulation steps", training_args.gradient_accumulation_steps),
         ("processes", training_args.world_size),
         ("effective batch size", effective),
-        ("lr schedule", f"{training_args.lr_scheduler_type.value if hasattr(training_args.lr_scheduler_type, 'value') else training_args.lr_scheduler_type}, warmup {training_args.warmup_steps} (a float below 1 is a share of the steps)"),
-        ("optimizer", f"{getattr(training_args.optim, 'value', training_args.optim)}, betas ({training_args.adam_beta1}, {training_args.adam_beta2}), weight decay {training_args.weight_decay}"),
+        ("lr schedule", f"{scheduler}, warmup {training_args.warmup_steps} (below 1: a share of the steps)"),
+        ("optimizer", f"{optimizer}, betas ({training_args.adam_beta1}, {training_args.adam_beta2}), "
+         f"weight decay {training_args.weight_decay}"),
         ("precision", precision),
         ("block size (max_length)", training_args.max_length),
         ("gradient checkpointing", bool(training_args.gradient_checkpointing)),
@@ -89,7 +94,8 @@ def write_model_card(
     ]
     if lora:
         targets = model_args.lora_target_modules
-        rows.append(("LoRA", f"r {model_args.lora_r}, alpha {model_args.lora_alpha}, dropout {model_args.lora_dropout}, targets {targets}"))
+        rows.append(("LoRA", f"r {model_args.lora_r}, alpha {model_args.lora_alpha}, "
+                     f"dropout {model_args.lora_dropout}, targets {targets}"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     block = data_info.get("block_size")
     truncation = ""

@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None):
 
 def train(script_args, training_args, model_args, ours):
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer, get_peft_config
 
     log = _Log(training_args)
@@ -41,7 +40,9 @@ def train(script_args, training_args, model_args, ours):
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     fmt = reasoning_format_for(tokenizer, ours.reasoning_format)
 
-    dataset, data_info = load_train_dataset(script_args, tokenizer, fmt, training_args.max_length, ours, log)
+    dataset, data_info = load_train_dataset(
+        script_args, tokenizer, fmt, training_args.max_length, ours, log, model_args.model_name_or_path
+    )
     # The completions end with the chat template's end-of-turn token; make it the eos token so TRL
     # does not append a second one and generation stops there.
     end_token = data_info["end_token"]
@@ -52,10 +53,12 @@ def train(script_args, training_args, model_args, ours):
         per_step = training_args.per_device_train_batch_size * training_args.world_size
         steps = max(1, ours.effective_batch_size // per_step)
         if steps * per_step != ours.effective_batch_size:
-            log(f"effective_batch_size {ours.effective_batch_size} is not a multiple of {per_step}: using {steps * per_step}.")
+            log(f"effective_batch_size {ours.effective_batch_size} is not a multiple of {per_step}: "
+                f"using {steps * per_step}.")
         training_args.gradient_accumulation_steps = steps
 
-    # Weights in float32 on CPU; on GPUs the recipe's dtype (bf16) unless fp16 mixed precision needs fp32 masters.
+    # Weights in float32 on a CPU; on GPUs the recipe's dtype (bf16 for the t0-s1 recipes), but float32
+    # master weights under fp16 mixed precision (its gradient scaler refuses fp16 weights).
     if not torch.cuda.is_available() or training_args.fp16:
         dtype = "float32"
     else:
@@ -85,15 +88,17 @@ def train(script_args, training_args, model_args, ours):
 
     output_dir = training_args.output_dir
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(output_dir):
-        checkpoint = get_last_checkpoint(output_dir)
+    if checkpoint is None:
+        checkpoint = last_checkpoint(output_dir)
     if checkpoint:
         log(f"Resuming from checkpoint {checkpoint}")
+    effective = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
     log(
         f"Training {model_args.model_name_or_path} on {len(dataset)} examples "
         f"({'LoRA r=' + str(model_args.lora_r) if peft_config else 'full fine-tuning'}, {dtype}, "
-        f"{training_args.world_size} process(es), effective batch "
-        f"{training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size})"
+        f"{training_args.world_size} process(es), effective batch {effective})"
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
@@ -127,7 +132,23 @@ def train(script_args, training_args, model_args, ours):
     return trainer
 
 
-def load_train_dataset(script_args, tokenizer, fmt, max_length, ours, log):
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (a run killed while writing one leaves
+    it without trainer_state.json, which is written last: skip it)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for entry in Path(output_dir).iterdir():
+        name = entry.name
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
+            if (entry / "trainer_state.json").is_file():
+                steps.append((int(name.split("-")[-1]), str(entry)))
+    return max(steps)[1] if steps else None
+
+
+def load_train_dataset(script_args, tokenizer, fmt, max_length, ours, log, model_name: str = ""):
     """The prompt/completion training split and what the model card says about it."""
     from datasets import Dataset, DatasetDict, load_from_disk
 
@@ -135,27 +156,49 @@ def load_train_dataset(script_args, tokenizer, fmt, max_length, ours, log):
     split = script_args.dataset_train_split
     if is_prepared_dir(name):
         report = read_report(name)
+        if report.get("model") != model_name:
+            log(f"Note: {name} was prepared for {report.get('model')}, not {model_name}: its prompts use that "
+                "model's chat template.")
         loaded = load_from_disk(name)
         dataset = loaded[split] if isinstance(loaded, DatasetDict) else loaded
-        return dataset, {**report, "prepared": True}
+        info = {**report, "prepared": True}
+        if max_length and report.get("block_size") != max_length:
+            _count_overflow(dataset, tokenizer, max_length, info, log)
+        return dataset, info
     rows, columns = read_rows(name, split)
     if {"prompt", "completion"} <= set(columns):  # already prompt/completion: TRL reads it as it is
         from t0s1.data.prepare import end_of_turn
 
         dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-        return dataset, {"source": name, "rows_in": len(rows), "rows_out": len(rows), "end_token": end_of_turn(tokenizer)}
+        info = {"source": name, "rows_in": len(rows), "rows_out": len(rows), "end_token": end_of_turn(tokenizer)}
+        if max_length:
+            _count_overflow(dataset, tokenizer, max_length, info, log)
+        return dataset, info
     # Raw s1K-style data: render it now, exactly as `t0s1 prepare` would (without decontamination).
     traces = load_traces(name, split=split)
     rendered, report = build(
         traces,
         tokenizer,
         fmt,
-        model_name=str(tokenizer.name_or_path),
+        model_name=model_name,
         block_size=max_length,
         on_overflow=ours.on_overflow,
     )
     log(report.summary())
     return Dataset.from_list(rendered), {**report.to_dict(), "prepared": False}
+
+
+def _count_overflow(dataset, tokenizer, max_length: int, info: dict, log) -> None:
+    """Say how many examples the trainer will cut at max_length (it keeps their start)."""
+    from t0s1.data.prepare import percentiles, token_lengths
+
+    lengths = token_lengths(dataset.to_list(), tokenizer)
+    over = sum(length > max_length for length in lengths)
+    info.update(block_size=max_length, over_block_size=over, truncated=over, dropped_over_block_size=0)
+    info["token_lengths"] = percentiles(lengths)
+    if over:
+        log(f"{over} of {len(lengths)} examples are longer than max_length {max_length} tokens: the trainer "
+            "truncates them (the end of their thinking and the answer are not trained).")
 
 
 def save_model(trainer, source: str, gguf_file: str | None, dtype: str, merge: bool, end_token: str) -> None:
