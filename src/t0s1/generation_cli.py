@@ -29,6 +29,7 @@ from t0s1.cli_support import (
 )
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, generate
+from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL, load_model
 
 
@@ -78,20 +79,10 @@ def generate_command(
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a JSONL file with a ``prompt`` field per line."""
-    if not path.is_file():
-        raise UserError(f"No prompts file at {path}.")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise UserError(f"{path}, line {number}: no 'prompt' field.")
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise UserError(f"{path}, line {number}: 'prompt' must be a non-empty string.")
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserError(f"{path}, line {number}: no 'prompt' field with a non-empty string.")
         prompts.append(row["prompt"])
     if not prompts:
         raise UserError(f"{path} holds no prompts.")

@@ -109,10 +109,7 @@ def load_model(
 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    if name_or_path == EMBEDDED_MODEL:
-        source, gguf_file = str(embedded_model_dir()), None
-    else:
-        source, gguf_file = _locate(name_or_path)
+    source, gguf_file = resolve_model_source(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -177,8 +174,11 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def _locate(name_or_path: str) -> tuple[str, str | None]:
-    """(source for from_pretrained, gguf file name or None) for a path or a hub id."""
+def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
+    """(what ``from_pretrained`` takes, GGUF file name or None) for the embedded default, a path or
+    a hub id, without loading weights. A ``ModelNotFoundError`` says what is missing."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(embedded_model_dir()), None
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name

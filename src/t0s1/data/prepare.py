@@ -21,7 +21,13 @@ from pathlib import Path
 from t0s1.data.decontaminate import BenchmarkIndex
 from t0s1.data.sources import Trace, Traces, load_traces
 from t0s1.errors import UserError
-from t0s1.reasoning_format import ANSWER_PREFIX, CHATML, ReasoningFormat, reasoning_format_for
+from t0s1.models import resolve_model_source
+from t0s1.reasoning_format import (
+    ANSWER_PREFIX,
+    CHATML,
+    ReasoningFormat,
+    reasoning_format_for,
+)
 
 PREPARE_REPORT = "prepare_report.json"
 PREVIEW = "preview.jsonl"
@@ -299,20 +305,11 @@ def prepare(
     return report
 
 
-def model_source(name_or_path: str) -> tuple[str, str | None]:
-    """(what ``from_pretrained`` takes, GGUF file name or None), resolved as ``t0s1.load_model`` does."""
-    from t0s1 import models
-
-    if name_or_path == models.EMBEDDED_MODEL:
-        return str(models.embedded_model_dir()), None
-    return models._locate(name_or_path)
-
-
 def load_tokenizer(name_or_path: str):
     """The tokenizer alone (no weights): prepare needs only the chat template and the vocabulary."""
     from transformers import AutoTokenizer
 
-    source, gguf_file = model_source(name_or_path)
+    source, gguf_file = resolve_model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as error:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from t0s1.errors import UserError
+from t0s1.jsonl import read_jsonl
 
 TRAJECTORIES = ("deepseek", "gemini")
 """s1K-1.1 holds two traces per question; s1.1 trains on the DeepSeek-R1 one."""
@@ -127,16 +128,13 @@ def _read_files(files: list[Path]) -> tuple[list[dict], list[str]]:
 
             rows.extend(pq.read_table(file).to_pylist())
         elif file.suffix == ".jsonl":
-            with file.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if line.strip():
-                        rows.append(_json_object(line, file, number))
+            rows.extend(row for _, row in read_jsonl(file))
         else:  # .json: a list of objects, or one object per line
             text = file.read_text(encoding="utf-8")
             try:
                 data = json.loads(text)
             except json.JSONDecodeError:
-                data = [_json_object(line, file, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+                data = [row for _, row in read_jsonl(file)]
             if isinstance(data, dict):
                 data = [data]
             rows.extend(data)
@@ -144,16 +142,6 @@ def _read_files(files: list[Path]) -> tuple[list[dict], list[str]]:
     for row in rows:
         columns.update(dict.fromkeys(row))
     return rows, list(columns)
-
-
-def _json_object(line: str, file: Path, number: int) -> dict:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{file}: line {number} is not valid JSON ({error}).") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{file}: line {number} is not a JSON object.")
-    return value
 
 
 def _load_saved(path: Path, split: str):

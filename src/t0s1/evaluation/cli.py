@@ -12,6 +12,7 @@ from rich.table import Table
 from t0s1.cli_support import BUDGET_DEFAULTS, exit_on_user_error, parse_int_list
 from t0s1.errors import UserError
 from t0s1.evaluation.tasks import DATA_DIR_ENV, TASKS, get_task, parse_task_list
+from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL
 
 console = Console()
@@ -129,20 +130,12 @@ def read_predictions(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-empty line; UserError with the line number on bad rows."""
     if not path.is_file():
         raise UserError(f"No predictions file at {path}.")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict) or not isinstance(row.get("output"), str):
-                raise UserError(f"{path}, line {number}: missing the field `output` (the model's text, a string).")
-            if "id" not in row and "index" not in row:
-                raise UserError(f"{path}, line {number}: missing `id` (the task's own id) or `index` (position in the task).")
-            rows.append((number, row))
+    rows = read_jsonl(path)
+    for number, row in rows:
+        if not isinstance(row.get("output"), str):
+            raise UserError(f"{path}, line {number}: missing the field `output` (the model's text, a string).")
+        if "id" not in row and "index" not in row:
+            raise UserError(f"{path}, line {number}: missing `id` (the task's own id) or `index` (position in the task).")
     if not rows:
         raise UserError(f"{path} holds no predictions.")
     return rows

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from t0s1.errors import UserError
 from t0s1.evaluation import grading
+from t0s1.jsonl import read_jsonl
 
 DATA_DIR_ENV = "T0S1_DATA_DIR"
 CHOICE_LETTERS = "ABCD"
@@ -89,7 +90,7 @@ class Task:
         directory = resolve_data_dir(data_dir)
         path = directory / self.local_file if directory is not None else None
         if path is not None and path.is_file():
-            rows, source = _read_jsonl(path, limit), self.local
+            rows, source = [row for _, row in read_jsonl(path, limit=limit)], self.local
         else:
             rows, source = self._load_hub(limit, missing_local=path), self.hub
         examples = [self._example(row, source, i) for i, row in enumerate(rows)]
@@ -190,24 +191,6 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
         origin = "--data-dir" if data_dir not in (None, "") else f"${DATA_DIR_ENV}"
         raise UserError(f"The data directory {str(value)!r} (from {origin}) does not exist or is not a folder.")
     return path
-
-
-def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {number}: expected a JSON object.")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
 
 
 _AIME_LOCAL = Source({"id": "id", "question": "problem", "gold": "answer"}, extra=("year", "contest", "problem_number", "has_figure"))

@@ -33,6 +33,10 @@ MAX_VALUE = 99
 """Every intermediate value stays in 0..MAX_VALUE: one- and two-digit arithmetic a 135M model can
 learn in minutes."""
 
+MAX_OPERAND = 9
+"""Add and subtract single digits; multiply only by 2. Larger operands (up to 20, times 3) left
+the trained 135M model at 40% on full traces: most errors were the arithmetic itself."""
+
 CHECK_SHARE = 0.5
 """Share of traces that check a step again after "Wait" (the s1 self-verification pattern)."""
 
@@ -110,14 +114,14 @@ def random_problem(rng: random.Random) -> Problem:
     start = value
     steps = []
     for _ in range(rng.randint(MIN_STEPS, MAX_STEPS)):
-        choices = ["add"] * 2 + ["subtract"] * 2 + (["multiply"] if value <= MAX_VALUE // 2 and value > 1 else [])
+        choices = ["add"] * 2 + ["subtract"] * 2 + (["multiply"] if 1 < value <= MAX_VALUE // 2 else [])
         operation = rng.choice(choices)
         if operation == "add":
-            operand = rng.randint(1, min(20, MAX_VALUE - value)) if value < MAX_VALUE else None
+            operand = rng.randint(1, min(MAX_OPERAND, MAX_VALUE - value)) if value < MAX_VALUE else None
         elif operation == "subtract":
-            operand = rng.randint(1, min(20, value)) if value > 0 else None
+            operand = rng.randint(1, min(MAX_OPERAND, value)) if value > 0 else None
         else:
-            operand = rng.randint(2, min(3, MAX_VALUE // value))
+            operand = 2
         if operand is None:  # at a bound: go the other way
             operation, operand = ("subtract", rng.randint(1, 9)) if value >= MAX_VALUE else ("add", rng.randint(1, 9))
         after = {"add": value + operand, "subtract": value - operand, "multiply": value * operand}[operation]

@@ -16,11 +16,11 @@ from t0s1.data.prepare import (
     build,
     is_prepared_dir,
     load_tokenizer,
-    model_source,
     read_report,
 )
 from t0s1.data.sources import load_traces, read_rows
 from t0s1.errors import UserError
+from t0s1.models import resolve_model_source
 from t0s1.reasoning_format import reasoning_format_for
 from t0s1.training.config import parse_args
 
@@ -36,7 +36,7 @@ def train(script_args, training_args, model_args, ours):
     from trl import SFTTrainer, get_peft_config
 
     log = _Log(training_args)
-    source, gguf_file = model_source(model_args.model_name_or_path)
+    source, gguf_file = resolve_model_source(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     fmt = reasoning_format_for(tokenizer, ours.reasoning_format)
 
