@@ -85,6 +85,28 @@ class BudgetForcing:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def thinking_budget(self, *, prompt_length: int, context_length: int | None, forced_end_length: int) -> int:
+        """The budget in tokens for prompts of up to ``prompt_length`` tokens: "auto" is the
+        context - the prompt - the forced end - 100 (s1); a number must fit the context."""
+        if self.max_thinking_tokens == "auto":
+            if not context_length:
+                raise UserError("max_thinking_tokens='auto' needs the model's context length; give a number of tokens.")
+            budget = context_length - prompt_length - forced_end_length - AUTO_RESERVE_TOKENS
+            if budget < 1:
+                raise UserError(
+                    f"max_thinking_tokens='auto' leaves no room: the prompt has {prompt_length} tokens and the "
+                    f"model's context is {context_length}. Shorten the prompt."
+                )
+            return budget
+        budget = self.max_thinking_tokens
+        if context_length and prompt_length + budget + forced_end_length + 1 > context_length:
+            room = context_length - prompt_length - forced_end_length - 1
+            raise UserError(
+                f"max_thinking_tokens={budget} does not fit the model's context of {context_length} tokens with a "
+                f"{prompt_length}-token prompt; use at most {room} or 'auto'."
+            )
+        return budget
+
     def may_ignore(self, *, thinking_tokens: int, num_ignored: int, ignore_length: int, max_thinking: int) -> bool:
         """Ignore this end of thinking? Only while ignores are left and the ignore string
         (``ignore_length`` tokens) plus one more thinking token still fit the budget."""
@@ -181,7 +203,8 @@ def generate_from_ids(
     """``generate`` for prompts already rendered to ids (ending with the thinking delimiter)."""
     budgets = per_prompt_settings(budget, len(prompt_ids))
     engine = _Engine(lm, on_delta=on_delta, is_cancelled=is_cancelled)
-    rows = [engine.new_row(i, ids, settings) for i, (ids, settings) in enumerate(zip(prompt_ids, budgets, strict=True))]
+    longest = max((len(ids) for ids in prompt_ids), default=0)
+    rows = [engine.new_row(i, ids, settings, longest=longest) for i, (ids, settings) in enumerate(zip(prompt_ids, budgets, strict=True))]
     return engine.run(rows, len(prompt_ids), progress=progress)
 
 
@@ -215,7 +238,7 @@ def generate_sweep(
     rows = []
     for i, ids in enumerate(prompt_ids):
         riders = [_Rider(i * len(settings) + j, s, limits[j]) for j, s in enumerate(settings)]
-        rows.append(engine.new_row(None, ids, widest, riders=riders))
+        rows.append(engine.new_row(None, ids, widest, riders=riders, longest=longest))
     flat = engine.run(rows, len(prompt_ids) * len(settings), progress=progress)
     return [flat[i * len(settings) : (i + 1) * len(settings)] for i in range(len(prompt_ids))]
 
@@ -246,7 +269,7 @@ class _Row:
     index: int | None  # which result this row produces; None: a sweep trace that only carries riders
     settings: BudgetForcing
     max_thinking: int
-    prompt_length: int
+    prompt_ids: list[int]
     ids_fed: int  # ids in the KV cache for this row (prompt included)
     thinking: bool = True
     thinking_ids: list[int] = field(default_factory=list)
@@ -290,23 +313,11 @@ class _Engine:
     # ---- settings -------------------------------------------------------------------------
 
     def resolve_budget(self, settings: BudgetForcing, prompt_length: int) -> int:
-        context = self.lm.context_length
-        forced = max(len(ids) for ids in self.forced_end_ids.values())
-        if settings.max_thinking_tokens == "auto":
-            budget = context - prompt_length - forced - AUTO_RESERVE_TOKENS
-            if budget < 1:
-                raise UserError(
-                    f"max_thinking_tokens='auto' leaves no room: the prompt has {prompt_length} tokens and the "
-                    f"model's context is {context}. Shorten the prompt."
-                )
-            return budget
-        budget = settings.max_thinking_tokens
-        if prompt_length + budget + forced + 1 > context:
-            raise UserError(
-                f"max_thinking_tokens={budget} does not fit the model's context of {context} tokens with a "
-                f"{prompt_length}-token prompt; use at most {context - prompt_length - forced - 1} or 'auto'."
-            )
-        return budget
+        return settings.thinking_budget(
+            prompt_length=prompt_length,
+            context_length=self.lm.context_length,
+            forced_end_length=max(len(ids) for ids in self.forced_end_ids.values()),
+        )
 
     def ignore_ids(self, settings: BudgetForcing) -> list[int]:
         if settings.ignore_str not in self.ignore_cache:
@@ -321,22 +332,22 @@ class _Engine:
             max_thinking=max_thinking,
         )
 
-    def new_row(self, index, prompt_ids, settings: BudgetForcing, *, riders=()) -> _Row:
+    def new_row(self, index, prompt_ids, settings: BudgetForcing, *, riders=(), longest: int = 0) -> _Row:
+        """A row for one prompt; its budget is resolved for the call's ``longest`` prompt (s1)."""
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise UserError(f"Prompt {index or 0} is empty.")
         row = _Row(
             index=index,
             settings=settings,
-            max_thinking=self.resolve_budget(settings, len(prompt_ids)),
-            prompt_length=len(prompt_ids),
+            max_thinking=self.resolve_budget(settings, max(longest, len(prompt_ids))),
+            prompt_ids=prompt_ids,
             ids_fed=0,
             riders=list(riders),
         )
         if not settings.greedy:
             row.generator = torch.Generator(device="cpu")
             row.generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
-        row.prompt_ids = prompt_ids
         return row
 
     # ---- the loop -------------------------------------------------------------------------
@@ -349,14 +360,14 @@ class _Engine:
         if not rows:
             return []
         device = self.lm.device
-        width = max(row.prompt_length for row in rows)
+        width = max(len(row.prompt_ids) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
-            input_ids[b, width - row.prompt_length :] = torch.tensor(row.prompt_ids)
-            attention_mask[b, width - row.prompt_length :] = 1
-            row.ids_fed = row.prompt_length
+            input_ids[b, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+            attention_mask[b, width - len(row.prompt_ids) :] = 1
+            row.ids_fed = len(row.prompt_ids)
             if row.max_thinking == 0:
                 self._force_answer(row, None)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -457,6 +468,7 @@ class _Engine:
             del row.thinking_ids[-len(written) :]
             forks = [self._fork(row, rider, budget_reached=False, delimiter_written=True) for rider in list(row.riders)]
             row.thinking = False
+            self._stream(row, "thinking", final=True)
             return forks
         thinking_tokens = len(row.thinking_ids)
         for rider in list(row.riders):
@@ -505,7 +517,7 @@ class _Engine:
             index=rider.index,
             settings=rider.settings,
             max_thinking=rider.max_thinking,
-            prompt_length=row.prompt_length,
+            prompt_ids=row.prompt_ids,
             ids_fed=row.ids_fed,
             thinking_ids=list(row.thinking_ids),
             num_ignored=row.num_ignored,
@@ -526,7 +538,7 @@ class _Engine:
         for row in rows:
             for rider in [r for r in row.riders if r.max_thinking == 0]:
                 row.riders.remove(rider)
-                out.append(self.new_row(rider.index, row.prompt_ids, rider.settings))
+                out.append(self.new_row(rider.index, row.prompt_ids, rider.settings, longest=len(row.prompt_ids)))
             out.append(row)
         return out
 
@@ -578,7 +590,7 @@ class _Engine:
             num_ignored=row.num_ignored,
             hit_budget=row.hit_budget,
             finish_reason=row.finish_reason,
-            prompt_tokens=row.prompt_length,
+            prompt_tokens=len(row.prompt_ids),
             seconds=time.perf_counter() - self.started,
             thinking_token_ids=list(row.thinking_ids),
             answer_token_ids=list(row.answer_ids),

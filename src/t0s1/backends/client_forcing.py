@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from t0s1.errors import UserError
-from t0s1.forcing import AUTO_RESERVE_TOKENS, BudgetForcing, Result
+from t0s1.forcing import BudgetForcing, Result
 from t0s1.reasoning_format import ReasoningFormat
 
 
@@ -95,23 +95,20 @@ class ClientForcing:
         return self.encode(text + self.format.thinking_start)
 
     def resolve_budget(self, settings: BudgetForcing, prompt_length: int) -> int:
-        if settings.max_thinking_tokens != "auto":
-            return settings.max_thinking_tokens
-        if not self.context_length:
-            raise UserError("max_thinking_tokens='auto' needs the model's context length; give a number of tokens instead.")
-        forced = len(self.encode(self.format.forced_end("")))
-        budget = self.context_length - prompt_length - forced - AUTO_RESERVE_TOKENS
-        if budget < 1:
-            raise UserError(f"max_thinking_tokens='auto' leaves no room for a {prompt_length}-token prompt.")
-        return budget
+        return settings.thinking_budget(
+            prompt_length=prompt_length,
+            context_length=self.context_length,
+            forced_end_length=len(self.encode(self.format.forced_end(""))),
+        )
 
     def generate(self, prompts: Sequence, budgets: Sequence[BudgetForcing]) -> list[Result]:
         started = time.perf_counter()
+        rendered = [self.render(prompt) for prompt in prompts]
+        longest = max((len(ids) for ids in rendered), default=0)  # "auto" is set by the longest prompt (s1)
         sequences = []
-        for i, (prompt, settings) in enumerate(zip(prompts, budgets, strict=True)):
-            ids = self.render(prompt)
+        for ids, settings in zip(rendered, budgets, strict=True):
             seed = None if settings.greedy else settings.seed
-            sequences.append(_Sequence(ids, settings, self.resolve_budget(settings, len(ids)), seed))
+            sequences.append(_Sequence(ids, settings, self.resolve_budget(settings, longest), seed))
         for sequence in sequences:
             if sequence.max_thinking == 0:
                 self._force_answer(sequence)
