@@ -20,15 +20,18 @@ import torch
 from t0s1 import BudgetForcing, generate, load_model
 from t0s1.forcing import render_prompt
 
+# Prompts on which SmolLM2 thinks through the whole 512-token budget, several of them after one or
+# more injected "Wait"s (the first alone is the batch-1 case): the timings then cover many tokens
+# and real interventions rather than a few tokens and the prompt's encoding.
 PROMPTS = [
-    "How many r are in the word raspberry?",
-    "What is 17 * 23? Explain your steps.",
     "A train travels 60 km in 45 minutes. What is its speed in km/h?",
-    "Is 221 a prime number?",
-    "What is the sum of the first 20 odd numbers?",
-    "If 3x + 7 = 25, what is x?",
-    "How many days are there in 7 weeks and 3 days?",
     "What is 15% of 240?",
+    "Prove that the square root of 2 is irrational.",
+    "What is the derivative of x^3 sin(x)? Show all steps.",
+    "Explain step by step how to solve 3x + 7 = 25, checking every step.",
+    "Write a long, detailed essay about the history of mathematics.",
+    "Describe in detail how a computer works, from transistors to operating systems.",
+    "Tell me a long story about a dragon and a knight.",
 ]
 
 

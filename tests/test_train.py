@@ -236,7 +236,8 @@ def test_quickstart_recipe_on_the_embedded_model_halves_the_loss_and_the_card_sn
     result = CliRunner().invoke(
         app,
         ["train", "quickstart", "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "30",
-         "--logging_steps", "1", "--save_strategy", "no", "--max_length", "256"],
+         "--logging_steps", "1", "--save_strategy", "no", "--max_length", "256",
+         "--per_device_train_batch_size", "1"],
     )
     assert result.exit_code == 0, result.output
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]

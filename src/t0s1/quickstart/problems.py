@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def random_problem(rng: random.Random) -> Problem:
         else:
             operand = 2
         if operand is None:  # at a bound: go the other way
-            operation, operand = ("subtract", rng.randint(1, 9)) if value >= MAX_VALUE else ("add", rng.randint(1, 9))
+            operation, operand = ("subtract", rng.randint(1, MAX_OPERAND)) if value >= MAX_VALUE else ("add", rng.randint(1, MAX_OPERAND))
         after = {"add": value + operand, "subtract": value - operand, "multiply": value * operand}[operation]
         steps.append(Step(operation, operand, value, after))
         value = after
@@ -164,19 +163,3 @@ def write_problems(out_dir: str | Path, num_train: int = 2000, num_test: int = 1
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     return paths
-
-
-_NUMBER = re.compile(r"-?\d+")
-
-
-def extract_answer(answer_text: str) -> str | None:
-    """The first integer after the last ``Answer:`` in a model's answer (or the first integer if it
-    wrote none); None when there is no integer."""
-    tail = answer_text.rsplit("Answer:", 1)[-1]
-    match = _NUMBER.search(tail)
-    return match.group(0) if match else None
-
-
-def is_correct(answer_text: str, solution: str) -> bool:
-    extracted = extract_answer(answer_text)
-    return extracted is not None and int(extracted) == int(solution)
