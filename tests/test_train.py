@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_prepare import s1k_rows, write_jsonl
 from typer.testing import CliRunner
 
 from t0s1.cli import app
 from t0s1.data.prepare import prepare
 from t0s1.training.sft import main as train_main
-from test_prepare import s1k_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

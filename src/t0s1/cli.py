@@ -32,13 +32,7 @@ STAGES = (
 )
 
 for _stage in STAGES:
-    try:
-        _module = importlib.import_module(_stage)
-    except ModuleNotFoundError as _missing:  # a stage not written yet
-        if _missing.name != _stage:
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(_stage).register(app)
 
 
 def main() -> None:

@@ -382,8 +382,9 @@ class _Engine:
                 feeds, keep = [], []
                 next_rows = []
                 step_logits = self._mask_logits(logits, rows)
+                argmax = step_logits.argmax(dim=-1).tolist()  # one call for every greedy row
                 for b, row in enumerate(rows):
-                    forks = self._advance(row, step_logits[b])
+                    forks = self._advance(row, step_logits[b], argmax[b])
                     for fork in [row, *forks]:
                         if fork.finish_reason is None and fork.index is None and not fork.thinking:
                             fork.finish_reason = "trace"  # a sweep trace whose riders have all left
@@ -431,14 +432,14 @@ class _Engine:
 
     # ---- one sequence, one step ----------------------------------------------------------
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> list[_Row]:
+    def _advance(self, row: _Row, logits: torch.Tensor, argmax: int) -> list[_Row]:
         """Decide what ``row`` feeds next (into ``row.queue``); return rows forked off it."""
         if self.is_cancelled is not None and row.index is not None and self.is_cancelled(row.index):
             row.finish_reason = "cancelled"
             return []
         forks: list[_Row] = []
         while not row.queue and row.finish_reason is None:
-            token = self._sample(row, logits)
+            token = self._sample(row, logits, argmax)
             if row.thinking:
                 forks += self._think(row, token)
             else:
@@ -546,13 +547,14 @@ class _Engine:
         row.thinking_ids.extend(ids)
         self._stream(row, "thinking")
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+    def _sample(self, row: _Row, logits: torch.Tensor, argmax: int) -> int:
         if row.ban_stop:
             logits = logits.clone()
             logits[list(self.stop_ids)] = float("-inf")
             row.ban_stop = False
+            argmax = int(torch.argmax(logits))
         if row.settings.greedy:
-            return int(torch.argmax(logits))
+            return argmax
         probs = torch.softmax(logits / row.settings.temperature, dim=-1)
         if row.settings.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from t0s1.backends import Backend
-from t0s1.forcing import per_prompt_settings
 from t0s1.backends.client_forcing import ClientForcing, Completion, Request
 from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing, Prompt, Result
+from t0s1.forcing import BudgetForcing, Prompt, Result, per_prompt_settings
 from t0s1.reasoning_format import reasoning_format_for
 
 

@@ -6,7 +6,13 @@
   block size, write the dataset and its report atomically.
 """
 
-from t0s1.data.prepare import PREPARE_REPORT, PrepareReport, is_prepared_dir, prepare, render_traces
+from t0s1.data.prepare import (
+    PREPARE_REPORT,
+    PrepareReport,
+    is_prepared_dir,
+    prepare,
+    render_traces,
+)
 from t0s1.data.sources import Trace, load_traces
 
 __all__ = [

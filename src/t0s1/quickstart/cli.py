@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 def quickstart_command(
     out: Annotated[Path, typer.Option(help="Run directory (rerun to resume: finished steps are skipped).")] = Path("runs/quickstart"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: recipes/quickstart.yaml).")] = None,
-    num_test: Annotated[int, typer.Option(help="Held-out problems in the budget sweep.")] = 40,
+    num_test: Annotated[int, typer.Option(help="Held-out problems in the budget sweep.")] = 100,
     budgets: Annotated[str, typer.Option(help="Thinking budgets of the sweep (at least 4 for the table).")] = "16,32,48,64",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: PyTorch's; 1 helps on a busy machine).")] = None,
 ) -> None:

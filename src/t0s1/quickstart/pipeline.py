@@ -38,7 +38,7 @@ class QuickstartSettings:
     out: Path = Path("runs/quickstart")
     steps: int | None = None  # None: the recipe's max_steps
     num_train: int = 1000
-    num_test: int = 40
+    num_test: int = 100
     budgets: list = field(default_factory=lambda: [16, 32, 48, 64])
     num_ignore: list = field(default_factory=lambda: [0, 1])
     max_answer_tokens: int = 10
