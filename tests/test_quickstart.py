@@ -14,7 +14,7 @@ from t0s1.cli import app
 def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2):
     out = tmp_path / "run"
     args = ["quickstart", "--out", str(out), "--steps", "2", "--num-test", "4", "--budgets", "4,8,16,32"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})  # the table on one line per row
     assert result.exit_code == 0, result.output
     for path in ("data/train.jsonl", "data/test.jsonl", "prepared/prepare_report.json", "model/config.json",
                  "model/README.md", "eval-base/results.json", "eval-trained/results.json", "scaling.png"):
