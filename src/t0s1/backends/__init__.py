@@ -13,6 +13,7 @@ the rules of the intervention come from ``BudgetForcing.may_ignore`` and
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from t0s1.errors import UserError
@@ -21,16 +22,16 @@ from t0s1.forcing import BudgetForcing, Prompt, Result
 BACKENDS = ("transformers", "vllm", "openai")
 
 
-class Backend:
+class Backend(ABC):
     """Generate with budget forcing. Subclasses implement ``generate``; ``sweep`` defaults to one
     ``generate`` call per setting (the transformers backend shares the thinking prefix instead)."""
 
     name: str = "backend"
     model_name: str = ""
 
+    @abstractmethod
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
         """One result per prompt; ``budgets`` is one setting, or one per prompt."""
-        raise NotImplementedError
 
     def sweep(self, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing]) -> list[list[Result]]:
         """``results[prompt][setting]`` for greedy settings that differ in budget or num_ignore."""
