@@ -100,7 +100,7 @@ def main() -> None:
             results[setting] = json.loads(lines[-1][len("BENCH "):])
 
     threads = os.environ.get("OMP_NUM_THREADS", "torch default")
-    print(f"\nquickstart recipe, {args.steps} steps, batch 1, max_length {args.max_length or 'from the recipe'}, "
+    print(f"\nquickstart recipe, {args.steps} steps, batch from the recipe, max_length {args.max_length or 'from the recipe'}, "
           f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}")
     print(f"{'setting':8} {'tokens/s':>10} {'s/step':>8} {'peak RSS MB':>12} {'trainable params':>17}")
     for name, r in results.items():
