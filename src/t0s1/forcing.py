@@ -34,6 +34,7 @@ import torch
 
 from t0s1.errors import UserError
 from t0s1.models import LoadedModel
+from t0s1.reasoning_format import ReasoningFormat
 
 Prompt = str | list[dict]
 """A user message, or a whole conversation as chat messages (``{"role": ..., "content": ...}``)."""
@@ -156,6 +157,11 @@ DeltaCallback = Callable[[int, str, str], None]
 
 def render_prompt(lm: LoadedModel, prompt: Prompt) -> list[int]:
     """Prompt ids for budget forcing: chat template with generation prompt, then thinking start."""
+    return render_prompt_ids(lm.tokenizer, lm.reasoning_format, prompt)
+
+
+def render_prompt_ids(tokenizer, reasoning_format: ReasoningFormat, prompt: Prompt) -> list[int]:
+    """``render_prompt`` for a tokenizer alone (backends that have no local model)."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise UserError("The prompt is empty: give the question to answer.")
@@ -166,8 +172,33 @@ def render_prompt(lm: LoadedModel, prompt: Prompt) -> list[int]:
             raise UserError("A conversation must be a non-empty list of {'role': ..., 'content': str} messages.")
         if not any(m["content"].strip() for m in messages):
             raise UserError("Every message of the conversation is empty: give the question to answer.")
-    text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return _encode(lm, text + lm.reasoning_format.thinking_start)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return encode(tokenizer, text + reasoning_format.thinking_start)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Where thinking and answer stop, in token ids: the one rule for every backend.
+
+    The thinking stops at the first token of the answer delimiter (s1 stops on ``<|im_start|>``)
+    when that token is special or the whole delimiter, and at any end-of-turn token. A delimiter of
+    ordinary tokens (e.g. "</think>" for a tokenizer without such a token) ends the thinking once
+    the model has written all of it (``written_delimiter``).
+    """
+
+    end_of_turn: frozenset
+    answer_delimiter: tuple
+    stop_ids: frozenset
+    written_delimiter: tuple | None
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, reasoning_format: ReasoningFormat, generation_config=None) -> StopRule:
+        end_of_turn = frozenset(end_of_turn_ids(tokenizer, generation_config))
+        delimiter = tuple(encode(tokenizer, reasoning_format.thinking_end))
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        if len(delimiter) == 1 or delimiter[0] in special:
+            return cls(end_of_turn, delimiter, end_of_turn | {delimiter[0]}, None)
+        return cls(end_of_turn, delimiter, end_of_turn, delimiter)
 
 
 def generate(
@@ -293,18 +324,11 @@ class _Engine:
         self.on_delta = on_delta
         self.is_cancelled = is_cancelled
         fmt = lm.reasoning_format
-        self.end_ids = _end_of_turn_ids(lm)
-        delimiter = _encode(lm, fmt.thinking_end)
-        self.answer_delimiter = delimiter
-        # The thinking stops at the first token of the answer delimiter (s1 stops on <|im_start|>)
-        # when that token is special or the whole delimiter. A delimiter of ordinary tokens (e.g.
-        # "</think>" for a tokenizer without such a token) ends the thinking once fully written.
-        if len(delimiter) == 1 or _is_special(lm, delimiter[0]):
-            self.stop_ids = self.end_ids | {delimiter[0]}
-            self.written_delimiter = None
-        else:
-            self.stop_ids = set(self.end_ids)
-            self.written_delimiter = delimiter
+        rule = StopRule.for_tokenizer(lm.tokenizer, fmt, getattr(lm.model, "generation_config", None))
+        self.end_ids = rule.end_of_turn
+        self.answer_delimiter = list(rule.answer_delimiter)
+        self.stop_ids = rule.stop_ids
+        self.written_delimiter = list(rule.written_delimiter) if rule.written_delimiter else None
         self.forced_end_ids = {nl: _encode(lm, fmt.forced_end("\n" if nl else "")) for nl in (False, True)}
         self.ignore_cache: dict[str, list[int]] = {}
         self.started = time.perf_counter()
@@ -381,7 +405,7 @@ class _Engine:
             while rows:
                 feeds, keep = [], []
                 next_rows = []
-                step_logits = self._mask_logits(logits, rows)
+                step_logits = self._mask_logits(logits)
                 argmax = step_logits.argmax(dim=-1).tolist()  # one call for every greedy row
                 for b, row in enumerate(rows):
                     forks = self._advance(row, step_logits[b], argmax[b])
@@ -428,7 +452,7 @@ class _Engine:
         )
         return out.logits[:, -1, :].float()
 
-    def _mask_logits(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    def _mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Never sample an id the tokenizer cannot decode (the embedding matrix is often larger)."""
         if logits.shape[-1] > self.lm.vocab_size:
             logits[:, self.lm.vocab_size :] = float("-inf")
@@ -512,7 +536,7 @@ class _Engine:
         row.hit_budget = True
         row.queue.extend(forced)
         self._stream(row, "thinking", final=True)
-        row.answer_ids.extend(_after(forced, self.answer_delimiter))
+        row.answer_ids.extend(ids_after(forced, self.answer_delimiter))
         self._stream(row, "answer")
 
     def _fork(self, row: _Row, rider: _Rider, *, budget_reached: bool, delimiter_written: bool = False) -> _Row:
@@ -632,37 +656,45 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` alone (no special tokens added): delimiters are concatenated as ids."""
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def _encode(lm: LoadedModel, text: str) -> list[int]:
-    return list(lm.tokenizer(text, add_special_tokens=False).input_ids)
+    return encode(lm.tokenizer, text)
 
 
-def _is_special(lm: LoadedModel, token_id: int) -> bool:
-    return token_id in set(lm.tokenizer.all_special_ids) or token_id in lm.tokenizer.added_tokens_decoder
-
-
-def _end_of_turn_ids(lm: LoadedModel) -> set[int]:
+def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
     """Ids that end the assistant's turn: eos ids of the tokenizer and generation config, and
     ``<|im_end|>`` for ChatML models."""
     ids = set()
-    if lm.tokenizer.eos_token_id is not None:
-        ids.add(lm.tokenizer.eos_token_id)
-    config_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    config_eos = getattr(generation_config, "eos_token_id", None)
     if isinstance(config_eos, int):
         ids.add(config_eos)
     elif config_eos:
         ids.update(config_eos)
-    im_end = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != lm.tokenizer.unk_token_id:
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(im_end)
     return ids
 
 
-def _after(ids: list[int], delimiter: list[int]) -> list[int]:
+def find_ids(ids: list[int], pattern: list[int]) -> int | None:
+    """Where ``pattern`` first occurs in ``ids``, or None."""
+    pattern = list(pattern)
+    for start in range(len(ids) - len(pattern) + 1):
+        if ids[start : start + len(pattern)] == pattern:
+            return start
+    return None
+
+
+def ids_after(ids: list[int], delimiter: list[int]) -> list[int]:
     """The ids after the first occurrence of ``delimiter`` in ``ids`` (the answer part)."""
-    for start in range(len(ids) - len(delimiter) + 1):
-        if ids[start : start + len(delimiter)] == delimiter:
-            return ids[start + len(delimiter) :]
-    return []
+    start = find_ids(ids, delimiter)
+    return [] if start is None else ids[start + len(delimiter) :]
 
 
 def per_prompt_settings(budget, count: int) -> list[BudgetForcing]:

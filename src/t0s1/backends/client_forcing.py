@@ -16,8 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing, Result
+from t0s1.forcing import (
+    BudgetForcing,
+    Result,
+    StopRule,
+    encode,
+    find_ids,
+    ids_after,
+    render_prompt_ids,
+)
 from t0s1.reasoning_format import ReasoningFormat
 
 
@@ -74,25 +81,18 @@ class ClientForcing:
         self.format = reasoning_format
         self.complete = complete
         self.context_length = context_length
-        self.end_ids = _end_of_turn_ids(tokenizer)
-        delimiter = self.encode(reasoning_format.thinking_end)
-        self.answer_delimiter = delimiter
-        # Stop thinking at the delimiter's first token when the delimiter is one special token
-        # (ChatML's <|im_start|>), as the engine does. A delimiter of ordinary tokens is caught when
-        # written in full (see _think).
-        self.stop_ids = sorted(self.end_ids | {delimiter[0]}) if len(delimiter) == 1 or delimiter[0] in set(tokenizer.all_special_ids) or delimiter[0] in getattr(tokenizer, "added_tokens_decoder", {}) else sorted(self.end_ids)
-        self.written_delimiter = None if delimiter[0] in self.stop_ids else delimiter
+        rule = StopRule.for_tokenizer(tokenizer, reasoning_format)  # the engine's own stop rule
+        self.end_ids = set(rule.end_of_turn)
+        self.answer_delimiter = list(rule.answer_delimiter)
+        self.stop_ids = sorted(rule.stop_ids)
+        self.written_delimiter = list(rule.written_delimiter) if rule.written_delimiter else None
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return encode(self.tokenizer, text)
 
     def render(self, prompt) -> list[int]:
         """Chat template with the generation prompt, then the thinking delimiter (as the engine)."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if not messages or not any(str(m.get("content", "")).strip() for m in messages):
-            raise UserError("The prompt is empty: give the question to answer.")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text + self.format.thinking_start)
+        return render_prompt_ids(self.tokenizer, self.format, prompt)
 
     def resolve_budget(self, settings: BudgetForcing, prompt_length: int) -> int:
         return settings.thinking_budget(
@@ -139,9 +139,9 @@ class ClientForcing:
         s.thinking_ids += completion.ids
         s.min_tokens = 0
         written = self.written_delimiter
-        if written and _find(s.thinking_ids, written) is not None:
+        end = find_ids(s.thinking_ids, written) if written else None
+        if end is not None:
             # The model wrote the (multi-token) delimiter itself: the thinking ends there.
-            end = _find(s.thinking_ids, written)
             s.thinking_ids, s.close_ids, s.phase = s.thinking_ids[:end], list(written), "answer"
             return
         if completion.stopped:
@@ -165,7 +165,7 @@ class ClientForcing:
     def _force_answer(self, s: _Sequence) -> None:
         last = self.tokenizer.decode(s.thinking_ids[-1:]) if s.thinking_ids else ""
         s.close_ids = self.encode(self.format.forced_end(last))
-        s.forced_answer_ids = _after(s.close_ids, self.answer_delimiter)
+        s.forced_answer_ids = ids_after(s.close_ids, self.answer_delimiter)
         s.hit_budget, s.phase = True, "answer"
 
     def _answer(self, s: _Sequence, completion: Completion) -> None:
@@ -192,25 +192,3 @@ class ClientForcing:
             thinking_token_ids=list(s.thinking_ids),
             answer_token_ids=answer_ids,
         )
-
-
-def _end_of_turn_ids(tokenizer) -> set[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return ids
-
-
-def _find(ids: list[int], pattern: list[int]) -> int | None:
-    for start in range(len(ids) - len(pattern) + 1):
-        if ids[start : start + len(pattern)] == pattern:
-            return start
-    return None
-
-
-def _after(ids: list[int], delimiter: list[int]) -> list[int]:
-    start = _find(ids, delimiter)
-    return [] if start is None else ids[start + len(delimiter) :]

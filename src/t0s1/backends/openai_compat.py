@@ -76,5 +76,5 @@ class OpenAIBackend(Backend):
         except Exception as error:  # connection refused, 404 model, ...: say which server
             raise UserError(f"The completions endpoint failed for model {self.model_name!r}: {type(error).__name__}: {error}") from None
         choice = response.choices[0]
-        ids = list(self.tokenizer(choice.text, add_special_tokens=False).input_ids)[: request.max_tokens]
+        ids = self.forcing.encode(choice.text)[: request.max_tokens]
         return Completion(ids, stopped=choice.finish_reason == "stop")
