@@ -47,7 +47,7 @@ def time_engine(lm, prompts, settings):
 def time_plain_generate(lm, prompts, new_tokens_per_prompt):
     tokenizer = lm.tokenizer
     tokenizer.padding_side = "left"
-    texts = [tokenizer.decode(render_prompt(lm, p)) for p in prompts]
+    texts = [tokenizer.decode(render_prompt(lm, p).ids) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     start = time.perf_counter()
     out = lm.model.generate(

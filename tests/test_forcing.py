@@ -7,7 +7,7 @@ import torch
 from forcing_reference import reference_generate
 
 from t0s1 import BudgetForcing, UserError, generate, generate_sweep
-from t0s1.forcing import render_prompt
+from t0s1.forcing import render_prompt, resolve_budget
 
 PROMPTS = [
     "How many r are in raspberry?",
@@ -187,11 +187,18 @@ def test_sampling_is_seeded(tiny_model):
     assert [r.thinking_token_ids for r in first] != [r.thinking_token_ids for r in other]
 
 
-def test_auto_budget_fills_the_context(tiny_model):
-    results = generate(tiny_model, PROMPTS[:2], BudgetForcing(max_thinking_tokens="auto", max_answer_tokens=4))
-    longest = max(len(render_prompt(tiny_model, p)) for p in PROMPTS[:2])
-    for result in results:
-        assert result.thinking_tokens <= tiny_model.context_length - longest - 100
+def test_auto_budget_fills_the_context_of_each_prompt(tiny_model):
+    """"auto" = the context - the prompt's own length - the forced end - 100: a prompt's budget does
+    not depend on the other prompts of its batch."""
+    settings = BudgetForcing(max_thinking_tokens="auto", max_answer_tokens=4)
+    for prompt in PROMPTS[:2]:
+        budget = resolve_budget(tiny_model, settings, len(render_prompt(tiny_model, prompt).ids))
+        forced_end = len(tiny_model.tokenizer("\n<|im_start|>answer\nFinal Answer:", add_special_tokens=False).input_ids)
+        assert budget == tiny_model.context_length - len(render_prompt(tiny_model, prompt).ids) - forced_end - 100
+    short = BudgetForcing(max_thinking_tokens="auto", max_answer_tokens=4)
+    together = generate(tiny_model, PROMPTS[:2], short)
+    alone = [generate(tiny_model, [p], short)[0] for p in PROMPTS[:2]]
+    assert [r.thinking_token_ids for r in together] == [r.thinking_token_ids for r in alone]
 
 
 @pytest.mark.parametrize(
@@ -256,3 +263,25 @@ def test_per_prompt_settings_keep_their_own_seed(tiny_model):
     assert shared.thinking_token_ids == generate(
         tiny_model, [PROMPTS[1]], BudgetForcing(**{**sampled.__dict__, "seed": 124})
     )[0].thinking_token_ids
+
+
+@pytest.mark.slow
+def test_s1_outputs_on_the_embedded_model_are_unchanged(smollm2, one_torch_thread):
+    """Greedy (and seeded) outputs of the s1 profile on the embedded SmolLM2, recorded before the
+    decisions moved into model profiles (tests/fixtures/s1_reference_smollm2.json), stay the same."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "s1_reference_smollm2.json").read_text())
+    for case in recorded["cases"]:
+        streamed = {}
+
+        def on_delta(index, channel, text):
+            streamed[(index, channel)] = streamed.get((index, channel), "") + text
+
+        results = generate(smollm2, recorded["prompts"], BudgetForcing(**case["settings"]), on_delta=on_delta)
+        for i, (result, expected) in enumerate(zip(results, case["results"], strict=True)):
+            for key, value in expected.items():
+                assert getattr(result, key) == value, (case["settings"], i, key)
+            assert streamed.get((i, "thinking"), "") == result.thinking
+            assert streamed.get((i, "answer"), "") == result.answer

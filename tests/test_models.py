@@ -10,38 +10,14 @@ import pytest
 
 from t0s1 import EMBEDDED_MODEL, ModelNotFoundError, load_model
 from t0s1.models import embedded_gguf_path
-from t0s1.reasoning_format import CHATML, THINK_TAGS, reasoning_format_for
+from t0s1.profiles import S1
 
 
-def test_local_directory_loads_with_chatml_format(tiny_model_dir):
+def test_local_directory_loads_with_the_s1_profile(tiny_model_dir):
     lm = load_model(str(tiny_model_dir), device="cpu")
-    assert lm.reasoning_format == CHATML
+    assert lm.profile == S1
     assert lm.model.dtype.is_floating_point and str(lm.model.dtype) == "torch.float32"
     assert lm.vocab_size < lm.model.config.vocab_size  # padded embedding matrix
-
-
-def test_reasoning_format_by_family_and_override(tiny_model):
-    assert reasoning_format_for(tiny_model.tokenizer) == CHATML
-
-    class NoChatML:
-        chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-
-        def get_vocab(self):
-            return {"<s>": 0}
-
-    assert reasoning_format_for(NoChatML()) == THINK_TAGS
-    custom = reasoning_format_for(tiny_model.tokenizer, "<reasoning>,</reasoning>")
-    assert (custom.thinking_start, custom.thinking_end) == ("<reasoning>", "</reasoning>")
-    assert custom.split("<reasoning>\nhmm\n</reasoning>\n42") == ("hmm", "42")
-    with pytest.raises(Exception, match="Unknown reasoning format"):
-        reasoning_format_for(tiny_model.tokenizer, "nonsense")
-
-
-def test_s1_rendering_of_an_assistant_turn():
-    text = CHATML.assistant_content("  let me think \n", "Answer: 3")
-    assert text == "<|im_start|>think\nlet me think\n<|im_start|>answer\nAnswer: 3"
-    assert CHATML.forced_end("abc") == "\n<|im_start|>answer\nFinal Answer:"
-    assert CHATML.forced_end("abc\n") == "<|im_start|>answer\nFinal Answer:"
 
 
 def test_missing_path_and_unreachable_hub_are_explained(tmp_path, monkeypatch):
@@ -95,7 +71,7 @@ def test_embedded_model_converts_once_then_reloads(tmp_path, monkeypatch):
     assert len(converted) == 1 and (converted[0] / "model.safetensors").exists()
     assert not any(p.name.startswith(".converting") for p in (tmp_path / "models").iterdir())
     lm = load_model(EMBEDDED_MODEL, device="cpu")
-    assert lm.reasoning_format == CHATML
+    assert lm.profile == S1
     assert not getattr(lm.model, "is_quantized", False)
     assert getattr(lm.model.config, "quantization_config", None) is None
 
@@ -107,3 +83,17 @@ def test_gguf_file_loads_and_is_no_longer_flagged_quantized():
     assert not lm.model.is_quantized
     assert getattr(lm.model.config, "quantization_config", None) is None
     assert lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
+
+
+def test_a_transformers_without_the_cache_argument_is_refused(tiny_model):
+    """Older transformers 5.x call it past_key_values and would silently ignore cache=."""
+    from t0s1.errors import UserError
+    from t0s1.models import check_takes_cache
+
+    class OldModel:
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(UserError, match=r"transformers>=5\.24"):
+        check_takes_cache(OldModel())
+    check_takes_cache(tiny_model.model)  # the installed transformers passes

@@ -158,11 +158,11 @@ def test_generic_file_with_renamed_columns_and_saved_dataset(tmp_path, tiny_mode
     assert row["completion"].endswith("<|im_start|>answer\nAnswer: The sum is 52.<|im_end|>")
 
 
-def test_think_tags_format_for_models_without_chatml_delimiters(tmp_path, tiny_model_dir):
+def test_think_profile_for_models_without_chatml_delimiters(tmp_path, tiny_model_dir):
     source = write_jsonl(tmp_path / "s1k.jsonl", s1k_rows(1))
-    prepare(str(source), str(tiny_model_dir), tmp_path / "out", reasoning_format="think-tags")
+    prepare(str(source), str(tiny_model_dir), tmp_path / "out", reasoning_format="think")
     completion = load_prepared(tmp_path / "out")[0]["completion"]
-    assert completion.startswith("<think>\nI need to add") and "\n</think>\nAnswer: The sum is 42." in completion
+    assert completion.startswith("<think>\nI need to add") and "\n</think>\n\nAnswer: The sum is 42." in completion
 
 
 def test_block_size_truncate_and_drop_are_reported(tmp_path, tiny_model_dir):
@@ -284,3 +284,37 @@ def test_decontamination_drops_benchmark_questions_with_the_shared_8gram(tmp_pat
     assert dropped[1]["ngram"] in " ".join(__import__("re").findall(r"\w+", math.question.lower()))
     assert report["rows_out"] == 1 and "2 rows dropped" in result.output
     assert load_prepared(tmp_path / "out")[0]["prompt"].count("What is 12 + 30?") == 1
+
+
+@pytest.mark.parametrize(
+    "family, completion_start",
+    [("qwen3", "<think>\nI need to add"), ("qwq", "I need to add"), ("deepseek-r1-distill-qwen", "I need to add")],
+)
+def test_each_profile_renders_its_own_format(tmp_path, family, completion_start):
+    """Templates that open the thinking in the generation prompt get no second start in the completion."""
+    from model_families import build_family_model_dir
+
+    model_dir = build_family_model_dir(family, tmp_path / "model")
+    source = write_jsonl(tmp_path / "s1k.jsonl", s1k_rows(1))
+    prepare(str(source), str(model_dir), tmp_path / "out")
+    row = load_prepared(tmp_path / "out")[0]
+    assert row["completion"].startswith(completion_start)
+    assert (row["prompt"] + row["completion"]).count("<think>") == 1
+    assert "\n</think>\n\nAnswer: The sum is 42." in row["completion"]
+
+
+def test_tokenized_rows_train_the_completion_and_cut_without_an_end_token(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from t0s1.data.prepare import tokenize_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = {"prompt": "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+           "completion": "<|im_start|>think\n2 + 2 = 4.\n<|im_start|>answer\nAnswer: 4<|im_end|>"}
+    [whole] = tokenize_rows([row], tokenizer, None)
+    prompt_length = len(tokenizer(row["prompt"])["input_ids"])
+    assert whole["completion_mask"] == [0] * prompt_length + [1] * (len(whole["input_ids"]) - prompt_length)
+    assert tokenizer.decode(whole["input_ids"][prompt_length:]) == row["completion"]
+    [cut] = tokenize_rows([row], tokenizer, prompt_length + 3)
+    assert cut["input_ids"] == whole["input_ids"][: prompt_length + 3]  # cut there, nothing appended
+    assert tokenize_rows([row], tokenizer, prompt_length) == []  # a prompt alone trains nothing

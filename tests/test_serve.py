@@ -286,7 +286,7 @@ def test_completions_with_stop_are_plain_continuations(server, tiny_model):
     question = "1+1?"
     [expected] = generate(tiny_model, [question], BudgetForcing(max_thinking_tokens=60, max_answer_tokens=2))
     assert not expected.hit_budget  # this thinking ends by itself
-    prompt = tiny_model.tokenizer.decode(render_prompt(tiny_model, question), skip_special_tokens=False)
+    prompt = tiny_model.tokenizer.decode(render_prompt(tiny_model, question).ids, skip_special_tokens=False)
     decode = tiny_model.tokenizer.decode
     with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0) as client:
         stop = ["<|im_start|>", "<|im_end|>"]

@@ -106,6 +106,36 @@ def test_the_batch_fed_to_the_model_trains_only_the_completion(tmp_path, tiny_mo
     assert checked == 6
 
 
+def test_a_completion_cut_by_max_length_gets_no_end_token_and_the_profile_is_recorded(
+    tmp_path, tiny_model_dir, prepared, monkeypatch
+):
+    """TRL appends an end token to a completion that does not end with one: a trace cut by
+    max_length must not teach the model to stop in the middle of a thought."""
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    seen = []
+    original_train = SFTTrainer.train
+
+    def train_recording_dataset(self, *args, **kwargs):
+        seen.extend(self.train_dataset.to_list())
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "train", train_recording_dataset)
+    max_length = 40
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, prepared, max_length=max_length, max_steps=1)
+    train_main([str(recipe)])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut = [row for row in seen if len(row["input_ids"]) == max_length]
+    assert cut, "want rows longer than max_length"
+    for row in cut:
+        assert row["input_ids"][-1] != end_id and end_id not in row["input_ids"][-3:]
+        assert row["labels"][-1] == row["input_ids"][-1]  # still trained, up to where it was cut
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert saved["reasoning_profile"] == "s1"
+
+
 def test_cli_overrides_recipe_keys_and_rejects_unknown_ones(tmp_path, tiny_model_dir, prepared):
     from t0s1.training.config import parse_args
 

@@ -3,18 +3,18 @@
 from t0s1.errors import ModelNotFoundError, UserError
 from t0s1.forcing import BudgetForcing, Result, generate, generate_sweep
 from t0s1.models import EMBEDDED_MODEL, LoadedModel, load_model
-from t0s1.reasoning_format import ReasoningFormat, reasoning_format_for
+from t0s1.profiles import ModelProfile, detect_profile
 
 __all__ = [
     "EMBEDDED_MODEL",
     "BudgetForcing",
     "LoadedModel",
     "ModelNotFoundError",
-    "ReasoningFormat",
+    "ModelProfile",
     "Result",
     "UserError",
     "generate",
     "generate_sweep",
+    "detect_profile",
     "load_model",
-    "reasoning_format_for",
 ]

@@ -4,6 +4,7 @@ user errors turned into one red line and exit code 2."""
 from __future__ import annotations
 
 import functools
+import json
 from typing import Annotated
 
 import typer
@@ -24,7 +25,38 @@ DeviceOption = Annotated[str, typer.Option(help="auto (GPU if any), cpu, cuda, c
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
 ReasoningFormatOption = Annotated[
     str | None,
-    typer.Option("--reasoning-format", help="Override the delimiters: chatml, think-tags or 'START,END' (default: from the chat template)."),
+    typer.Option(
+        "--reasoning-format",
+        help="Override the detected model profile: s1, think, think-hybrid, think-prefilled, or a custom pair "
+        "'START,END' (default: detected from the chat template; see t0s1 generate --explain-format).",
+    ),
+]
+EndPhraseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--end-phrase",
+        help="Written before the end of thinking when the budget forces it ('qwen': Qwen's recommended "
+        "'Considering the limited time by the user, ...'; default: the profile's, none).",
+    ),
+]
+AnswerPrefixOption = Annotated[
+    str | None,
+    typer.Option("--answer-prefix", help="Written after a forced end of thinking (default: the profile's; s1: 'Final Answer:')."),
+]
+ChatTemplateKwargsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--chat-template-kwargs",
+        help='JSON object passed to the chat template, e.g. \'{"enable_thinking": false}\' for Qwen3.',
+    ),
+]
+ThinkingOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--thinking/--no-thinking",
+        help="Switch thinking on or off (enable_thinking for the chat template). Off: no thinking delimiters, "
+        "the model answers at once.",
+    ),
 ]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Run code from the model repository (only if you trust it).")]
 MaxThinkingOption = Annotated[
@@ -62,6 +94,9 @@ def budget_from_flags(
     temperature: float,
     top_p: float,
     seed: int,
+    *,
+    end_phrase: str | None = None,
+    answer_prefix: str | None = None,
 ) -> BudgetForcing:
     """The ``BudgetForcing`` of a command's budget flags (BudgetForcing checks the values)."""
     return BudgetForcing(
@@ -72,7 +107,27 @@ def budget_from_flags(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        end_phrase=end_phrase,
+        answer_prefix=answer_prefix,
     )
+
+
+def parse_chat_template_kwargs(text: str | None, thinking: bool | None = None) -> dict | None:
+    """``--chat-template-kwargs`` (a JSON object) with ``--thinking/--no-thinking`` as its
+    ``enable_thinking``; None when neither is given."""
+    kwargs = {}
+    if text:
+        try:
+            kwargs = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--chat-template-kwargs is not valid JSON ({error}): write e.g. '{{\"enable_thinking\": false}}'.") from None
+        if not isinstance(kwargs, dict):
+            raise UserError(f"--chat-template-kwargs must be a JSON object, got {text!r}.")
+    if thinking is not None:
+        if kwargs.get("enable_thinking", thinking) != thinking:
+            raise UserError("--thinking/--no-thinking and enable_thinking in --chat-template-kwargs disagree.")
+        kwargs["enable_thinking"] = thinking
+    return kwargs or None
 
 
 def parse_int_list(text: str, option: str, *, allow_auto: bool = False) -> list:

@@ -1,21 +1,17 @@
 """Budget forcing (s1: Simple test-time scaling), batched, continuing from the KV cache.
 
-The algorithm, for each sequence (see docs/budget-forcing.md for the exact rules):
+The decisions (when to inject "Wait", when to force the end of the thinking, what to append, per
+model profile) live in ``t0s1.forcing_rules``; this module is the engine that drives them on a
+model: every sequence of a batch advances one token per step, and a sequence with ids to inject
+(an ignore string, a delimiter) feeds them one per step instead of sampling, so an intervention in
+one sequence never disturbs another and nothing already in the cache is encoded again. Finished
+sequences leave the batch; new ones can join it (``Engine.add``), which is how the server batches
+continuously.
 
-1. The prompt is the chat template with the generation prompt, then the thinking delimiter.
-2. Think. When the model emits a stop token (the first token of the answer delimiter, the
-   end-of-turn or eos token):
-   - if ignores are left and the ignore string (``"Wait"``) still fits the budget, drop the stop
-     token, append the ignore string and keep thinking; the next token may not be a stop token;
-   - otherwise end naturally: drop the stop token and append the answer delimiter.
-3. When the thinking reaches ``max_thinking_tokens`` (which counts every thinking token, injected
-   ones included), append ``"\\n"`` if needed and the answer delimiter, then ``Final Answer:``.
-4. Answer until the end-of-turn token or ``max_answer_tokens``.
-
-Token ids are concatenated, never re-tokenised. All sequences of a batch advance one token per
-step; a sequence that has tokens to inject feeds them one per step instead of sampling, so an
-intervention in one sequence never disturbs another, and nothing already in the cache is encoded
-again. Finished sequences leave the batch.
+The model side is a *runner*: a KV cache that holds one sequence per slot (``TorchRunner`` for
+transformers models here; ``t0s1.backends.llamacpp`` for llama.cpp). Sampling (greedy, or seeded
+softmax sampling with top-p) and the vocabulary guard are done here on the runner's logits, the
+same for every runner.
 
 ``generate_sweep`` runs several budgets (or numbers of ignores) at once under greedy decoding: one
 thinking trace per prompt, and each setting forks off the trace, with a copy of its KV cache, at
@@ -25,187 +21,55 @@ the point where its own thinking ends. Each fork then only generates its answer.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import torch
 
 from t0s1.errors import UserError
-from t0s1.models import LoadedModel
-from t0s1.reasoning_format import ReasoningFormat
+from t0s1.forcing_rules import (
+    AUTO_RESERVE_TOKENS,
+    BudgetForcing,
+    Prompt,
+    RenderedPrompt,
+    Result,
+    Rider,
+    per_prompt_settings,
+    render_prompt_ids,
+)
+from t0s1.forcing_rules import Sequence as ForcedSequence
 
-Prompt = str | list[dict]
-"""A user message, or a whole conversation as chat messages (``{"role": ..., "content": ...}``)."""
-
-AUTO_RESERVE_TOKENS = 100
-"""``max_thinking_tokens="auto"`` leaves this many tokens of the context for the answer (s1)."""
-
-
-@dataclass(frozen=True)
-class BudgetForcing:
-    """Settings of budget forcing. Greedy decoding unless ``temperature`` > 0.
-
-    max_thinking_tokens: the thinking budget (every thinking token counts, injected ones too), or
-        ``"auto"``: the model's context - the longest prompt - the delimiters - 100.
-    num_ignore: how many times the end of thinking is ignored and ``ignore_str`` appended instead.
-    ignore_str: the string appended when the end of thinking is ignored (s1: "Wait").
-    max_answer_tokens: at most this many tokens are generated after the answer delimiter.
-    temperature, top_p: sampling; temperature 0 is greedy.
-    seed: seeds sampling. One setting for a whole call seeds its i-th prompt with ``seed + i``;
-        settings given per prompt are used as they are. None: not reproducible.
-    """
-
-    max_thinking_tokens: int | Literal["auto"] = 1024
-    num_ignore: int = 0
-    ignore_str: str = "Wait"
-    max_answer_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = 0
-
-    def __post_init__(self) -> None:
-        budget = self.max_thinking_tokens
-        if budget != "auto" and (not _is_int(budget) or budget < 0):
-            raise UserError(f"max_thinking_tokens must be a non-negative integer or 'auto', got {budget!r}.")
-        if not _is_int(self.num_ignore) or self.num_ignore < 0:
-            raise UserError(f"num_ignore must be a non-negative integer, got {self.num_ignore!r}.")
-        if not _is_int(self.max_answer_tokens) or self.max_answer_tokens < 1:
-            raise UserError(f"max_answer_tokens must be a positive integer, got {self.max_answer_tokens!r}.")
-        if not isinstance(self.ignore_str, str):
-            raise UserError(f"ignore_str must be a string, got {self.ignore_str!r}.")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or self.temperature < 0:
-            raise UserError(f"temperature must be a number >= 0, got {self.temperature!r}.")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}.")
-        if self.seed is not None and not _is_int(self.seed):
-            raise UserError(f"seed must be an integer, got {self.seed!r}.")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def thinking_budget(self, *, prompt_length: int, context_length: int | None, forced_end_length: int) -> int:
-        """The budget in tokens for prompts of up to ``prompt_length`` tokens: "auto" is the
-        context - the prompt - the forced end - 100 (s1); a number must fit the context."""
-        if self.max_thinking_tokens == "auto":
-            if not context_length:
-                raise UserError("max_thinking_tokens='auto' needs the model's context length; give a number of tokens.")
-            budget = context_length - prompt_length - forced_end_length - AUTO_RESERVE_TOKENS
-            if budget < 1:
-                raise UserError(
-                    f"max_thinking_tokens='auto' leaves no room: the prompt has {prompt_length} tokens and the "
-                    f"model's context is {context_length}. Shorten the prompt."
-                )
-            return budget
-        budget = self.max_thinking_tokens
-        if context_length and prompt_length + budget + forced_end_length + 1 > context_length:
-            room = context_length - prompt_length - forced_end_length - 1
-            raise UserError(
-                f"max_thinking_tokens={budget} does not fit the model's context of {context_length} tokens with a "
-                f"{prompt_length}-token prompt; use at most {room} or 'auto'."
-            )
-        return budget
-
-    def may_ignore(self, *, thinking_tokens: int, num_ignored: int, ignore_length: int, max_thinking: int) -> bool:
-        """Ignore this end of thinking? Only while ignores are left and the ignore string
-        (``ignore_length`` tokens) plus one more thinking token still fit the budget."""
-        return num_ignored < self.num_ignore and thinking_tokens + ignore_length < max_thinking
-
-
-@dataclass
-class Result:
-    """One generation. ``thinking`` holds the injected ignore strings; ``answer`` the text after the
-    answer delimiter (a forced ``Final Answer:`` included, the end token not).
-
-    thinking_tokens: thinking tokens, injected ones included (the budget counts these).
-    answer_tokens: tokens the model generated after the answer delimiter.
-    finish_reason: "stop" (end-of-turn token), "length" (max_answer_tokens or the context) or
-        "cancelled".
-    seconds: wall time from the start of the call until this sequence finished.
-    """
-
-    thinking: str
-    answer: str
-    thinking_tokens: int
-    answer_tokens: int
-    num_ignored: int
-    hit_budget: bool
-    finish_reason: str
-    prompt_tokens: int
-    seconds: float
-    thinking_token_ids: list[int] = field(repr=False)
-    answer_token_ids: list[int] = field(repr=False)
-
-    @property
-    def tokens_per_second(self) -> float:
-        generated = self.thinking_tokens + self.answer_tokens
-        return generated / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self, *, with_token_ids: bool = False) -> dict:
-        data = asdict(self)
-        if not with_token_ids:
-            data.pop("thinking_token_ids")
-            data.pop("answer_token_ids")
-        return data
-
+__all__ = [
+    "AUTO_RESERVE_TOKENS",
+    "BudgetForcing",
+    "Engine",
+    "Prompt",
+    "RenderedPrompt",
+    "Result",
+    "TorchRunner",
+    "generate",
+    "generate_from_ids",
+    "generate_sweep",
+    "render_prompt",
+    "resolve_budget",
+]
 
 DeltaCallback = Callable[[int, str, str], None]
 """``on_delta(prompt_index, channel, text)``: new text of ``channel`` ("thinking" or "answer")."""
 
 
-def render_prompt(lm: LoadedModel, prompt: Prompt) -> list[int]:
-    """Prompt ids for budget forcing: chat template with generation prompt, then thinking start."""
-    return render_prompt_ids(lm.tokenizer, lm.reasoning_format, prompt)
-
-
-def render_prompt_ids(tokenizer, reasoning_format: ReasoningFormat, prompt: Prompt) -> list[int]:
-    """``render_prompt`` for a tokenizer alone (backends that have no local model)."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise UserError("The prompt is empty: give the question to answer.")
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = list(prompt)
-        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            raise UserError("A conversation must be a non-empty list of {'role': ..., 'content': str} messages.")
-        if not any(m["content"].strip() for m in messages):
-            raise UserError("Every message of the conversation is empty: give the question to answer.")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return encode(tokenizer, text + reasoning_format.thinking_start)
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """Where thinking and answer stop, in token ids: the one rule for every backend.
-
-    The thinking stops at the first token of the answer delimiter (s1 stops on ``<|im_start|>``)
-    when that token is special or the whole delimiter, and at any end-of-turn token. A delimiter of
-    ordinary tokens (e.g. "</think>" for a tokenizer without such a token) ends the thinking once
-    the model has written all of it (``written_delimiter``).
-    """
-
-    end_of_turn: frozenset
-    answer_delimiter: tuple
-    stop_ids: frozenset
-    written_delimiter: tuple | None
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer, reasoning_format: ReasoningFormat, generation_config=None) -> StopRule:
-        end_of_turn = frozenset(end_of_turn_ids(tokenizer, generation_config))
-        delimiter = tuple(encode(tokenizer, reasoning_format.thinking_end))
-        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-        if len(delimiter) == 1 or delimiter[0] in special:
-            return cls(end_of_turn, delimiter, end_of_turn | {delimiter[0]}, None)
-        return cls(end_of_turn, delimiter, end_of_turn, delimiter)
+def render_prompt(lm, prompt: Prompt, chat_template_kwargs: dict | None = None) -> RenderedPrompt:
+    """Prompt ids for budget forcing: the chat template with the generation prompt, then the
+    thinking start (unless the template opened or closed the thinking itself)."""
+    return render_prompt_ids(lm.tokenizer, lm.profile, prompt, chat_template_kwargs)
 
 
 def generate(
-    lm: LoadedModel,
+    lm,
     prompts: Sequence[Prompt],
     budget: BudgetForcing | Sequence[BudgetForcing] | None = None,
     *,
+    chat_template_kwargs: dict | None = None,
     on_delta: DeltaCallback | None = None,
     is_cancelled: Callable[[int], bool] | None = None,
     progress: bool = False,
@@ -213,39 +77,42 @@ def generate(
     """Generate with budget forcing for every prompt, batched. One result per prompt, in order.
 
     ``budget`` is one setting for all prompts (prompt i sampled with ``seed + i``), or one per
-    prompt (each with its own seed). ``on_delta`` streams the text as
-    it is generated; ``is_cancelled(i)`` stops prompt ``i`` early (finish_reason "cancelled").
+    prompt (each with its own seed). ``chat_template_kwargs`` go to the chat template (e.g.
+    ``{"enable_thinking": False}`` for Qwen3). ``on_delta`` streams the text as it is generated;
+    ``is_cancelled(i)`` stops prompt ``i`` early (finish_reason "cancelled").
     """
     if isinstance(prompts, str):
         raise UserError("generate takes a list of prompts; wrap a single prompt in a list.")
-    prompt_ids = [_render_numbered(lm, prompt, i) for i, prompt in enumerate(prompts)]
-    return generate_from_ids(lm, prompt_ids, budget, on_delta=on_delta, is_cancelled=is_cancelled, progress=progress)
+    rendered = [_render_numbered(lm, prompt, i, chat_template_kwargs) for i, prompt in enumerate(prompts)]
+    return generate_from_ids(lm, rendered, budget, on_delta=on_delta, is_cancelled=is_cancelled, progress=progress)
 
 
 def generate_from_ids(
-    lm: LoadedModel,
-    prompt_ids: Sequence[Sequence[int]],
+    lm,
+    prompt_ids: Sequence[RenderedPrompt | Sequence[int]],
     budget: BudgetForcing | Sequence[BudgetForcing] | None = None,
     *,
     on_delta: DeltaCallback | None = None,
     is_cancelled: Callable[[int], bool] | None = None,
     progress: bool = False,
 ) -> list[Result]:
-    """``generate`` for prompts already rendered to ids (ending with the thinking delimiter)."""
-    budgets = per_prompt_settings(budget, len(prompt_ids))
-    engine = _Engine(lm, on_delta=on_delta, is_cancelled=is_cancelled)
-    longest = max((len(ids) for ids in prompt_ids), default=0)
-    rows = [engine.new_row(i, ids, settings, longest=longest) for i, (ids, settings) in enumerate(zip(prompt_ids, budgets, strict=True))]
-    return engine.run(rows, len(prompt_ids), progress=progress)
+    """``generate`` for prompts already rendered (``render_prompt``; a plain list of ids is a
+    prompt that ends with the thinking start)."""
+    prompts = [p if isinstance(p, RenderedPrompt) else RenderedPrompt(list(p)) for p in prompt_ids]
+    budgets = per_prompt_settings(budget, len(prompts))
+    rules = lm.rules
+    sequences = []
+    for i, (prompt, settings) in enumerate(zip(prompts, budgets, strict=True)):
+        try:
+            sequences.append(rules.sequence(i, prompt, settings, on_text=on_delta))
+        except UserError as error:
+            raise UserError(f"Prompt {i}: {error}") from None
+    engine = Engine(lm, is_cancelled=is_cancelled)
+    return engine.run(sequences, len(prompts), progress=progress)
 
 
-def generate_sweep(
-    lm: LoadedModel,
-    prompts: Sequence[Prompt],
-    settings: Sequence[BudgetForcing],
-    *,
-    progress: bool = False,
-) -> list[list[Result]]:
+def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing], *, chat_template_kwargs: dict | None = None,
+                   progress: bool = False) -> list[list[Result]]:
     """Results for every prompt under every setting: ``results[prompt][setting]``.
 
     Greedy only. The settings may differ in ``max_thinking_tokens`` and ``num_ignore``; each prompt
@@ -261,23 +128,25 @@ def generate_sweep(
             raise UserError("A prefix-sharing sweep needs greedy decoding (temperature 0); run settings separately to sample.")
         if replace(setting, max_thinking_tokens=0, num_ignore=0) != replace(first, max_thinking_tokens=0, num_ignore=0):
             raise UserError("Sweep settings may differ only in max_thinking_tokens and num_ignore.")
-    prompt_ids = [_render_numbered(lm, prompt, i) for i, prompt in enumerate(prompts)]
-    engine = _Engine(lm)
-    longest = max((len(ids) for ids in prompt_ids), default=0)
-    limits = [engine.resolve_budget(s, longest) for s in settings]
-    widest = replace(first, max_thinking_tokens=max(limits), num_ignore=max(s.num_ignore for s in settings))
-    rows = []
-    for i, ids in enumerate(prompt_ids):
-        riders = [_Rider(i * len(settings) + j, s, limits[j]) for j, s in enumerate(settings)]
-        rows.append(engine.new_row(None, ids, widest, riders=riders, longest=longest))
-    flat = engine.run(rows, len(prompt_ids) * len(settings), progress=progress)
-    return [flat[i * len(settings) : (i + 1) * len(settings)] for i in range(len(prompt_ids))]
+    rules = lm.rules
+    sequences = []
+    for i, prompt in enumerate(prompts):
+        rendered = _render_numbered(lm, prompt, i, chat_template_kwargs)
+        limits = [_budget_numbered(rules, s, rendered, i) for s in settings]
+        widest = replace(first, max_thinking_tokens=max(limits), num_ignore=max(s.num_ignore for s in settings))
+        riders = [Rider(i * len(settings) + j, s, limits[j]) for j, s in enumerate(settings) if limits[j] > 0]
+        trace = rules.sequence(None, rendered, widest, riders=riders)
+        sequences.append(trace)
+        # Settings with a zero budget never share any thinking: sequences of their own.
+        sequences += [rules.sequence(i * len(settings) + j, rendered, s) for j, s in enumerate(settings) if limits[j] == 0]
+    flat = Engine(lm).run(sequences, len(prompts) * len(settings), progress=progress)
+    return [flat[i * len(settings) : (i + 1) * len(settings)] for i in range(len(prompts))]
 
 
-def resolve_budget(lm: LoadedModel, settings: BudgetForcing, prompt_length: int) -> int:
+def resolve_budget(lm, settings: BudgetForcing, prompt_length: int) -> int:
     """The thinking budget in tokens for a prompt of ``prompt_length`` tokens ("auto" resolved);
     a ``UserError`` if it does not fit the model's context."""
-    return _Engine(lm).resolve_budget(settings, prompt_length)
+    return lm.rules.thinking_budget(settings, prompt_length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,157 +154,271 @@ def resolve_budget(lm: LoadedModel, settings: BudgetForcing, prompt_length: int)
 
 
 @dataclass
-class _Rider:
-    """A sweep setting that follows a wider setting's thinking trace until its own thinking ends."""
-
-    index: int
-    settings: BudgetForcing
-    max_thinking: int
-
-
-@dataclass
 class _Row:
-    """The state of one sequence in the batch."""
+    """A sequence in the runner: its slot, how many of its ids are in the cache, its sampler."""
 
-    index: int | None  # which result this row produces; None: a sweep trace that only carries riders
-    settings: BudgetForcing
-    max_thinking: int
-    prompt_ids: list[int]
-    ids_fed: int  # ids in the KV cache for this row (prompt included)
-    thinking: bool = True
-    thinking_ids: list[int] = field(default_factory=list)
-    answer_ids: list[int] = field(default_factory=list)
-    answer_generated: int = 0
-    num_ignored: int = 0
-    hit_budget: bool = False
-    queue: deque = field(default_factory=deque)  # ids to feed before sampling again
-    ban_stop: bool = False  # the next sampled token may not be a stop token (after an ignore string)
-    riders: list[_Rider] = field(default_factory=list)
+    sequence: ForcedSequence
+    slot: int
+    fed: int
     generator: torch.Generator | None = None
-    finish_reason: str | None = None
-    streamed: dict = field(default_factory=lambda: {"thinking": 0, "answer": 0})
 
 
-class _Engine:
-    def __init__(self, lm: LoadedModel, *, on_delta=None, is_cancelled=None):
+class Engine:
+    """Advances sequences one token per step on a runner; sequences may join at any step.
+
+    ``run`` generates a fixed set to the end; the server calls ``add`` and ``step`` itself.
+    """
+
+    def __init__(self, lm, *, is_cancelled: Callable[[int], bool] | None = None, runner=None):
         self.lm = lm
-        self.model = lm.model
-        self.tokenizer = lm.tokenizer
-        self.on_delta = on_delta
+        self.runner = runner or lm.new_runner()
         self.is_cancelled = is_cancelled
-        fmt = lm.reasoning_format
-        rule = StopRule.for_tokenizer(lm.tokenizer, fmt, getattr(lm.model, "generation_config", None))
-        self.end_ids = rule.end_of_turn
-        self.answer_delimiter = list(rule.answer_delimiter)
-        self.stop_ids = rule.stop_ids
-        self.written_delimiter = list(rule.written_delimiter) if rule.written_delimiter else None
-        self.forced_end_ids = {nl: _encode(lm, fmt.forced_end("\n" if nl else "")) for nl in (False, True)}
-        self.ignore_cache: dict[str, list[int]] = {}
-        self.started = time.perf_counter()
-        self.results: list[Result | None] = []
+        self.context_length = lm.context_length
+        self.vocab_size = lm.vocab_size
+        self.rows: list[_Row] = []
+        self.logits: torch.Tensor | None = None  # one row of logits per row of self.rows
 
-    # ---- settings -------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self.rows)
 
-    def resolve_budget(self, settings: BudgetForcing, prompt_length: int) -> int:
-        return settings.thinking_budget(
-            prompt_length=prompt_length,
-            context_length=self.lm.context_length,
-            forced_end_length=max(len(ids) for ids in self.forced_end_ids.values()),
-        )
+    def add(self, sequences: list[ForcedSequence]) -> None:
+        """Prefill the prompts of new sequences; they take part from the next ``step``."""
+        if not sequences:
+            return
+        slots, logits = self.runner.add([s.prompt_ids for s in sequences])
+        for sequence, slot in zip(sequences, slots, strict=True):
+            row = _Row(sequence, slot, fed=len(sequence.prompt_ids))
+            if not sequence.settings.greedy:
+                row.generator = torch.Generator(device="cpu")
+                row.generator.manual_seed(sequence.settings.seed)
+            self.rows.append(row)
+        logits = logits.float()
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits.to(self.logits.device)])
 
-    def ignore_ids(self, settings: BudgetForcing) -> list[int]:
-        if settings.ignore_str not in self.ignore_cache:
-            self.ignore_cache[settings.ignore_str] = _encode(self.lm, settings.ignore_str) if settings.ignore_str else []
-        return self.ignore_cache[settings.ignore_str]
-
-    def may_ignore(self, settings: BudgetForcing, max_thinking: int, thinking_tokens: int, num_ignored: int) -> bool:
-        return settings.may_ignore(
-            thinking_tokens=thinking_tokens,
-            num_ignored=num_ignored,
-            ignore_length=len(self.ignore_ids(settings)),
-            max_thinking=max_thinking,
-        )
-
-    def new_row(self, index, prompt_ids, settings: BudgetForcing, *, riders=(), longest: int = 0) -> _Row:
-        """A row for one prompt; its budget is resolved for the call's ``longest`` prompt (s1)."""
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
-            raise UserError(f"Prompt {index or 0} is empty.")
-        row = _Row(
-            index=index,
-            settings=settings,
-            max_thinking=self.resolve_budget(settings, max(longest, len(prompt_ids))),
-            prompt_ids=prompt_ids,
-            ids_fed=0,
-            riders=list(riders),
-        )
-        if not settings.greedy:
-            row.generator = torch.Generator(device="cpu")
-            row.generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
-        return row
-
-    # ---- the loop -------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def run(self, rows: list[_Row], num_results: int, *, progress: bool = False) -> list[Result]:
-        self.results = [None] * num_results
-        self.started = time.perf_counter()
-        rows = self._split_zero_budget_riders(rows)
-        if not rows:
+    def step(self) -> list[ForcedSequence]:
+        """One token for every sequence (sampled, or the next id it has to feed). Returns the
+        sequences that finished in this step."""
+        if not self.rows:
             return []
-        device = self.lm.device
-        width = max(len(row.prompt_ids) for row in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            input_ids[b, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-            attention_mask[b, width - len(row.prompt_ids) :] = 1
-            row.ids_fed = len(row.prompt_ids)
-            if row.max_thinking == 0:
-                self._force_answer(row, None)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        from transformers import DynamicCache
+        logits = self._mask_logits(self.logits)
+        argmax = logits.argmax(dim=-1).tolist()  # one call for every greedy row
+        finished, kept, feeds = [], [], []
+        for b, row in enumerate(self.rows):
+            sequence = row.sequence
+            if self.is_cancelled is not None and sequence.index is not None and self.is_cancelled(sequence.index):
+                sequence.cancel()
+            forks = []
+            while not sequence.done and row.fed >= len(sequence.ids):  # nothing left to feed: sample
+                forks += sequence.accept(self._sample(row, logits[b], argmax[b]))
+                self._rewind(row)
+            for current in [row, *(self._fork(row, fork) for fork in forks)]:
+                sequence = current.sequence
+                if not sequence.done and sequence.index is None and not sequence.thinking:
+                    sequence.finish_reason = "trace"  # a sweep trace whose riders have all left
+                if not sequence.done and current.fed + 1 > self.context_length:
+                    sequence.finish_reason = "length"
+                if sequence.done:
+                    self.runner.release(current.slot)
+                    finished.append(sequence)
+                    continue
+                feeds.append(sequence.ids[current.fed])
+                current.fed += 1
+                kept.append(current)
+        self.rows = kept
+        self.logits = self.runner.step([row.slot for row in kept], feeds) if kept else None
+        return finished
 
-        cache = DynamicCache(config=self.model.config)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(input_ids, attention_mask, position_ids, cache, start=0)
-        bar = _Progress(progress, total=sum(r.max_thinking + r.settings.max_answer_tokens for r in rows))
+    def run(self, sequences: list[ForcedSequence], num_results: int, *, progress: bool = False) -> list[Result]:
+        """Generate ``sequences`` to the end; ``results[sequence.index]`` for each."""
+        started = time.perf_counter()
+        results: list[Result | None] = [None] * num_results
+        bar = _Progress(progress, total=sum(s.max_thinking + s.settings.max_answer_tokens for s in sequences))
         try:
-            while rows:
-                feeds, keep = [], []
-                next_rows = []
-                step_logits = self._mask_logits(logits)
-                argmax = step_logits.argmax(dim=-1).tolist()  # one call for every greedy row
-                for b, row in enumerate(rows):
-                    forks = self._advance(row, step_logits[b], argmax[b])
-                    for fork in [row, *forks]:
-                        if fork.finish_reason is None and fork.index is None and not fork.thinking:
-                            fork.finish_reason = "trace"  # a sweep trace whose riders have all left
-                        if fork.finish_reason is None and fork.ids_fed + 1 > self.lm.context_length:
-                            fork.finish_reason = "length"
-                        if fork.finish_reason is not None:
-                            self._finish(fork)
-                            continue
-                        feeds.append(fork.queue.popleft())
-                        fork.ids_fed += 1
-                        keep.append(b)
-                        next_rows.append(fork)
-                bar.advance(len(next_rows))
-                if not next_rows:
-                    break
-                if keep != list(range(len(rows))):
-                    index = torch.tensor(keep, device=device)
-                    cache.reorder_cache(index)
-                    attention_mask = attention_mask.index_select(0, index)
-                rows = next_rows
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-                position_ids = torch.tensor([[row.ids_fed - 1] for row in rows], device=device)
-                step = torch.tensor(feeds, device=device).unsqueeze(1)
-                logits = self._forward(step, attention_mask, position_ids, cache, start=attention_mask.shape[1] - 1)
+            with torch.inference_mode():
+                self.add(sequences)
+                while self.rows:
+                    for sequence in self.step():
+                        if sequence.index is not None:
+                            results[sequence.index] = sequence.result(time.perf_counter() - started)
+                    bar.advance(len(self.rows))
         finally:
             bar.close()
-        return self.results
+            self.runner.close()
+        return results
+
+    def _rewind(self, row: _Row) -> None:
+        """Cut the cache back where the sequence cut its ids (a written end delimiter)."""
+        rewound = row.sequence.take_rewind()
+        if rewound is None or rewound >= row.fed:
+            return
+        drop = row.fed - rewound
+        if rewound >= len(row.sequence.ids):  # nothing new to feed: re-feed the last id for fresh logits
+            drop += 1
+        self.runner.rollback(row.slot, drop)
+        row.fed -= drop
+
+    def _fork(self, row: _Row, sequence: ForcedSequence) -> _Row:
+        fork = _Row(sequence, self.runner.fork(row.slot), row.fed)
+        self._rewind(fork)
+        return fork
+
+    def _mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Never sample an id the tokenizer cannot decode (the embedding matrix is often larger)."""
+        if logits.shape[-1] > self.vocab_size:
+            logits[:, self.vocab_size :] = float("-inf")
+        return logits
+
+    def _sample(self, row: _Row, logits: torch.Tensor, argmax: int) -> int:
+        banned = row.sequence.banned_ids()
+        if banned:
+            logits = logits.clone()
+            logits[list(banned)] = float("-inf")
+            argmax = int(torch.argmax(logits))
+        settings = row.sequence.settings
+        if settings.greedy:
+            return argmax
+        probs = torch.softmax(logits / settings.temperature, dim=-1)
+        if settings.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs.cpu(), 1, generator=row.generator))
+
+
+# --------------------------------------------------------------------------------------------
+# The transformers runner
+
+
+class TorchRunner:
+    """A transformers model's KV cache (``DynamicCache``) with one row per slot.
+
+    All rows advance in lockstep: every ``step`` feeds one token to every active slot and the cache
+    grows by one column. Rows are left-padded (attention mask 0) so that prompts of different
+    lengths line up; a new prompt joins by being prefilled on its own and padded to the batch's
+    width. A fork aliases its parent's row until the next step copies it; a rollback masks the
+    row's last columns out (their positions are reused by the next tokens).
+    """
+
+    def __init__(self, model, *, pad_token_id: int = 0):
+        self.model = model
+        self.pad = pad_token_id
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [rows, width], 1 where the cache holds a token
+        self.order: list[int] = []  # the slot of each cache row
+        self.lengths: dict[int, int] = {}  # tokens in the cache per slot (its next position)
+        self.rollbacks: dict[int, int] = {}  # columns to mask out at the next step, per slot
+        self.row_of: dict[int, int] = {}  # slot -> cache row it reads (a fork reads its parent's)
+        self.next_slot = 0
+
+    def add(self, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor]:
+        from transformers import DynamicCache
+
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, ids in enumerate(prompts):
+            input_ids[b, width - len(ids) :] = torch.tensor(ids)
+            mask[b, width - len(ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, start=0)
+        slots = list(range(self.next_slot, self.next_slot + len(prompts)))
+        self.next_slot += len(prompts)
+        if self.cache is None or not self.order:
+            self.cache, self.mask, self.order = cache, mask, list(slots)
+        else:
+            self._join(cache, mask, slots)
+        for slot, ids in zip(slots, prompts, strict=True):
+            self.lengths[slot] = len(ids)
+            self.row_of[slot] = self.order.index(slot)
+        return slots, logits
+
+    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        self._arrange(slots)
+        for b, slot in enumerate(slots):
+            count = self.rollbacks.pop(slot, 0)
+            if count:
+                columns = self.mask[b].nonzero().flatten()[-count:]
+                self.mask[b, columns] = 0
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(slots), 1))], dim=1)
+        positions = torch.tensor([[self.lengths[slot]] for slot in slots], device=self.device)
+        for slot in slots:
+            self.lengths[slot] += 1
+        step = torch.tensor(tokens, device=self.device).unsqueeze(1)
+        return self._forward(step, self.mask, positions, self.cache, start=self.mask.shape[1] - 1)
+
+    def fork(self, slot: int) -> int:
+        new = self.next_slot
+        self.next_slot += 1
+        self.row_of[new] = self.row_of[slot]
+        self.lengths[new] = self.lengths[slot]
+        if slot in self.rollbacks:
+            self.rollbacks[new] = self.rollbacks[slot]
+        return new
+
+    def rollback(self, slot: int, count: int) -> None:
+        self.rollbacks[slot] = self.rollbacks.get(slot, 0) + count
+        self.lengths[slot] -= count
+
+    def release(self, slot: int) -> None:
+        self.lengths.pop(slot, None)
+        self.rollbacks.pop(slot, None)
+
+    def close(self) -> None:
+        self.cache = self.mask = None
+        self.order, self.row_of = [], {}
+
+    def _arrange(self, slots: list[int]) -> None:
+        """Make the cache rows the given slots, in order: drop finished rows, copy forked ones, and
+        drop the columns no row uses any more."""
+        rows = [self.row_of[slot] for slot in slots]
+        if rows != list(range(len(self.order))):
+            index = torch.tensor(rows, device=self.device)
+            self.cache.reorder_cache(index)
+            self.mask = self.mask.index_select(0, index)
+            used = self.mask.any(dim=0).nonzero()
+            first = int(used[0]) if len(used) else self.mask.shape[1]
+            if first > 0 and self._plain_cache():  # left columns that are padding for every row left
+                self.mask = self.mask[:, first:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        self.order = list(slots)
+        self.row_of = {slot: b for b, slot in enumerate(slots)}
+
+    def _plain_cache(self, *caches) -> bool:
+        """Whether every cache layer is a plain growing one (no sliding window, no quantization):
+        only those can be padded, trimmed and joined column by column."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for cache in (self.cache, *caches) for layer in cache.layers)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether new sequences can join while others run (``add`` during generation)."""
+        return self.cache is None or not self.order or self._plain_cache()
+
+    def _join(self, cache, mask: torch.Tensor, slots: list[int]) -> None:
+        """Append newly prefilled rows to the batch, left-padding whichever side is narrower."""
+        if not self._plain_cache(cache):
+            raise RuntimeError("Joining a running batch needs a model with a plain (non-sliding) KV cache.")
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def pad_left(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - tensor.shape[dim]
+            if missing == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        for mine, new in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([pad_left(mine.keys, 2), pad_left(new.keys, 2)])
+            mine.values = torch.cat([pad_left(mine.values, 2), pad_left(new.values, 2)])
+        self.mask = torch.cat([pad_left(self.mask, 1), pad_left(mask, 1)])
+        self.order = self.order + slots
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, *, start: int) -> torch.Tensor:
         """Logits of the last position. Every row writes the same cache slots (the batch advances
@@ -451,180 +434,6 @@ class _Engine:
             logits_to_keep=1,
         )
         return out.logits[:, -1, :].float()
-
-    def _mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Never sample an id the tokenizer cannot decode (the embedding matrix is often larger)."""
-        if logits.shape[-1] > self.lm.vocab_size:
-            logits[:, self.lm.vocab_size :] = float("-inf")
-        return logits
-
-    # ---- one sequence, one step ----------------------------------------------------------
-
-    def _advance(self, row: _Row, logits: torch.Tensor, argmax: int) -> list[_Row]:
-        """Decide what ``row`` feeds next (into ``row.queue``); return rows forked off it."""
-        if self.is_cancelled is not None and row.index is not None and self.is_cancelled(row.index):
-            row.finish_reason = "cancelled"
-            return []
-        forks: list[_Row] = []
-        while not row.queue and row.finish_reason is None:
-            token = self._sample(row, logits, argmax)
-            if row.thinking:
-                forks += self._think(row, token)
-            else:
-                self._answer(row, token)
-        return forks
-
-    def _think(self, row: _Row, token: int) -> list[_Row]:
-        forks = []
-        if token in self.stop_ids:
-            for rider in list(row.riders):  # sweep settings whose thinking ends here
-                if not self.may_ignore(rider.settings, rider.max_thinking, len(row.thinking_ids), row.num_ignored):
-                    forks.append(self._fork(row, rider, budget_reached=False))
-            if self.may_ignore(row.settings, row.max_thinking, len(row.thinking_ids), row.num_ignored):
-                ignore = self.ignore_ids(row.settings)
-                row.num_ignored += 1
-                row.queue.extend(ignore)
-                self._extend_thinking(row, ignore)
-                row.ban_stop = True
-            else:
-                self._end_thinking(row)
-            return forks
-        row.queue.append(token)
-        self._extend_thinking(row, [token])
-        written = self.written_delimiter
-        if written and row.thinking_ids[-len(written) :] == written:
-            # The model wrote the delimiter itself: it is in the cache already, the thinking ends.
-            del row.thinking_ids[-len(written) :]
-            forks = [self._fork(row, rider, budget_reached=False, delimiter_written=True) for rider in list(row.riders)]
-            row.thinking = False
-            self._stream(row, "thinking", final=True)
-            return forks
-        thinking_tokens = len(row.thinking_ids)
-        for rider in list(row.riders):
-            if rider.max_thinking == thinking_tokens:
-                forks.append(self._fork(row, rider, budget_reached=True))
-        if thinking_tokens >= row.max_thinking:
-            self._force_answer(row, token)
-        return forks
-
-    def _answer(self, row: _Row, token: int) -> None:
-        if token in self.end_ids:
-            row.finish_reason = "stop"
-            return
-        row.answer_ids.append(token)
-        row.answer_generated += 1
-        self._stream(row, "answer")
-        if row.answer_generated >= row.settings.max_answer_tokens:
-            row.finish_reason = "length"
-        else:
-            row.queue.append(token)
-
-    def _end_thinking(self, row: _Row) -> None:
-        """Natural end: drop the stop token, append the answer delimiter."""
-        row.thinking = False
-        row.queue.extend(self.answer_delimiter)
-        self._stream(row, "thinking", final=True)
-
-    def _force_answer(self, row: _Row, last_token: int | None) -> None:
-        """The budget is spent: append "\\n" if needed, the answer delimiter and "Final Answer:"."""
-        if last_token is None:
-            ends_with_newline = False  # the prompt ends with the thinking delimiter
-        else:
-            ends_with_newline = self.tokenizer.decode([last_token]).endswith("\n")
-        forced = self.forced_end_ids[ends_with_newline]
-        row.thinking = False
-        row.hit_budget = True
-        row.queue.extend(forced)
-        self._stream(row, "thinking", final=True)
-        row.answer_ids.extend(ids_after(forced, self.answer_delimiter))
-        self._stream(row, "answer")
-
-    def _fork(self, row: _Row, rider: _Rider, *, budget_reached: bool, delimiter_written: bool = False) -> _Row:
-        """A copy of ``row`` that stops thinking here and answers under ``rider``'s settings."""
-        row.riders.remove(rider)
-        fork = _Row(
-            index=rider.index,
-            settings=rider.settings,
-            max_thinking=rider.max_thinking,
-            prompt_ids=row.prompt_ids,
-            ids_fed=row.ids_fed,
-            thinking_ids=list(row.thinking_ids),
-            num_ignored=row.num_ignored,
-        )
-        if budget_reached:
-            fork.queue.append(row.thinking_ids[-1])
-            self._force_answer(fork, row.thinking_ids[-1])
-        elif delimiter_written:
-            fork.queue.append(self.written_delimiter[-1])
-            fork.thinking = False
-        else:
-            self._end_thinking(fork)
-        return fork
-
-    def _split_zero_budget_riders(self, rows: list[_Row]) -> list[_Row]:
-        """Sweep settings with a zero budget never share any thinking: give them rows of their own."""
-        out = []
-        for row in rows:
-            for rider in [r for r in row.riders if r.max_thinking == 0]:
-                row.riders.remove(rider)
-                out.append(self.new_row(rider.index, row.prompt_ids, rider.settings, longest=len(row.prompt_ids)))
-            out.append(row)
-        return out
-
-    def _extend_thinking(self, row: _Row, ids: list[int]) -> None:
-        row.thinking_ids.extend(ids)
-        self._stream(row, "thinking")
-
-    def _sample(self, row: _Row, logits: torch.Tensor, argmax: int) -> int:
-        if row.ban_stop:
-            logits = logits.clone()
-            logits[list(self.stop_ids)] = float("-inf")
-            row.ban_stop = False
-            argmax = int(torch.argmax(logits))
-        if row.settings.greedy:
-            return argmax
-        probs = torch.softmax(logits / row.settings.temperature, dim=-1)
-        if row.settings.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > row.settings.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return int(torch.multinomial(probs.cpu(), 1, generator=row.generator))
-
-    # ---- results and streaming ------------------------------------------------------------
-
-    def _stream(self, row: _Row, channel: str, *, final: bool = False) -> None:
-        """Send the new text of ``channel``: the stripped text grows by exactly what is sent."""
-        if self.on_delta is None or row.index is None:
-            return
-        ids = row.thinking_ids if channel == "thinking" else row.answer_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=False).strip()
-        if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 character: wait for the rest
-            return
-        sent = row.streamed[channel]
-        if len(text) > sent:
-            self.on_delta(row.index, channel, text[sent:])
-            row.streamed[channel] = len(text)
-
-    def _finish(self, row: _Row) -> None:
-        if row.index is None:
-            return
-        self._stream(row, "thinking", final=True)
-        self._stream(row, "answer", final=True)
-        decode = self.tokenizer.decode
-        self.results[row.index] = Result(
-            thinking=decode(row.thinking_ids, skip_special_tokens=False).strip(),
-            answer=decode(row.answer_ids, skip_special_tokens=False).strip(),
-            thinking_tokens=len(row.thinking_ids),
-            answer_tokens=row.answer_generated,
-            num_ignored=row.num_ignored,
-            hit_budget=row.hit_budget,
-            finish_reason=row.finish_reason,
-            prompt_tokens=len(row.prompt_ids),
-            seconds=time.perf_counter() - self.started,
-            thinking_token_ids=list(row.thinking_ids),
-            answer_token_ids=list(row.answer_ids),
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,67 +461,17 @@ class _Progress:
             self.bar.stop()
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` alone (no special tokens added): delimiters are concatenated as ids."""
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _encode(lm: LoadedModel, text: str) -> list[int]:
-    return encode(lm.tokenizer, text)
-
-
-def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
-    """Ids that end the assistant's turn: eos ids of the tokenizer and generation config, and
-    ``<|im_end|>`` for ChatML models."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    config_eos = getattr(generation_config, "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif config_eos:
-        ids.update(config_eos)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return ids
-
-
-def find_ids(ids: list[int], pattern: list[int]) -> int | None:
-    """Where ``pattern`` first occurs in ``ids``, or None."""
-    pattern = list(pattern)
-    for start in range(len(ids) - len(pattern) + 1):
-        if ids[start : start + len(pattern)] == pattern:
-            return start
-    return None
-
-
-def ids_after(ids: list[int], delimiter: list[int]) -> list[int]:
-    """The ids after the first occurrence of ``delimiter`` in ``ids`` (the answer part)."""
-    start = find_ids(ids, delimiter)
-    return [] if start is None else ids[start + len(delimiter) :]
-
-
-def per_prompt_settings(budget, count: int) -> list[BudgetForcing]:
-    """One setting per prompt: a single setting is repeated, prompt i sampled with seed + i."""
-    if budget is None:
-        return [BudgetForcing()] * count
-    if isinstance(budget, BudgetForcing):
-        if budget.seed is None or budget.greedy:
-            return [budget] * count
-        return [replace(budget, seed=budget.seed + i) for i in range(count)]  # prompt i: seed + i
-    budgets = list(budget)
-    if len(budgets) != count:
-        raise UserError(f"Got {len(budgets)} budget settings for {count} prompts: give one, or one per prompt.")
-    return budgets
-
-
-def _render_numbered(lm: LoadedModel, prompt: Prompt, index: int) -> list[int]:
+def _render_numbered(lm, prompt: Prompt, index: int, chat_template_kwargs: dict | None = None) -> RenderedPrompt:
     try:
-        return render_prompt(lm, prompt)
+        return render_prompt(lm, prompt, chat_template_kwargs)
+    except UserError as error:
+        raise UserError(f"Prompt {index}: {error}") from None
+
+
+def _budget_numbered(rules, settings: BudgetForcing, prompt: RenderedPrompt, index: int) -> int:
+    if not prompt.thinking:
+        return 0
+    try:
+        return rules.thinking_budget(settings, len(prompt.ids))
     except UserError as error:
         raise UserError(f"Prompt {index}: {error}") from None

@@ -13,6 +13,10 @@ from rich.text import Text
 
 from t0s1.cli_support import (
     BUDGET_DEFAULTS,
+    AnswerPrefixOption,
+    ChatTemplateKwargsOption,
+    EndPhraseOption,
+    ThinkingOption,
     DeviceOption,
     DtypeOption,
     IgnoreStrOption,
@@ -26,6 +30,7 @@ from t0s1.cli_support import (
     TrustRemoteCodeOption,
     budget_from_flags,
     exit_on_user_error,
+    parse_chat_template_kwargs,
 )
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, generate
@@ -57,24 +62,37 @@ def generate_command(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     reasoning_format: ReasoningFormatOption = None,
+    end_phrase: EndPhraseOption = None,
+    answer_prefix: AnswerPrefixOption = None,
+    thinking: ThinkingOption = None,
+    chat_template_kwargs: ChatTemplateKwargsOption = None,
+    explain_format: Annotated[
+        bool, typer.Option("--explain-format", help="Print the model profile detected (delimiters, forced end) and why, then exit.")
+    ] = False,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Answer a question with budget forcing: cap the thinking, or extend it with "Wait"."""
+    if explain_format:
+        lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format)
+        print(lm.detection.explain())
+        return
     if (prompt is None) == (file is None):
         raise UserError("Give either a PROMPT or --file prompts.jsonl (not both).")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
-    settings = budget_from_flags(max_thinking_tokens, num_ignore, ignore_str, max_answer_tokens, temperature, top_p, seed)
+    settings = budget_from_flags(max_thinking_tokens, num_ignore, ignore_str, max_answer_tokens, temperature, top_p, seed,
+                                 end_phrase=end_phrase, answer_prefix=answer_prefix)
+    template_kwargs = parse_chat_template_kwargs(chat_template_kwargs, thinking)
     prompts = [prompt] if file is None else read_prompts(file)
     if prompt is not None and not prompt.strip():
         raise UserError("The prompt is empty: give the question to answer.")
     lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format)
     if file is not None:
-        _generate_file(lm, prompts, settings, out, batch_size)
+        _generate_file(lm, prompts, settings, out, batch_size, template_kwargs)
     elif json_output:
-        print(json.dumps(generate(lm, prompts, settings)[0].to_dict(), ensure_ascii=False))
+        print(json.dumps(generate(lm, prompts, settings, chat_template_kwargs=template_kwargs)[0].to_dict(), ensure_ascii=False))
     else:
-        _generate_streaming(lm, prompt, settings)
+        _generate_streaming(lm, prompt, settings, template_kwargs)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -89,7 +107,7 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _generate_file(lm, prompts: list[str], settings: BudgetForcing, out: Path | None, batch_size: int) -> None:
+def _generate_file(lm, prompts: list[str], settings: BudgetForcing, out: Path | None, batch_size: int, template_kwargs: dict | None) -> None:
     from rich.progress import Progress
 
     sink = out.open("w", encoding="utf-8") if out else sys.stdout
@@ -98,7 +116,8 @@ def _generate_file(lm, prompts: list[str], settings: BudgetForcing, out: Path | 
             task = progress.add_task("prompts", total=len(prompts))
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
-                for offset, result in enumerate(generate(lm, batch, _with_seed(settings, start))):
+                results = generate(lm, batch, _with_seed(settings, start), chat_template_kwargs=template_kwargs)
+                for offset, result in enumerate(results):
                     row = {"index": start + offset, "prompt": batch[offset], **result.to_dict()}
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()
@@ -115,7 +134,7 @@ def _with_seed(settings: BudgetForcing, offset: int) -> BudgetForcing:
     return settings if settings.seed is None else replace(settings, seed=settings.seed + offset)
 
 
-def _generate_streaming(lm, prompt: str, settings: BudgetForcing) -> None:
+def _generate_streaming(lm, prompt: str, settings: BudgetForcing, template_kwargs: dict | None) -> None:
     console = Console(highlight=False)
     shown = {"thinking": False, "answer": False}
 
@@ -125,7 +144,7 @@ def _generate_streaming(lm, prompt: str, settings: BudgetForcing) -> None:
             shown[channel] = True
         console.print(Text(text, style="dim" if channel == "thinking" else ""), end="")
 
-    result = generate(lm, [prompt], settings, on_delta=on_delta)[0]
+    result = generate(lm, [prompt], settings, chat_template_kwargs=template_kwargs, on_delta=on_delta)[0]
     ending = "forced by the budget" if result.hit_budget else "ended by itself"
     console.print(
         f"\n\n[dim]{result.thinking_tokens} thinking tokens ({ending}, {result.num_ignored} x "

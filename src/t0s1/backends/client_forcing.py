@@ -1,9 +1,9 @@
 """Budget forcing driven from outside the model: re-submit the sequence after each intervention.
 
 This is how s1's engine used vLLM and how t0 drove ``vllm serve``: ask for thinking until a stop
-token or the rest of the budget, then decide (``BudgetForcing.may_ignore``) whether to append the
-ignore string and ask again, or to close the thinking (the answer delimiter, or
-``ReasoningFormat.forced_end`` when the budget ran out), and finally ask for the answer.
+token or the rest of the budget, and hand what came back to the same decisions the engine makes
+(``t0s1.forcing_rules.Sequence``): it appends the ignore string and asks again, closes the thinking
+(the end delimiter, or the forced end when the budget ran out), and finally asks for the answer.
 
 A backend supplies ``complete(requests) -> completions``: one continuation per request, all of a
 round at once (vLLM batches them, the OpenAI backend sends them concurrently). Token ids are
@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from t0s1.forcing import (
-    BudgetForcing,
-    Result,
-    StopRule,
-    encode,
-    find_ids,
-    ids_after,
-    render_prompt_ids,
-)
-from t0s1.reasoning_format import ReasoningFormat
+from t0s1.forcing_rules import BudgetForcing, ForcingRules, RenderedPrompt, Result, render_prompt_ids
+from t0s1.forcing_rules import Sequence as ForcedSequence
+from t0s1.profiles import ModelProfile
 
 
 @dataclass
 class Request:
-    """Continue ``ids`` for at most ``max_tokens`` tokens, stopping at any of ``stop_ids``.
+    """Continue ``ids`` for at most ``max_tokens`` tokens, stopping at any of ``stop_ids`` (or, for
+    a delimiter written in ordinary tokens, at ``stop_text``).
 
     min_tokens=1 forbids a stop token as the first token (after an injected ignore string).
     seed: the sampling seed of this request (None under greedy decoding).
@@ -42,6 +36,7 @@ class Request:
     min_tokens: int
     settings: BudgetForcing
     seed: int | None
+    stop_text: str | None = None
 
 
 @dataclass
@@ -55,140 +50,57 @@ class Completion:
 Complete = Callable[[list[Request]], list[Completion]]
 
 
-@dataclass
-class _Sequence:
-    prompt_ids: list[int]
-    settings: BudgetForcing
-    max_thinking: int
-    seed: int | None
-    thinking_ids: list[int] = field(default_factory=list)
-    close_ids: list[int] = field(default_factory=list)  # delimiter (and forced "Final Answer:")
-    forced_answer_ids: list[int] = field(default_factory=list)  # "Final Answer:" part of the result
-    answer_ids: list[int] = field(default_factory=list)
-    num_ignored: int = 0
-    hit_budget: bool = False
-    min_tokens: int = 0
-    phase: str = "thinking"  # thinking -> answer -> done
-    finish_reason: str | None = None
-    seconds: float = 0.0
-
-
 class ClientForcing:
     """The s1 rules over a ``complete`` function. ``tokenizer`` renders prompts and decodes."""
 
-    def __init__(self, tokenizer, reasoning_format: ReasoningFormat, complete: Complete, *, context_length: int | None, vocab_size: int | None = None):
+    def __init__(self, tokenizer, profile: ModelProfile, complete: Complete, *, context_length: int | None, generation_config=None):
         self.tokenizer = tokenizer
-        self.format = reasoning_format
+        self.profile = profile
         self.complete = complete
-        self.context_length = context_length
-        rule = StopRule.for_tokenizer(tokenizer, reasoning_format)  # the engine's own stop rule
-        self.end_ids = set(rule.end_of_turn)
-        self.answer_delimiter = list(rule.answer_delimiter)
-        self.stop_ids = sorted(rule.stop_ids)
-        self.written_delimiter = list(rule.written_delimiter) if rule.written_delimiter else None
+        self.rules = ForcingRules(tokenizer, profile, generation_config, context_length=context_length)
 
-    def encode(self, text: str) -> list[int]:
-        return encode(self.tokenizer, text)
+    @property
+    def context_length(self) -> int | None:
+        return self.rules.context_length
 
-    def render(self, prompt) -> list[int]:
-        """Chat template with the generation prompt, then the thinking delimiter (as the engine)."""
-        return render_prompt_ids(self.tokenizer, self.format, prompt)
+    def render(self, prompt, chat_template_kwargs: dict | None = None) -> RenderedPrompt:
+        """Chat template with the generation prompt, then the thinking start (as the engine)."""
+        return render_prompt_ids(self.tokenizer, self.profile, prompt, chat_template_kwargs)
 
-    def resolve_budget(self, settings: BudgetForcing, prompt_length: int) -> int:
-        return settings.thinking_budget(
-            prompt_length=prompt_length,
-            context_length=self.context_length,
-            forced_end_length=len(self.encode(self.format.forced_end(""))),
-        )
-
-    def generate(self, prompts: Sequence, budgets: Sequence[BudgetForcing]) -> list[Result]:
+    def generate(self, prompts: Sequence, budgets: Sequence[BudgetForcing], *, chat_template_kwargs: dict | None = None) -> list[Result]:
         started = time.perf_counter()
-        rendered = [self.render(prompt) for prompt in prompts]
-        longest = max((len(ids) for ids in rendered), default=0)  # "auto" is set by the longest prompt (s1)
-        sequences = []
-        for ids, settings in zip(rendered, budgets, strict=True):
-            seed = None if settings.greedy else settings.seed
-            sequences.append(_Sequence(ids, settings, self.resolve_budget(settings, longest), seed))
-        for sequence in sequences:
-            if sequence.max_thinking == 0:
-                self._force_answer(sequence)
+        sequences = [
+            self.rules.sequence(i, self.render(prompt, chat_template_kwargs), settings)
+            for i, (prompt, settings) in enumerate(zip(prompts, budgets, strict=True))
+        ]
+        finished_at = {}
         while True:
-            active = [s for s in sequences if s.phase != "done"]
+            active = [s for s in sequences if not s.done]
             if not active:
                 break
             completions = self.complete([self._request(s) for s in active])
             for sequence, completion in zip(active, completions, strict=True):
-                if sequence.phase == "thinking":
-                    self._think(sequence, completion)
-                else:
-                    self._answer(sequence, completion)
-                if sequence.phase == "done":
-                    sequence.seconds = time.perf_counter() - started
-        return [self._result(s) for s in sequences]
+                self._take(sequence, completion)
+                if sequence.done:
+                    finished_at[sequence.index] = time.perf_counter() - started
+        return [s.result(finished_at.get(s.index, 0.0)) for s in sequences]
 
-    # ---- one round for one sequence -----------------------------------------------------------
+    def _request(self, s: ForcedSequence) -> Request:
+        seed = None if s.settings.greedy else s.settings.seed
+        stop_text = self.rules.written_end if s.thinking else None
+        return Request(list(s.ids), s.tokens_left(), sorted(s.stop_ids()), int(s.ban_stop), s.settings, seed, stop_text)
 
-    def _request(self, s: _Sequence) -> Request:
-        if s.phase == "thinking":
-            ids = s.prompt_ids + s.thinking_ids
-            return Request(ids, s.max_thinking - len(s.thinking_ids), self.stop_ids, s.min_tokens, s.settings, s.seed)
-        ids = s.prompt_ids + s.thinking_ids + s.close_ids + s.answer_ids
-        return Request(ids, s.settings.max_answer_tokens, sorted(self.end_ids), 0, s.settings, s.seed)
-
-    def _think(self, s: _Sequence, completion: Completion) -> None:
-        s.thinking_ids += completion.ids
-        s.min_tokens = 0
-        written = self.written_delimiter
-        end = find_ids(s.thinking_ids, written) if written else None
-        if end is not None:
-            # The model wrote the (multi-token) delimiter itself: the thinking ends there.
-            s.thinking_ids, s.close_ids, s.phase = s.thinking_ids[:end], list(written), "answer"
-            return
+    def _take(self, s: ForcedSequence, completion: Completion) -> None:
+        """Hand the continuation to the rules, token by token, until they intervene (what the
+        backend generated after that point is not part of the sequence)."""
+        for token in completion.ids:
+            expected = len(s.ids) + 1
+            phase = s.thinking
+            s.accept(token)
+            s.take_rewind()  # the next request re-submits ``s.ids`` as they are now
+            if s.done or s.thinking != phase or len(s.ids) != expected:
+                return
         if completion.stopped:
-            may_ignore = s.settings.may_ignore(
-                thinking_tokens=len(s.thinking_ids),
-                num_ignored=s.num_ignored,
-                ignore_length=len(self._ignore_ids(s.settings)),
-                max_thinking=s.max_thinking,
-            )
-            if may_ignore:
-                s.thinking_ids += self._ignore_ids(s.settings)
-                s.num_ignored += 1
-                s.min_tokens = 1  # the next token may not end the thinking again
-            else:
-                s.close_ids, s.phase = list(self.answer_delimiter), "answer"
-        elif len(s.thinking_ids) >= s.max_thinking:
-            self._force_answer(s)
-        else:
-            s.phase, s.finish_reason = "done", "length"  # the backend ran out of context
-
-    def _force_answer(self, s: _Sequence) -> None:
-        last = self.tokenizer.decode(s.thinking_ids[-1:]) if s.thinking_ids else ""
-        s.close_ids = self.encode(self.format.forced_end(last))
-        s.forced_answer_ids = ids_after(s.close_ids, self.answer_delimiter)
-        s.hit_budget, s.phase = True, "answer"
-
-    def _answer(self, s: _Sequence, completion: Completion) -> None:
-        s.answer_ids += completion.ids
-        s.phase = "done"
-        s.finish_reason = "stop" if completion.stopped else "length"
-
-    def _ignore_ids(self, settings: BudgetForcing) -> list[int]:
-        return self.encode(settings.ignore_str) if settings.ignore_str else []
-
-    def _result(self, s: _Sequence) -> Result:
-        decode = self.tokenizer.decode
-        answer_ids = s.forced_answer_ids + s.answer_ids
-        return Result(
-            thinking=decode(s.thinking_ids, skip_special_tokens=False).strip(),
-            answer=decode(answer_ids, skip_special_tokens=False).strip(),
-            thinking_tokens=len(s.thinking_ids),
-            answer_tokens=len(s.answer_ids),
-            num_ignored=s.num_ignored,
-            hit_budget=s.hit_budget,
-            finish_reason=s.finish_reason or "length",
-            prompt_tokens=len(s.prompt_ids),
-            seconds=s.seconds,
-            thinking_token_ids=list(s.thinking_ids),
-            answer_token_ids=answer_ids,
-        )
+            s.accept_stop()
+        elif s.tokens_left() > 0 and not s.done:
+            s.finish_reason = "length"  # the backend ran out of context

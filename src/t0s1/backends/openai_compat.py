@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from t0s1.backends import Backend
 from t0s1.backends.client_forcing import ClientForcing, Completion, Request
 from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing, Prompt, Result, per_prompt_settings
-from t0s1.reasoning_format import reasoning_format_for
+from t0s1.forcing_rules import BudgetForcing, Prompt, Result, encode, per_prompt_settings
+from t0s1.profiles import detect_profile
 
 
 class OpenAIBackend(Backend):
@@ -31,7 +31,7 @@ class OpenAIBackend(Backend):
         self.model_name = model
         self.tokenizer = tokenizer
         self.concurrency = concurrency
-        self.forcing = ClientForcing(tokenizer, reasoning_format_for(tokenizer, reasoning_format), self._complete, context_length=context_length)
+        self.forcing = ClientForcing(tokenizer, detect_profile(tokenizer, reasoning_format).profile, self._complete, context_length=context_length)
 
     @classmethod
     def connect(cls, base_url: str, model: str, *, api_key=None, tokenizer=None, reasoning_format=None, trust_remote_code=False) -> OpenAIBackend:
@@ -54,7 +54,7 @@ class OpenAIBackend(Backend):
         return cls(client, model, local_tokenizer, reasoning_format=reasoning_format)
 
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
-        return self.forcing.generate(list(prompts), per_prompt_settings(budgets, len(prompts)))
+        return self.forcing.generate(list(prompts), per_prompt_settings(budgets, len(prompts)), chat_template_kwargs=self.chat_template_kwargs)
 
     def _complete(self, requests: list[Request]) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(requests)))) as pool:
@@ -63,6 +63,8 @@ class OpenAIBackend(Backend):
     def _complete_one(self, request: Request) -> Completion:
         decode = self.tokenizer.decode
         stop = [decode([token]) for token in request.stop_ids]
+        if request.stop_text:
+            stop.insert(0, request.stop_text)
         try:
             response = self.client.completions.create(
                 model=self.model_name,
@@ -76,5 +78,5 @@ class OpenAIBackend(Backend):
         except Exception as error:  # connection refused, 404 model, ...: say which server
             raise UserError(f"The completions endpoint failed for model {self.model_name!r}: {type(error).__name__}: {error}") from None
         choice = response.choices[0]
-        ids = self.forcing.encode(choice.text)[: request.max_tokens]
+        ids = encode(self.tokenizer, choice.text)[: request.max_tokens]
         return Completion(ids, stopped=choice.finish_reason == "stop")

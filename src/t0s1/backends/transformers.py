@@ -21,11 +21,11 @@ class TransformersBackend(Backend):
         return cls(load_model(model, device=device, dtype=dtype, reasoning_format=reasoning_format, trust_remote_code=trust_remote_code))
 
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
-        return generate(self.lm, list(prompts), budgets)
+        return generate(self.lm, list(prompts), budgets, chat_template_kwargs=self.chat_template_kwargs)
 
     def sweep(self, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing]) -> list[list[Result]]:
         """One thinking trace per prompt; every setting forks off it (``generate_sweep``)."""
-        return generate_sweep(self.lm, list(prompts), list(settings))
+        return generate_sweep(self.lm, list(prompts), list(settings), chat_template_kwargs=self.chat_template_kwargs)
 
     @property
     def shares_prefix(self) -> bool:

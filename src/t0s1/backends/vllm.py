@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from t0s1.backends import Backend
 from t0s1.backends.client_forcing import ClientForcing, Completion, Request
 from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing, Prompt, Result, per_prompt_settings
-from t0s1.reasoning_format import reasoning_format_for
+from t0s1.forcing_rules import BudgetForcing, Prompt, Result, per_prompt_settings
+from t0s1.profiles import detect_profile
 
 
 def _import_vllm():
@@ -41,7 +41,7 @@ class VLLMBackend(Backend):
         tokenizer = llm.get_tokenizer()
         self.vocab_size = len(tokenizer)
         context = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
-        self.forcing = ClientForcing(tokenizer, reasoning_format_for(tokenizer, reasoning_format), self._complete, context_length=context)
+        self.forcing = ClientForcing(tokenizer, detect_profile(tokenizer, reasoning_format).profile, self._complete, context_length=context)
 
     @classmethod
     def load(cls, model: str, *, dtype="auto", reasoning_format=None, trust_remote_code=False) -> VLLMBackend:
@@ -50,7 +50,7 @@ class VLLMBackend(Backend):
         return cls(llm, model_name=model, reasoning_format=reasoning_format, sampling_params_class=vllm.SamplingParams)
 
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
-        return self.forcing.generate(list(prompts), per_prompt_settings(budgets, len(prompts)))
+        return self.forcing.generate(list(prompts), per_prompt_settings(budgets, len(prompts)), chat_template_kwargs=self.chat_template_kwargs)
 
     def _complete(self, requests: list[Request]) -> list[Completion]:
         allowed = list(range(self.vocab_size))

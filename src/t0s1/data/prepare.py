@@ -3,7 +3,11 @@
 prompt     = the model's chat template of the user message, with the generation prompt
 completion = thinking_start + thinking + thinking_end + "Answer: " + answer + end-of-turn token
 
-so TRL's completion-only loss trains the thinking, the answer and the end token, never the prompt.
+in the model's profile (``t0s1.profiles``: s1's ``<|im_start|>think`` / ``<|im_start|>answer``, or
+``<think>`` / ``</think>``; no thinking start when the template's generation prompt already opens
+the thinking), so the completion-only loss trains the thinking, the answer and the end token,
+never the prompt. A completion cut by the block size ends where it was cut, without an end token:
+the model must not learn to stop in the middle of a thought.
 The output directory holds the dataset (``save_to_disk``, split ``train``), ``preview.jsonl`` and
 ``prepare_report.json``; it is written to a temporary sibling and renamed into place, so a failure
 never leaves a half-written directory.
@@ -22,12 +26,7 @@ from t0s1.data.decontaminate import BenchmarkIndex
 from t0s1.data.sources import Trace, Traces, load_traces
 from t0s1.errors import UserError
 from t0s1.models import resolve_model_source
-from t0s1.reasoning_format import (
-    ANSWER_PREFIX,
-    CHATML,
-    ReasoningFormat,
-    reasoning_format_for,
-)
+from t0s1.profiles import ANSWER_PREFIX, S1, ModelProfile, detect_profile
 
 PREPARE_REPORT = "prepare_report.json"
 PREVIEW = "preview.jsonl"
@@ -119,23 +118,26 @@ def answer_text(attempt: str) -> str:
     return attempt if "Answer:" in attempt else ANSWER_PREFIX + attempt
 
 
-def render_traces(traces: list[Trace], tokenizer, fmt: ReasoningFormat, end_token: str) -> list[dict]:
-    """``[{"prompt", "completion"}]`` for each trace, in the model's template and reasoning format."""
-    return [_render(trace, tokenizer, fmt, end_token) for trace in traces]
+def render_traces(traces: list[Trace], tokenizer, profile: ModelProfile, end_token: str) -> list[dict]:
+    """``[{"prompt", "completion"}]`` for each trace, in the model's template and profile."""
+    return [_render(trace, tokenizer, profile, end_token) for trace in traces]
 
 
-def _render(trace: Trace, tokenizer, fmt: ReasoningFormat, end_token: str) -> dict:
+def _render(trace: Trace, tokenizer, profile: ModelProfile, end_token: str) -> dict:
+    question = trace.question
     if trace.text is None:
-        completion = fmt.assistant_content(trace.thinking, answer_text(trace.answer)) + end_token
-        return {"prompt": render_prompt(tokenizer, trace.question), "completion": completion}
-    question, assistant = split_chatml_text(trace)
-    if fmt.thinking_start == CHATML.thinking_start and fmt.thinking_end == CHATML.thinking_end:
-        completion = assistant + end_token  # already in this model's delimiters: keep it verbatim
+        thinking, answer = trace.thinking, answer_text(trace.answer)
+    else:  # an s1 ``_tokenized`` row: a whole ChatML conversation in s1's delimiters
+        question, assistant = split_chatml_text(trace)
+        thinking, answer = S1.split(assistant)
+    # The prompt is rendered with this model's template (s1 rendered it with Qwen's system prompt).
+    prompt = render_prompt(tokenizer, question)
+    opened = prompt.rstrip().endswith(profile.thinking_start)  # the template prefills the start
+    if trace.text is not None and profile.name == S1.name:
+        completion = assistant  # already in this model's delimiters: keep it verbatim
     else:
-        thinking, answer = CHATML.split(assistant)
-        completion = fmt.assistant_content(thinking, answer) + end_token
-    # The prompt is re-rendered with this model's template (s1 rendered it with Qwen's system prompt).
-    return {"prompt": render_prompt(tokenizer, question), "completion": completion}
+        completion = profile.assistant_content(thinking, answer, with_start=not opened)
+    return {"prompt": prompt, "completion": completion + end_token}
 
 
 def split_chatml_text(trace: Trace) -> tuple[str, str]:
@@ -183,6 +185,26 @@ def percentiles(values: list[int]) -> dict:
     }
 
 
+def tokenize_rows(rows, tokenizer, max_length: int | None) -> list[dict]:
+    """``{"input_ids", "completion_mask"}`` per prompt/completion row, as the trainer reads them:
+    the completion starts where the ids of prompt and prompt + completion diverge, and a row
+    longer than ``max_length`` is cut there with no end token appended (TRL would append one to a
+    completion that does not end with it: a truncated trace must not teach the model to stop)."""
+    out = []
+    for row in rows:
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+        start = 0
+        while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
+            start += 1
+        mask = [0] * start + [1] * (len(ids) - start)
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+        if any(mask):  # a prompt that fills max_length alone trains nothing
+            out.append({"input_ids": ids, "completion_mask": mask})
+    return out
+
+
 def truncate_row(row: dict, tokenizer, block_size: int) -> dict | None:
     """Cut the completion so prompt + completion fit in ``block_size`` tokens (None: the prompt alone
     does not fit)."""
@@ -200,7 +222,7 @@ def truncate_row(row: dict, tokenizer, block_size: int) -> dict | None:
 def build(
     traces: Traces,
     tokenizer,
-    fmt: ReasoningFormat,
+    profile: ModelProfile,
     *,
     model_name: str,
     block_size: int | None = None,
@@ -217,13 +239,13 @@ def build(
         source=traces.source,
         schema=traces.schema,
         model=model_name,
-        reasoning_format=fmt.name,
+        reasoning_format=profile.name,
         end_token=end_token,
         rows_in=len(traces.traces),
         block_size=block_size,
         on_overflow=on_overflow,
     )
-    rows = render_traces(traces.traces, tokenizer, fmt, end_token)
+    rows = render_traces(traces.traces, tokenizer, profile, end_token)
 
     if benchmark_index is not None:
         dropped, kept_rows = [], []
@@ -296,10 +318,10 @@ def prepare(
         answer_column=answer_column,
     )
     tokenizer = load_tokenizer(model)
-    fmt = reasoning_format_for(tokenizer, reasoning_format)
+    profile = detect_profile(tokenizer, reasoning_format).profile
     index = BenchmarkIndex.load(decontaminate, data_dir) if decontaminate else None
     rows, report = build(
-        traces, tokenizer, fmt, model_name=model, block_size=block_size, on_overflow=on_overflow, benchmark_index=index
+        traces, tokenizer, profile, model_name=model, block_size=block_size, on_overflow=on_overflow, benchmark_index=index
     )
     write_atomically(rows, report, out)
     return report

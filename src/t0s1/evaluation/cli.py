@@ -9,7 +9,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from t0s1.cli_support import BUDGET_DEFAULTS, exit_on_user_error, parse_int_list
+from t0s1.cli_support import (
+    BUDGET_DEFAULTS,
+    AnswerPrefixOption,
+    ChatTemplateKwargsOption,
+    EndPhraseOption,
+    ReasoningFormatOption,
+    ThinkingOption,
+    exit_on_user_error,
+    parse_chat_template_kwargs,
+    parse_int_list,
+)
 from t0s1.errors import UserError
 from t0s1.evaluation.tasks import DATA_DIR_ENV, TASKS, get_task, parse_task_list
 from t0s1.jsonl import read_jsonl
@@ -53,7 +63,11 @@ def eval_command(
     data_dir: Path = typer.Option(None, "--data-dir", envvar=DATA_DIR_ENV, help=f"Folder with the benchmark JSONL files (default: ${DATA_DIR_ENV}; else the hub)."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
-    reasoning_format: str = typer.Option(None, "--reasoning-format", help="chatml, think-tags or 'START,END' (default: from the chat template)."),
+    reasoning_format: ReasoningFormatOption = None,
+    end_phrase: EndPhraseOption = None,
+    answer_prefix: AnswerPrefixOption = None,
+    thinking: ThinkingOption = None,
+    chat_template_kwargs: ChatTemplateKwargsOption = None,
     judge_model: str = typer.Option(None, "--judge-model", help="Grade with an LLM judge (s1: gpt-4o-mini) instead of the rules."),
     judge_base_url: str = typer.Option(None, "--judge-base-url", help="OpenAI-compatible endpoint of the judge (default: OpenAI)."),
     list_tasks: bool = typer.Option(False, "--list-tasks", help="List the tasks and exit."),
@@ -84,11 +98,15 @@ def eval_command(
         top_p=top_p,
         seed=seed,
         batch_size=batch_size,
+        end_phrase=end_phrase,
+        answer_prefix=answer_prefix,
+        chat_template_kwargs=parse_chat_template_kwargs(chat_template_kwargs, thinking),
     )
     for task in chosen:  # fail on missing data before loading a model
         task.load(data_dir, limit=1)
     engine = make_backend(
-        backend, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key, tokenizer=tokenizer, reasoning_format=reasoning_format
+        backend, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key, tokenizer=tokenizer,
+        reasoning_format=reasoning_format, chat_template_kwargs=config.chat_template_kwargs,
     )
     results = run_eval(engine, chosen, config, out, data_dir=data_dir, limit=limit, judge=_judge(judge_model, judge_base_url))
     _print_results(results)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 
 from t0s1.errors import UserError
-from t0s1.reasoning_format import FORMATS
+from t0s1.profiles import PROFILES
 
 ANSWER_KINDS = ("math", "integer", "number", "choice")
 
@@ -51,10 +51,10 @@ class Verdict:
 
 def answer_part(output: str) -> str:
     """The answer part of a whole assistant turn: the text after the last answer delimiter of any
-    known reasoning format (the thinking may mention numbers that are not the answer)."""
-    for fmt in FORMATS.values():
-        if fmt.thinking_end in output:
-            return output.rsplit(fmt.thinking_end, 1)[1]
+    known model profile (the thinking may mention numbers that are not the answer)."""
+    for profile in PROFILES.values():
+        if profile.thinking_end in output:
+            return output.rsplit(profile.thinking_end, 1)[1]
     return output
 
 

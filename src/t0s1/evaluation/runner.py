@@ -66,6 +66,9 @@ class EvalConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
+    end_phrase: str | None = None
+    answer_prefix: str | None = None
+    chat_template_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.max_thinking_tokens:
@@ -98,12 +101,16 @@ class EvalConfig:
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed if seed is None else seed,
+            end_phrase=self.end_phrase,
+            answer_prefix=self.answer_prefix,
         )
 
     def generation_key(self) -> dict:
         """The fields a rerun in the same directory must share (the rest may change)."""
         data = asdict(self)
-        return {key: data[key] for key in ("model", "backend", "ignore_str", "max_answer_tokens", "temperature", "top_p", "seed", "batch_size")}
+        keys = ["model", "backend", "ignore_str", "max_answer_tokens", "temperature", "top_p", "seed", "batch_size"]
+        keys += [key for key in ("end_phrase", "answer_prefix", "chat_template_kwargs") if data[key] is not None]
+        return {key: data[key] for key in keys}
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,14 +257,15 @@ def _sampling_batches(backend, task, examples, config, log, judge):
             def compute(batch=batch, setting=setting):
                 # Per-prompt settings keep their own seeds: a sample's seed depends only on
                 # (question, k), not on the batch it lands in.
-                budgets = [config.budget(setting, seed=_sample_seed(config.seed, position[e.id], k)) for e, k in batch]
+                budgets = [config.budget(setting, seed=sample_seed(config.seed, position[e.id], k)) for e, k in batch]
                 results = backend.generate([e.prompt for e, _ in batch], budgets)
                 return [sample_row(task, e, setting, k, r, judge) for (e, k), r in zip(batch, results, strict=True)]
 
             yield len(batch), (compute if missing else None)
 
 
-def _sample_seed(base: int, question: int, k: int) -> int:
+def sample_seed(base: int, question: int, k: int) -> int:
+    """The seed of sample ``k`` of question number ``question`` (also used by the harness model)."""
     return base + SEED_STRIDE * k + question + 1_000_000
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from t0s1.forcing import BudgetForcing, Result, generate_from_ids
+from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, generate_from_ids
 from t0s1.models import LoadedModel
 
 GATHER_SECONDS = 0.01
@@ -31,7 +31,7 @@ class Job:
     """One request in the queue. Events on ``events``: ("thinking" | "answer", text) while
     streaming, then ("result", Result) or ("error", exception)."""
 
-    prompt_ids: list[int]
+    prompt_ids: RenderedPrompt | list[int]
     budget: BudgetForcing
     stream: bool
     loop: asyncio.AbstractEventLoop
@@ -123,7 +123,7 @@ class Batcher:
         continues ``prompt_ids`` for up to ``budget.max_thinking_tokens`` tokens and the job ends
         where that phase ends (a stop token, the budget) or where a stop string appears.
         """
-        job = Job(list(prompt_ids), budget, stream, asyncio.get_running_loop(), stop=stop)
+        job = Job(prompt_ids, budget, stream, asyncio.get_running_loop(), stop=stop)
         self._queue.put(job)
         return job
 

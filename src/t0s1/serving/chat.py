@@ -2,7 +2,9 @@
 
 Commands: ``/budget N`` (or ``/budget auto``) sets the thinking budget, ``/wait K`` how many times
 the end of thinking is ignored ("Wait" appended), ``/reset`` forgets the conversation, ``/exit``
-quits (so does end of input). The conversation keeps the answers only, not the thinking.
+quits (so does end of input). The conversation keeps each answer with its thinking as
+``reasoning_content``; the model's chat template decides whether earlier thinking is shown to it
+(Qwen3 drops it; templates that do not read it drop it).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def run_chat(
     *,
     read_line: Callable[[str], str] | None = None,
     console: Console | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[dict]:
     """Chat until ``/exit`` or end of input; returns the conversation.
+    ``chat_template_kwargs`` go to the chat template (e.g. ``{"enable_thinking": False}``).
 
     ``read_line(prompt)`` returns the next line and raises ``EOFError`` at the end of input
     (default: the console's input, with line editing).
@@ -63,14 +67,14 @@ def run_chat(
             continue
         messages.append({"role": "user", "content": line})
         try:
-            result = _reply(lm, messages, budget, console)
+            result = _reply(lm, messages, budget, console, chat_template_kwargs)
         except UserError as error:  # e.g. the conversation no longer fits the context
             console.print(f"[bold red]Error:[/] {error}", highlight=False)
             result = None
         if result is None or result.finish_reason == "cancelled":
             messages.pop()  # an interrupted turn is forgotten
         else:
-            messages.append({"role": "assistant", "content": result.answer})
+            messages.append({"role": "assistant", "content": result.answer, "reasoning_content": result.thinking})
 
 
 def _command(command: str, argument: str, budget: BudgetForcing, messages: list[dict], console: Console):
@@ -91,7 +95,8 @@ def _command(command: str, argument: str, budget: BudgetForcing, messages: list[
     return budget, messages
 
 
-def _reply(lm: LoadedModel, messages: list[dict], budget: BudgetForcing, console: Console) -> Result | None:
+def _reply(lm: LoadedModel, messages: list[dict], budget: BudgetForcing, console: Console,
+           chat_template_kwargs: dict | None = None) -> Result | None:
     """Generate and stream one answer; Ctrl-C stops it (returns None)."""
     shown = {"channel": None}
 
@@ -108,7 +113,7 @@ def _reply(lm: LoadedModel, messages: list[dict], budget: BudgetForcing, console
                       highlight=False, soft_wrap=True)
 
     try:
-        [result] = generate(lm, [messages], budget, on_delta=on_delta)
+        [result] = generate(lm, [messages], budget, chat_template_kwargs=chat_template_kwargs, on_delta=on_delta)
     except KeyboardInterrupt:
         console.print("\n[yellow](interrupted)[/]")
         return None

@@ -10,6 +10,10 @@ from rich.console import Console
 
 from t0s1.cli_support import (
     BUDGET_DEFAULTS,
+    AnswerPrefixOption,
+    ChatTemplateKwargsOption,
+    EndPhraseOption,
+    ThinkingOption,
     DeviceOption,
     DtypeOption,
     IgnoreStrOption,
@@ -23,6 +27,7 @@ from t0s1.cli_support import (
     TopPOption,
     budget_from_flags,
     exit_on_user_error,
+    parse_chat_template_kwargs,
 )
 from t0s1.errors import UserError
 from t0s1.models import EMBEDDED_MODEL
@@ -54,6 +59,9 @@ def serve(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     reasoning_format: ReasoningFormatOption = None,
+    end_phrase: EndPhraseOption = None,
+    answer_prefix: AnswerPrefixOption = None,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the web page (chat, budget compare) at /.")] = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible API with budget forcing per request.
 
@@ -67,7 +75,7 @@ def serve(
     from t0s1.serving.server import create_app
 
     defaults = budget_from_flags(max_thinking_tokens, num_ignore, ignore_str, max_answer_tokens, temperature,
-                                 top_p, seed)
+                                 top_p, seed, end_phrase=end_phrase, answer_prefix=answer_prefix)
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {max_batch}.")
     if not 0 < port < 65536:
@@ -76,10 +84,12 @@ def serve(
         stderr.print(f"[yellow]Warning:[/] serving on {host} without --api-key: anyone who can reach it can use it.")
     with stderr.status(f"Loading {model}..."):
         lm = load_model(model, device=device, dtype=dtype, reasoning_format=reasoning_format)
-    app = create_app(lm, defaults, api_key=api_key, max_batch=max_batch)
+    app = create_app(lm, defaults, api_key=api_key, max_batch=max_batch, ui=ui)
     stderr.print(f"Serving [bold]{lm.name}[/] at http://{host}:{port}/v1 (max batch {max_batch}); "
                  f"defaults: thinking budget {defaults.max_thinking_tokens}, num_ignore {defaults.num_ignore}.",
                  highlight=False)
+    if ui:
+        stderr.print(f"Web page at http://{host}:{port}/", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -96,6 +106,10 @@ def chat(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     reasoning_format: ReasoningFormatOption = None,
+    end_phrase: EndPhraseOption = None,
+    answer_prefix: AnswerPrefixOption = None,
+    thinking: ThinkingOption = None,
+    chat_template_kwargs: ChatTemplateKwargsOption = None,
 ) -> None:
     """Chat in the terminal: the thinking streams dimmed, then the answer.
 
@@ -105,10 +119,11 @@ def chat(
     from t0s1.serving.chat import run_chat
 
     budget = budget_from_flags(max_thinking_tokens, num_ignore, ignore_str, max_answer_tokens, temperature,
-                               top_p, seed)
+                               top_p, seed, end_phrase=end_phrase, answer_prefix=answer_prefix)
+    template_kwargs = parse_chat_template_kwargs(chat_template_kwargs, thinking)
     with stderr.status(f"Loading {model}..."):
         lm = load_model(model, device=device, dtype=dtype, reasoning_format=reasoning_format)
-    run_chat(lm, budget)
+    run_chat(lm, budget, chat_template_kwargs=template_kwargs)
 
 
 def _is_loopback(host: str) -> bool:

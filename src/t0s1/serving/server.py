@@ -28,9 +28,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing, Result, render_prompt, resolve_budget
+from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, render_prompt, resolve_budget
 from t0s1.models import LoadedModel
 from t0s1.serving.batcher import Batcher, Job
+from t0s1.serving.ui import UIInfo, mount_ui
 
 DISCONNECT_POLL_SECONDS = 0.5
 """How often a waiting non-streamed request checks whether its client is still there."""
@@ -46,6 +47,8 @@ BUDGET_FIELDS = {
     "temperature": "temperature",
     "top_p": "top_p",
     "seed": "seed",
+    "end_phrase": "end_phrase",
+    "answer_prefix": "answer_prefix",
 }
 
 
@@ -65,9 +68,10 @@ class APIError(Exception):
 
 
 def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: str | None = None,
-               max_batch: int = 8) -> FastAPI:
+               max_batch: int = 8, ui: bool = True) -> FastAPI:
     """The server for ``lm``. ``defaults``: budget forcing for fields a request leaves out.
-    ``api_key``: if set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``."""
+    ``api_key``: if set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+    ``ui``: serve the web page at ``/`` (``t0s1.serving.ui``)."""
     defaults = defaults or BudgetForcing()
     batcher = Batcher(lm, max_batch)
     created = int(time.time())
@@ -124,8 +128,12 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
             raise APIError(400, "stop is not supported by chat completions: the answer ends at the model's end of "
                            "turn or max_tokens (/v1/completions takes stop for plain continuations).", param="stop")
         budget, stream, include_usage = _common_fields(body, defaults)
+        template_kwargs = body.get("chat_template_kwargs")
+        if template_kwargs is not None and not isinstance(template_kwargs, dict):
+            raise APIError(400, "chat_template_kwargs must be an object, e.g. {\"enable_thinking\": false}.",
+                           param="chat_template_kwargs")
         try:
-            prompt_ids = render_prompt(lm, messages)
+            prompt_ids = render_prompt(lm, messages, template_kwargs)
         except UserError as error:
             raise APIError(400, str(error), param="messages") from None
         _check_context(lm, budget, prompt_ids)
@@ -155,6 +163,8 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
             return _event_stream(reply.completion_stream(job, include_usage), job)
         return reply.completion(await _wait(job, request))
 
+    if ui:
+        mount_ui(app, info=UIInfo.describe(lm, defaults, api_key_required=api_key is not None))
     return app
 
 
@@ -186,13 +196,13 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
         sock.close()
 
 
-def completion_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
+def completion_prompt_ids(lm: LoadedModel, prompt: str) -> RenderedPrompt:
     """Ids of a raw ``/v1/completions`` prompt: the text as the client rendered it, then the
     thinking delimiter (unless the prompt already ends with it). No chat template is applied; the
     tokenizer adds its special tokens (e.g. a BOS) as it does for any raw text."""
-    start = lm.reasoning_format.thinking_start
-    text = prompt if prompt.endswith(start) else prompt + start
-    return list(lm.tokenizer(text).input_ids)
+    start = lm.profile.thinking_start
+    text = prompt if prompt.rstrip().endswith(start) else prompt + start
+    return RenderedPrompt(list(lm.tokenizer(text).input_ids))
 
 
 async def _plain_continuation(lm, batcher, reply, request, body, prompt, budget, stop, stream) -> dict:
@@ -305,7 +315,14 @@ def _messages(messages) -> list[dict]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a string 'role'.", param="messages")
         role = "system" if message["role"] == "developer" else message["role"]
-        out.append({"role": role, "content": _text_content(message.get("content"), f"messages[{i}].content")})
+        converted = {"role": role, "content": _text_content(message.get("content"), f"messages[{i}].content")}
+        # Earlier thinking of an assistant turn: the chat template decides whether to keep it.
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise APIError(400, f"messages[{i}].reasoning_content must be a string.", param="messages")
+            converted["reasoning_content"] = reasoning
+        out.append(converted)
     return out
 
 
@@ -338,10 +355,10 @@ def _prompt_text(prompt) -> str:
     return prompt
 
 
-def _check_context(lm: LoadedModel, budget: BudgetForcing, prompt_ids: list[int]) -> None:
+def _check_context(lm: LoadedModel, budget: BudgetForcing, prompt: RenderedPrompt) -> None:
     """Refuse, before queueing, a request whose prompt and thinking budget exceed the context."""
     try:
-        resolve_budget(lm, budget, len(prompt_ids))
+        resolve_budget(lm, budget if prompt.thinking else replace(budget, max_thinking_tokens=0), len(prompt.ids))
     except UserError as error:
         raise APIError(400, str(error), param="max_thinking_tokens", code="context_length_exceeded") from None
 

@@ -52,7 +52,7 @@ def write_model_card(
     merged: bool,
     log_history: list[dict],
     metrics: dict,
-    reasoning_format,
+    profile,
     license: str | None = None,
 ) -> Path:
     base_id = EMBEDDED_BASE_ID if base_model == EMBEDDED_MODEL else base_model
@@ -146,8 +146,9 @@ as t0-s1-3B did. Made with t0-s1 (`t0s1 train`).
 - **Finetuned from model:** {base_id}
 - **Language(s):** English
 - **License:** {license}
-- **Reasoning format:** the assistant thinks between `{reasoning_format.thinking_start}` and
-  `{reasoning_format.thinking_end}`, then answers ("Answer: ...").
+- **Reasoning format:** the assistant thinks between `{profile.thinking_start}` and
+  `{profile.thinking_end}`, then answers ("Answer: ..."); t0s1 profile `{profile.name}`, recorded as
+  `reasoning_profile` in `tokenizer_config.json`.
 {adapter_note}
 ## Uses
 

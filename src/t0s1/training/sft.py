@@ -18,10 +18,11 @@ from t0s1.data.prepare import (
     load_tokenizer,
     read_report,
 )
+    tokenize_rows,
 from t0s1.data.sources import load_traces, read_rows
 from t0s1.errors import UserError
 from t0s1.models import resolve_model_source
-from t0s1.reasoning_format import reasoning_format_for
+from t0s1.profiles import detect_profile, record_profile
 from t0s1.training.config import parse_args
 
 
@@ -34,18 +35,23 @@ def main(argv: list[str] | None = None):
 def train(script_args, training_args, model_args, ours):
     import torch
     from trl import SFTTrainer, get_peft_config
+    from datasets import Dataset
 
     log = _Log(training_args)
     source, gguf_file = resolve_model_source(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    fmt = reasoning_format_for(tokenizer, ours.reasoning_format)
+    profile = detect_profile(tokenizer, ours.reasoning_format).profile
+    record_profile(tokenizer, profile)  # saved with the tokenizer: detection is exact for this model
 
     dataset, data_info = load_train_dataset(
-        script_args, tokenizer, fmt, training_args.max_length, ours, log, model_args.model_name_or_path
+        script_args, tokenizer, profile, training_args.max_length, ours, log, model_args.model_name_or_path
     )
     # The completions end with the chat template's end-of-turn token; make it the eos token so TRL
     # does not append a second one and generation stops there.
     end_token = data_info["end_token"]
+    # Tokenized here, not by TRL: a completion cut at max_length must not get an end token appended.
+    dataset = Dataset.from_list(tokenize_rows(dataset, tokenizer, training_args.max_length))
+    training_args.completion_only_loss = True
     if end_token and end_token != tokenizer.eos_token and end_token in tokenizer.get_vocab():
         training_args.eos_token = end_token
 
@@ -122,7 +128,7 @@ def train(script_args, training_args, model_args, ours):
             merged=peft_config is None or ours.merge_lora,
             log_history=trainer.state.log_history,
             metrics=metrics,
-            reasoning_format=fmt,
+            profile=profile,
             license=ours.license,
         )
         log(f"Saved the model, tokenizer and model card to {output_dir}")
@@ -148,7 +154,7 @@ def last_checkpoint(output_dir: str) -> str | None:
     return max(steps)[1] if steps else None
 
 
-def load_train_dataset(script_args, tokenizer, fmt, max_length, ours, log, model_name: str = ""):
+def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, model_name: str = ""):
     """The prompt/completion training split and what the model card says about it."""
     from datasets import Dataset, DatasetDict, load_from_disk
 
@@ -179,7 +185,7 @@ def load_train_dataset(script_args, tokenizer, fmt, max_length, ours, log, model
     rendered, report = build(
         traces,
         tokenizer,
-        fmt,
+        profile,
         model_name=model_name,
         block_size=max_length,
         on_overflow=ours.on_overflow,
