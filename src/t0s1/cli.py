@@ -27,7 +27,9 @@ STAGES = (
     "t0s1.data.cli",
     "t0s1.training.cli",
     "t0s1.evaluation.cli",
+    "t0s1.lm_eval.cli",
     "t0s1.serving.cli",
+    "t0s1.rag.cli",
     "t0s1.quickstart.cli",
 )
 

@@ -1,0 +1,156 @@
+"""Token-based chunking with overlap.
+
+A chunk is a window of ``chunk_tokens`` consecutive tokens of one document; the next window starts
+``chunk_tokens - overlap_tokens`` tokens later, so neighbouring chunks share ``overlap_tokens``
+tokens (t0 used a 50-token overlap). Chunks are character spans of the document text, so a chunk's
+text is a slice of the original (formatting kept), whatever tokenizer counted it.
+
+Which tokens: an index with dense vectors counts the embedder's own tokens (so a chunk fits the
+embedder's window); a bm25-only index counts words (runs of non-space characters) and needs no
+model. bm25 then scores the chunk text with its own analysis (see ``retrievers.BM25_ANALYSIS``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from t0s1.errors import UserError
+from t0s1.rag.corpus import Document
+
+WORDS = "words"
+"""The token unit of a bm25-only index: runs of non-space characters."""
+
+_WORD = re.compile(r"\S+")
+
+
+@dataclass(frozen=True)
+class ChunkerSettings:
+    """How documents are cut. ``unit`` is ``"words"`` or the embedder whose tokenizer counts."""
+
+    chunk_tokens: int = 200
+    overlap_tokens: int = 50
+    unit: str = WORDS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise UserError(f"--chunk-tokens must be a positive integer, got {self.chunk_tokens!r}.")
+        if (
+            isinstance(self.overlap_tokens, bool)
+            or not isinstance(self.overlap_tokens, int)
+            or not 0 <= self.overlap_tokens < self.chunk_tokens
+        ):
+            raise UserError(
+                f"--chunk-overlap must be at least 0 and less than --chunk-tokens ({self.chunk_tokens}), "
+                f"got {self.overlap_tokens!r}."
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Token = tuple[int, int, bool]
+"""A token: its (start, end) character span and whether it begins a word."""
+
+SpanFunction = Callable[[list[str]], list[list[Token]]]
+"""Texts -> the tokens of each text."""
+
+
+def word_spans(texts: list[str]) -> list[list[Token]]:
+    return [[(*match.span(), True) for match in _WORD.finditer(text)] for text in texts]
+
+
+def tokenizer_spans(tokenizer) -> SpanFunction:
+    """Tokens of a Hugging Face fast tokenizer (its Rust backend: no length warnings)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("Chunking by tokens needs a fast tokenizer (one with a tokenizer.json).")
+
+    def spans(texts: list[str]) -> list[list[Token]]:
+        result = []
+        for encoding in backend.encode_batch(texts, add_special_tokens=False):
+            words = encoding.word_ids
+            result.append([(start, end, i == 0 or words[i] != words[i - 1]) for i, (start, end) in enumerate(encoding.offsets)])
+        return result
+
+    return spans
+
+
+def window_starts(num_tokens: int, chunk_tokens: int, overlap_tokens: int) -> list[int]:
+    """Token index where each window starts; the last window ends at the last token."""
+    starts = [0]
+    while starts[-1] + chunk_tokens < num_tokens:
+        starts.append(starts[-1] + chunk_tokens - overlap_tokens)
+    return starts
+
+
+def chunk_spans(text_length: int, tokens: list[Token], settings: ChunkerSettings) -> list[tuple[int, int]]:
+    """Character spans of the chunks of one text, given its tokens. A window that cuts a word
+    (a sub-word token at either edge) is narrowed to whole words, so the chunk text tokenizes back
+    to at most ``chunk_tokens`` tokens."""
+    tokens = [token for token in tokens if token[1] > token[0]]
+    if not tokens:
+        return [(0, text_length)]
+    count = len(tokens)
+    chunks = []
+    for start in window_starts(count, settings.chunk_tokens, settings.overlap_tokens):
+        last = min(start + settings.chunk_tokens, count) - 1
+        first, final = start, last
+        while first <= last and not tokens[first][2]:
+            first += 1
+        while final >= first and final + 1 < count and not tokens[final + 1][2]:
+            final -= 1
+        if final < first:  # one word longer than the window: cut it
+            first, final = start, last
+        chunks.append((tokens[first][0], tokens[final][1]))
+    return chunks
+
+
+@dataclass
+class Chunks:
+    """The chunks of a corpus, as arrays: chunk ``j`` is ``text[start[j]:end[j]]`` of document
+    ``doc[j]``. Chunks of a document are contiguous: document ``i`` owns chunks
+    ``offsets[i]`` to ``offsets[i + 1] - 1``."""
+
+    doc: np.ndarray  # int32
+    start: np.ndarray  # int64
+    end: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        counts = np.bincount(self.doc, minlength=int(self.doc[-1]) + 1 if len(self.doc) else 0)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def chunk_documents(
+    documents: list[Document],
+    settings: ChunkerSettings,
+    spans: SpanFunction = word_spans,
+    *,
+    batch_size: int = 512,
+    on_progress: Callable[[int], None] | None = None,
+) -> Chunks:
+    """Cut every document into overlapping token windows (at least one chunk per document)."""
+    doc_index, starts, ends = [], [], []
+    for first in range(0, len(documents), batch_size):
+        batch = documents[first : first + batch_size]
+        for offset, (document, tokens) in enumerate(zip(batch, spans([d.text for d in batch]), strict=True)):
+            for start, end in chunk_spans(len(document.text), tokens, settings):
+                doc_index.append(first + offset)
+                starts.append(start)
+                ends.append(end)
+        if on_progress:
+            on_progress(len(batch))
+    return Chunks(np.asarray(doc_index, dtype=np.int32), np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64))
+
+
+def indexed_text(document: Document, start: int, end: int) -> str:
+    """What retrieval sees of a chunk: the document title, then the chunk (titles carry much of
+    what a query names)."""
+    return f"{document.title}\n{document.text[start:end]}"

@@ -1,0 +1,280 @@
+"""``t0s1 index build|info`` and ``t0s1 rag search|ask``: retrieval-augmented reasoning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from t0s1.cli_support import (
+    BUDGET_DEFAULTS,
+    DeviceOption,
+    DtypeOption,
+    IgnoreStrOption,
+    MaxAnswerOption,
+    MaxThinkingOption,
+    ModelOption,
+    NumIgnoreOption,
+    ReasoningFormatOption,
+    SeedOption,
+    TemperatureOption,
+    TopPOption,
+    TrustRemoteCodeOption,
+    budget_from_flags,
+    exit_on_user_error,
+)
+from t0s1.errors import UserError
+from t0s1.models import EMBEDDED_MODEL
+from t0s1.rag.embedders import EMBEDDED_EMBEDDER
+
+index_app = typer.Typer(help="Build and inspect retrieval indexes (bm25, dense, hybrid).", no_args_is_help=True)
+rag_app = typer.Typer(help="Retrieve sources and reason over them with budget forcing.", no_args_is_help=True)
+
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(index_app, name="index")
+    app.add_typer(rag_app, name="rag")
+
+
+RetrieverChoice = Annotated[
+    str | None,
+    typer.Option("--retriever", help="bm25, dense or hybrid (reciprocal rank fusion of both); default: the index's."),
+]
+IndexOption = Annotated[Path, typer.Option("--index", help="The index folder (t0s1 index build).")]
+KOption = Annotated[int, typer.Option("--k", help="How many sources (parent documents) to retrieve.")]
+QdrantUrlOption = Annotated[
+    str | None, typer.Option("--qdrant-url", help="A Qdrant server for the dense vectors, e.g. http://localhost:6333.")
+]
+QdrantKeyOption = Annotated[str | None, typer.Option("--qdrant-api-key", envvar="QDRANT_API_KEY", help="Qdrant API key.")]
+RerankOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rerank",
+        help="Re-rank the top --rerank-depth documents: a cross-encoder (folder or hub id), or 'llm' for the generator.",
+    ),
+]
+RerankDepthOption = Annotated[int, typer.Option("--rerank-depth", help="Candidates the re-ranker reads.")]
+
+
+@index_app.command("build")
+@exit_on_user_error
+def build_command(
+    corpus: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file, or a folder of .txt / .md files.")],
+    out: Annotated[Path, typer.Option("--out", help="The index folder to write (made atomically).")],
+    retriever: Annotated[str, typer.Option(help="bm25 (no model), dense or hybrid (both; embeds every chunk).")] = "bm25",
+    embedder: Annotated[
+        str, typer.Option(help="Dense model: the embedded default, a sentence-transformers folder or a hub id.")
+    ] = EMBEDDED_EMBEDDER,
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk (embedder tokens; words for bm25 only).")] = 200,
+    chunk_overlap: Annotated[int, typer.Option(help="Tokens shared by neighbouring chunks.")] = 50,
+    id_field: Annotated[str | None, typer.Option(help="Field holding a document's id (default: id, doc_id, _id; else the title).")] = None,
+    title_field: Annotated[str | None, typer.Option(help="Field holding the title (default: title, condition_title, name).")] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help="Field holding the text (default: text, content, condition_content, body).")
+    ] = None,
+    qdrant_url: QdrantUrlOption = None,
+    qdrant_path: Annotated[Path | None, typer.Option(help="Qdrant's local mode: keep the vectors in this folder.")] = None,
+    qdrant_collection: Annotated[str | None, typer.Option(help="Qdrant collection (default: the --out folder's name).")] = None,
+    qdrant_api_key: QdrantKeyOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an index of another corpus or settings in --out.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Chunks per embedding batch.")] = 32,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Index a corpus: chunk it, build bm25 and (dense / hybrid) embed the chunks.
+
+    Rebuilding the same corpus with the same settings reuses the index without embedding again."""
+    from t0s1.rag.corpus import FieldMap
+    from t0s1.rag.store import QdrantTarget, build_index
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    qdrant = None
+    if qdrant_url or qdrant_path:
+        qdrant = QdrantTarget(qdrant_url, str(qdrant_path.resolve()) if qdrant_path else None, qdrant_collection, qdrant_api_key)
+    result = build_index(
+        corpus, out, retriever=retriever, embedder=embedder, chunk_tokens=chunk_tokens, overlap_tokens=chunk_overlap,
+        fields=FieldMap(id_field, title_field, text_field), qdrant=qdrant, overwrite=overwrite, batch_size=batch_size,
+        device=device,
+    )
+    manifest = result.index.manifest
+    stderr = Console(stderr=True, highlight=False)
+    if result.reused:
+        stderr.print(f"{out} already holds this index ({manifest['documents']} documents, {manifest['chunks']} chunks): reused, nothing re-embedded.")
+    else:
+        stderr.print(
+            f"Indexed {manifest['documents']} documents as {manifest['chunks']} chunks into {out} "
+            f"({', '.join(result.index.retrievers)}) in {result.seconds:.1f} s."
+        )
+
+
+@index_app.command("info")
+@exit_on_user_error
+def info_command(
+    index: Annotated[Path, typer.Argument(help="The index folder.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Show what an index holds: corpus, chunker, retrievers, embedder and its weights' hash."""
+    from t0s1.rag.store import open_index
+
+    info = open_index(index).info()
+    if json_output:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return
+    console = Console(highlight=False)
+    chunker = info["chunker"]
+    console.print(f"[bold]{info['path']}[/]  ({info['bytes_on_disk'] / 1e6:.1f} MB, built {info.get('created', '?')} by t0s1 {info.get('t0s1_version', '?')})")
+    console.print(f"corpus      {info['corpus_source']}: {info['documents']} documents, SHA-256 {info['corpus_sha256']}")
+    console.print(
+        f"chunks      {info['chunks']}: up to {chunker['chunk_tokens']} tokens each ({chunker['unit']}), overlap {chunker['overlap_tokens']}"
+    )
+    console.print(f"bm25        {info['bm25']['method']} k1={info['bm25']['k1']} b={info['bm25']['b']}, stemmer {info['bm25']['stemmer']}")
+    dense = info.get("dense")
+    if dense:
+        embedder, store = dense["embedder"], dense["store"]
+        where = store.get("file") if store["kind"] == "embedded" else f"Qdrant {store.get('url') or store.get('path')} / {store['collection']}"
+        console.print(f"dense       {embedder['name']} ({embedder['dimension']} dimensions), vectors in {where}")
+        console.print(f"            weights {embedder['weights_file']} SHA-256 {embedder['weights_sha256']}")
+    console.print(f"retrievers  {', '.join(['bm25', 'dense', 'hybrid'] if dense else ['bm25'])} (default {info['retriever']})")
+
+
+def _open(index: Path, qdrant_url, qdrant_api_key):
+    from t0s1.rag.store import open_index
+
+    return open_index(index, qdrant_url=qdrant_url, qdrant_api_key=qdrant_api_key)
+
+
+def _retriever(index, name: str | None, rerank: str | None, rerank_depth: int, lm=None, device: str = "cpu"):
+    """The retriever to use: by name, wrapped in a re-ranker if asked."""
+    from t0s1.rag.retrievers import CrossEncoderReranker, LlmReranker, RerankedRetriever
+
+    base = index.retriever(name)
+    if not rerank:
+        return base
+    if rerank == "llm":
+        if lm is None:
+            raise UserError("--rerank llm re-ranks with the generator: use it with t0s1 rag ask.")
+        return RerankedRetriever(base, LlmReranker(lm), rerank_depth)
+    return RerankedRetriever(base, CrossEncoderReranker(rerank, device=device), rerank_depth)
+
+
+def _check_k(k: int) -> None:
+    if k < 0:
+        raise UserError(f"--k must be 0 or more (the number of sources), got {k}.")
+
+
+@rag_app.command("search")
+@exit_on_user_error
+def search_command(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    index: IndexOption,
+    k: KOption = 5,
+    retriever: RetrieverChoice = None,
+    rerank: RerankOption = None,
+    rerank_depth: RerankDepthOption = 20,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per hit, with its text and chunks.")] = False,
+    qdrant_url: QdrantUrlOption = None,
+    qdrant_api_key: QdrantKeyOption = None,
+) -> None:
+    """Retrieve the k best documents for a query (no generation)."""
+    _check_k(k)
+    opened = _open(index, qdrant_url, qdrant_api_key)
+    from t0s1.rag.answer import retrieve_sources
+
+    hits = retrieve_sources(opened, query, k, _retriever(opened, retriever, rerank, rerank_depth))
+    if json_output:
+        for rank, hit in enumerate(hits, start=1):
+            print(json.dumps({"rank": rank, **hit.to_dict(with_text=True)}, ensure_ascii=False))
+        return
+    console = Console(highlight=False)
+    if not hits:
+        console.print("No document matches.")
+    for rank, hit in enumerate(hits, start=1):
+        console.print(Text.assemble((f"[{rank}] {hit.title}", "bold"), f"  {hit.retriever} {hit.score:.4f}  id {hit.doc_id}"))
+        console.print(Text(f"    {hit.snippet(200)}", style="dim"))
+
+
+@rag_app.command("ask")
+@exit_on_user_error
+def ask_command(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index: IndexOption,
+    k: KOption = 5,
+    retriever: RetrieverChoice = None,
+    rerank: RerankOption = None,
+    rerank_depth: RerankDepthOption = 20,
+    embedder: Annotated[
+        str | None, typer.Option(help="Embed queries with this model; refused unless it is the one the index was built with.")
+    ] = None,
+    model: ModelOption = EMBEDDED_MODEL,
+    max_thinking_tokens: MaxThinkingOption = str(BUDGET_DEFAULTS.max_thinking_tokens),
+    num_ignore: NumIgnoreOption = BUDGET_DEFAULTS.num_ignore,
+    ignore_str: IgnoreStrOption = BUDGET_DEFAULTS.ignore_str,
+    max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
+    temperature: TemperatureOption = BUDGET_DEFAULTS.temperature,
+    top_p: TopPOption = BUDGET_DEFAULTS.top_p,
+    seed: SeedOption = BUDGET_DEFAULTS.seed,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: answer, thinking, budget figures and sources.")
+    ] = False,
+    qdrant_url: QdrantUrlOption = None,
+    qdrant_api_key: QdrantKeyOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    reasoning_format: ReasoningFormatOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Answer a question from retrieved sources: numbered sources in the prompt, budget forcing,
+    and the reply names the sources it used."""
+    _check_k(k)
+    if not question.strip():
+        raise UserError("The question is empty: give the question to answer.")
+    settings = budget_from_flags(max_thinking_tokens, num_ignore, ignore_str, max_answer_tokens, temperature, top_p, seed)
+    opened = _open(index, qdrant_url, qdrant_api_key)
+    # An unknown or unavailable retriever, or an embedder that does not match, fails before the model loads.
+    if opened.retriever(retriever).name != "bm25":
+        if embedder:
+            from t0s1.rag.embedders import load_embedder
+
+            opened.use_embedder(load_embedder(embedder))
+        else:
+            opened.embedder  # noqa: B018 (loads and checks the index's embedder)
+    from t0s1.models import load_model
+    from t0s1.rag.answer import ask
+
+    lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format)
+    chosen = _retriever(opened, retriever, rerank, rerank_depth, lm)
+    if json_output:
+        reply = ask(lm, opened, question, settings, k=k, retriever=chosen)
+        print(json.dumps(reply.to_dict(), ensure_ascii=False))
+        return
+    console = Console(highlight=False)
+    shown = {"thinking": False, "answer": False}
+
+    def on_delta(_index: int, channel: str, text: str) -> None:
+        if not shown[channel]:
+            console.print(Text("Thinking" if channel == "thinking" else "\n\nAnswer", style="bold"))
+            shown[channel] = True
+        console.print(Text(text, style="dim" if channel == "thinking" else ""), end="")
+
+    reply = ask(lm, opened, question, settings, k=k, retriever=chosen, on_delta=on_delta)
+    result = reply.result
+    if not shown["answer"]:
+        console.print(Text("\n\nAnswer", style="bold"))
+        console.print(Text("(empty)", style="dim"), end="")
+    console.print(
+        f"\n\n[dim]{result.thinking_tokens} thinking tokens (budget {reply.thinking_budget}, {result.num_ignored} x "
+        f"{settings.ignore_str!r}), {result.answer_tokens} answer tokens, {result.seconds:.1f} s[/]"
+    )
+    dropped = f", {reply.prompt.dropped} dropped to fit the context" if reply.prompt.dropped else ""
+    console.print(Text(f"\nSources ({chosen.name}, {reply.retrieved} retrieved{dropped}):", style="bold"))
+    if not reply.sources:
+        console.print("  none")
+    cited = set(reply.cited)
+    for number, hit in enumerate(reply.sources, start=1):
+        mark = "  cited" if number in cited else ""
+        console.print(f"  [{number}] {hit.title}  score {hit.score:.4f}  id {hit.doc_id}{mark}", markup=False)
