@@ -261,16 +261,25 @@ def test_enable_thinking_false_gives_no_thinking_and_no_delimiters(family, famil
     assert not closed.thinking and qwq.tokenizer.decode(closed.ids).endswith("<think>\n</think>\n\n")
 
 
-def test_server_reports_reasoning_and_honours_enable_thinking(family):
+@pytest.mark.parametrize("name", list(PROMPT_ENDS))
+def test_server_separates_reasoning_per_family(family, name):
+    lm = family(name)
+    defaults = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=6)
+    messages = [{"role": "user", "content": QUESTION}]
+    with serve_in_background(create_app(lm, defaults, ui=False)) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+        reply = client.chat.completions.create(model="m", messages=messages)
+    [expected] = generate(lm, [QUESTION], defaults)
+    message = reply.choices[0].message
+    assert message.reasoning_content == expected.thinking and message.content == expected.answer
+    assert lm.profile.thinking_end not in message.reasoning_content + message.content
+    assert reply.usage.completion_tokens_details.reasoning_tokens == expected.thinking_tokens > 0
+
+
+def test_server_honours_enable_thinking_and_earlier_reasoning(family):
     lm = family("qwen3")
     defaults = BudgetForcing(max_thinking_tokens=40, max_answer_tokens=6)
     messages = [{"role": "user", "content": QUESTION}]
     with serve_in_background(create_app(lm, defaults)) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
-        reply = client.chat.completions.create(model="m", messages=messages)
-        [expected] = generate(lm, [QUESTION], defaults)
-        message = reply.choices[0].message
-        assert message.reasoning_content == expected.thinking and message.content == expected.answer
-        assert reply.usage.completion_tokens_details.reasoning_tokens == expected.thinking_tokens > 0
         off = client.chat.completions.create(model="m", messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert off.usage.completion_tokens_details.reasoning_tokens == 0
         assert off.choices[0].message.reasoning_content == ""
