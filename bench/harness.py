@@ -49,13 +49,13 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from t0s1 import BudgetForcing, generate
-    from t0s1.backends.transformers import TransformersBackend
+    from t0s1.backends.engine import EngineBackend
     from t0s1.evaluation.runner import EvalConfig, run_eval
     from t0s1.evaluation.tasks import get_task
     from t0s1.lm_eval import T0S1LM, task_manager
     from t0s1.models import load_model
 
-    backend = TransformersBackend(load_model(args.model, device=args.device))
+    backend = EngineBackend(load_model(args.model, device=args.device))
     generate(backend.lm, ["What is 2 + 2?"], BudgetForcing(max_thinking_tokens=4, max_answer_tokens=2))  # warm up
     config = EvalConfig(
         model=args.model,

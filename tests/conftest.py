@@ -115,10 +115,11 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The embedded SmolLM2-135M-Instruct (converted once into the user cache, then reloaded)."""
+    """The embedded SmolLM2-135M-Instruct on PyTorch (converted once into the user cache, then
+    reloaded); ``smollm2_gguf`` is the same model on llama.cpp."""
     from t0s1.models import EMBEDDED_MODEL, load_model
 
-    return load_model(EMBEDDED_MODEL, device="cpu")
+    return load_model(EMBEDDED_MODEL, device="cpu", backend="transformers")
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,8 @@ def test_vllm_is_optional():
 
 def test_unknown_backend_and_missing_base_url():
     with pytest.raises(UserError, match="Unknown backend"):
+        make_backend("llama", "m")
+    with pytest.raises(UserError, match="runs a .gguf model file"):
         make_backend("llamacpp", "m")
     with pytest.raises(UserError, match="--base-url"):
         make_backend("openai", "m")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from t0s1.backends import Backend
-from t0s1.backends.transformers import TransformersBackend
+from t0s1.backends.engine import EngineBackend
 from t0s1.cli import app
 from t0s1.cli_support import parse_int_list
 from t0s1.errors import UserError
@@ -29,7 +29,7 @@ class SeparateRuns(Backend):
     name = "transformers"
 
     def __init__(self, lm):
-        self.inner = TransformersBackend(lm)
+        self.inner = EngineBackend(lm)
         self.calls = 0
 
     def generate(self, prompts, budgets):
@@ -50,7 +50,7 @@ def _config(**overrides):
 def test_sweep_equals_separate_runs_sample_by_sample(tiny_model, shared_data_dir, tmp_path):
     tasks = [get_task("gsm8k")]
     config = _config(batch_size=3)
-    shared = run_eval(TransformersBackend(tiny_model), tasks, config, tmp_path / "sweep", data_dir=shared_data_dir, limit=5, progress=False)
+    shared = run_eval(EngineBackend(tiny_model), tasks, config, tmp_path / "sweep", data_dir=shared_data_dir, limit=5, progress=False)
     separate_backend = SeparateRuns(tiny_model)
     separate = run_eval(separate_backend, tasks, config, tmp_path / "separate", data_dir=shared_data_dir, limit=5, progress=False)
     assert separate_backend.calls == 2 * len(config.settings)  # 2 batches x 6 settings, no sharing
@@ -69,7 +69,7 @@ def test_sweep_equals_separate_runs_sample_by_sample(tiny_model, shared_data_dir
 def test_killed_run_resumes_without_duplicates_or_losses(tiny_model, shared_data_dir, tmp_path):
     tasks = [get_task("gsm8k"), get_task("aime24")]
     config = _config(max_thinking_tokens=[4, 8], num_ignore=[0, 1], batch_size=2)
-    backend = TransformersBackend(tiny_model)
+    backend = EngineBackend(tiny_model)
     whole = run_eval(backend, tasks, config, tmp_path / "whole", data_dir=shared_data_dir, limit=5, progress=False)
 
     class Killed(Exception):
@@ -102,7 +102,7 @@ def test_killed_run_resumes_without_duplicates_or_losses(tiny_model, shared_data
 
 def test_outputs_metrics_and_plot(tiny_model, shared_data_dir, tmp_path):
     config = _config()
-    results = run_eval(TransformersBackend(tiny_model), [get_task("math500")], config, tmp_path, data_dir=shared_data_dir, limit=3, progress=False)
+    results = run_eval(EngineBackend(tiny_model), [get_task("math500")], config, tmp_path, data_dir=shared_data_dir, limit=3, progress=False)
     task = results["tasks"]["math500"]
     assert [s["setting"] for s in task["settings"]] == [s.key for s in config.settings]
     assert set(task["methods"]) == {"budget", "wait"}
@@ -123,7 +123,7 @@ def test_outputs_metrics_and_plot(tiny_model, shared_data_dir, tmp_path):
 
 def test_sampling_gives_majority_vote_and_pass_at_k(tiny_model, shared_data_dir, tmp_path):
     config = _config(max_thinking_tokens=[8], num_ignore=[0], samples=4, temperature=1.0, batch_size=4)
-    results = run_eval(TransformersBackend(tiny_model), [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=2, progress=False)
+    results = run_eval(EngineBackend(tiny_model), [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=2, progress=False)
     setting = results["tasks"]["gsm8k"]["settings"][0]
     assert setting["samples"] == 8
     assert set(setting["pass_at_k"]) == {"1", "2", "4"}
@@ -134,13 +134,13 @@ def test_sampling_gives_majority_vote_and_pass_at_k(tiny_model, shared_data_dir,
     outputs = {r["thinking"] for r in rows}
     assert len(outputs) > 1  # samples differ
     # Reproducible: the same seeds give the same samples.
-    run_eval(TransformersBackend(tiny_model), [get_task("gsm8k")], config, tmp_path / "again", data_dir=shared_data_dir, limit=2, progress=False)
+    run_eval(EngineBackend(tiny_model), [get_task("gsm8k")], config, tmp_path / "again", data_dir=shared_data_dir, limit=2, progress=False)
     again = _rows(tmp_path / "again" / "samples" / "gsm8k.jsonl")
     assert [r["thinking"] for r in again] == [r["thinking"] for r in rows]
 
 
 def test_rerun_with_other_settings_is_refused(tiny_model, shared_data_dir, tmp_path):
-    backend = TransformersBackend(tiny_model)
+    backend = EngineBackend(tiny_model)
     run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0]), tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
     with pytest.raises(UserError, match="max_answer_tokens"):
         run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], max_answer_tokens=9), tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
@@ -254,7 +254,7 @@ def test_smollm2_gsm8k_sweep_resumes_to_the_same_results(smollm2, shared_data_di
     """>= 20 GSM8K problems at 3 budgets on the embedded model; a killed run, resumed, matches."""
     tasks = [get_task("gsm8k")]
     config = EvalConfig(model="smollm2-135m-instruct", max_thinking_tokens=[16, 32, 64], num_ignore=[0], max_answer_tokens=16, batch_size=10)
-    backend = TransformersBackend(smollm2)
+    backend = EngineBackend(smollm2)
     whole = run_eval(backend, tasks, config, tmp_path / "whole", data_dir=shared_data_dir, limit=20, progress=False)
     assert [s["samples"] for s in whole["tasks"]["gsm8k"]["settings"]] == [20, 20, 20]
     assert (tmp_path / "whole" / "gsm8k.png").exists() and (tmp_path / "whole" / "results.md").exists()

@@ -16,7 +16,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from t0s1 import BudgetForcing, generate  # noqa: E402
 from t0s1.backends import Backend  # noqa: E402
-from t0s1.backends.transformers import TransformersBackend  # noqa: E402
+from t0s1.backends.engine import EngineBackend  # noqa: E402
 from t0s1.errors import UserError  # noqa: E402
 from t0s1.evaluation.runner import EvalConfig, run_eval  # noqa: E402
 from t0s1.evaluation.tasks import TASKS, get_task  # noqa: E402
@@ -40,7 +40,7 @@ def _turn(lm, result, answer=None):
     return lm.profile.assistant_content(result.thinking, result.answer if answer is None else answer)
 
 
-class CountingBackend(TransformersBackend):
+class CountingBackend(EngineBackend):
     """The engine, counting the prompts it is asked to generate."""
 
     def __init__(self, lm):
@@ -69,7 +69,7 @@ class ClientBackend(Backend):
 
 
 def test_responses_are_the_engines_turns_with_the_forcing_arguments_applied(tiny_model):
-    model = T0S1LM(backend=TransformersBackend(tiny_model), progress=False)
+    model = T0S1LM(backend=EngineBackend(tiny_model), progress=False)
     budget = BudgetForcing(max_thinking_tokens=40, num_ignore=2, ignore_str="Wait", max_answer_tokens=12)
     expected = [_turn(tiny_model, r) for r in generate(tiny_model, PROMPTS, budget)]
     s1_names = {"max_tokens_thinking": 40, "thinking_n_ignore": 2, "thinking_n_ignore_str": "Wait", "max_gen_toks": 12}
@@ -77,8 +77,8 @@ def test_responses_are_the_engines_turns_with_the_forcing_arguments_applied(tiny
     assert _harness(model, PROMPTS, {"until": [], **s1_names}) == expected
     assert _harness(model, PROMPTS, {"until": [], **ours}) == expected
     # The same settings as model_args (defaults for every request) give the same texts.
-    assert _harness(T0S1LM(backend=TransformersBackend(tiny_model), progress=False, **s1_names), PROMPTS, {}) == expected
-    assert _harness(T0S1LM(backend=TransformersBackend(tiny_model), progress=False, **ours), PROMPTS, {}) == expected
+    assert _harness(T0S1LM(backend=EngineBackend(tiny_model), progress=False, **s1_names), PROMPTS, {}) == expected
+    assert _harness(T0S1LM(backend=EngineBackend(tiny_model), progress=False, **ours), PROMPTS, {}) == expected
     # The arguments take effect: without the ignores the turns differ, and "Wait" is in the thinking.
     assert _harness(model, PROMPTS, {**ours, "num_ignore": 0}) != expected
     assert any("Wait" in text.split(tiny_model.profile.thinking_end)[0] for text in expected)
@@ -96,7 +96,7 @@ def test_responses_are_the_engines_turns_with_the_forcing_arguments_applied(tiny
     ],
 )
 def test_bad_generation_arguments_are_errors(tiny_model, gen_kwargs, message):
-    model = T0S1LM(backend=TransformersBackend(tiny_model), progress=False)
+    model = T0S1LM(backend=EngineBackend(tiny_model), progress=False)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _harness(model, PROMPTS[:1], gen_kwargs)
 
@@ -122,14 +122,14 @@ def test_until_cuts_the_answer_on_the_engine_and_on_other_backends(tiny_model):
     until = [*stops, "no such text"]
     expected = [_turn(tiny_model, r, r.answer[: min(r.answer.find(s) for s in stops if s in r.answer)]) for r in full]
     gen_kwargs = {"until": until, "max_thinking_tokens": 24, "max_answer_tokens": 12}
-    for backend in (TransformersBackend(tiny_model), ClientBackend(tiny_model)):
+    for backend in (EngineBackend(tiny_model), ClientBackend(tiny_model)):
         texts = _harness(T0S1LM(backend=backend, progress=False), PROMPTS, gen_kwargs)
         assert texts == expected
         assert all(len(text) < len(_turn(tiny_model, r)) for text, r in zip(texts, full, strict=True))
 
 
 def test_chat_template_conversations_reach_the_engine_as_conversations(tiny_model):
-    model = T0S1LM(backend=TransformersBackend(tiny_model), max_thinking_tokens=16, max_answer_tokens=8, progress=False)
+    model = T0S1LM(backend=EngineBackend(tiny_model), max_thinking_tokens=16, max_answer_tokens=8, progress=False)
     conversation = [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": PROMPTS[0]}]
     rendered = model.apply_chat_template(conversation)
     assert rendered == tiny_model.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
@@ -156,9 +156,9 @@ def test_greedy_repeats_are_generated_once_and_samples_are_seeded_as_t0s1_eval_s
     # Sampling with repeats: each (question, k) gets t0s1 eval --samples K's seed, so the texts equal its samples.
     examples = get_task("gsm8k").load(shared_data_dir, limit=2)
     config = EvalConfig(model="tiny", max_thinking_tokens=[12], num_ignore=[0], max_answer_tokens=6, samples=2, temperature=1.0, seed=7, batch_size=4)
-    run_eval(TransformersBackend(tiny_model), [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=2, progress=False)
+    run_eval(EngineBackend(tiny_model), [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=2, progress=False)
     rows = {(r["id"], r["sample"]): r for r in map(json.loads, (tmp_path / "samples" / "gsm8k.jsonl").read_text().splitlines())}
-    sampler = T0S1LM(backend=TransformersBackend(tiny_model), max_thinking_tokens=12, max_answer_tokens=6, temperature=1.0, seed=7, batch_size=4, progress=False)
+    sampler = T0S1LM(backend=EngineBackend(tiny_model), max_thinking_tokens=12, max_answer_tokens=6, temperature=1.0, seed=7, batch_size=4, progress=False)
     requests = [_request(e.prompt, {}, doc_id=i, task="t0s1_gsm8k", repeats=2) for i, e in enumerate(examples)]
     texts = sampler.generate_until([r for r in requests for _ in range(2)])
     expected = [tiny_model.profile.assistant_content(rows[(e.id, k)]["thinking"], rows[(e.id, k)]["output"]) for e in examples for k in range(2)]
@@ -201,7 +201,7 @@ def test_harness_on_smollm2_equals_t0s1_eval_and_t0s1_grade(smollm2, shared_data
     data_dir.mkdir()
     (data_dir / "gsm8k_test.jsonl").write_text("".join(lines[i] + "\n" for i in (0, 20, 1, 31)), encoding="utf-8")
     settings = {"max_thinking_tokens": 32, "num_ignore": 1, "max_answer_tokens": 32}
-    backend = TransformersBackend(smollm2)
+    backend = EngineBackend(smollm2)
     config = EvalConfig(model="smollm2", max_thinking_tokens=[32], num_ignore=[1], max_answer_tokens=32, batch_size=4)
     run_eval(backend, [get_task("gsm8k")], config, tmp_path / "eval", data_dir=data_dir, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "eval" / "samples" / "gsm8k.jsonl").read_text().splitlines()]
@@ -246,7 +246,7 @@ def test_multiple_choice_task_scores_continuations_with_the_model(smollm2, tmp_p
         "doc_to_target": "label",
         "metric_list": [{"metric": "acc"}],
     }
-    model = T0S1LM(backend=TransformersBackend(smollm2), batch_size=4, progress=False)
+    model = T0S1LM(backend=EngineBackend(smollm2), batch_size=4, progress=False)
     results = lm_eval.simple_evaluate(model=model, tasks=[task], task_manager=task_manager(include_defaults=False))
     samples = results["samples"]["tiny_mc"]
     tokenizer, net = smollm2.tokenizer, smollm2.model

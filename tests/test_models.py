@@ -60,7 +60,7 @@ def test_unknown_model_exits_2_on_the_command_line():
 def test_embedded_model_converts_once_then_reloads(tmp_path, monkeypatch):
     monkeypatch.setenv("T0S1_CACHE_DIR", str(tmp_path))
     first = subprocess.run(
-        [sys.executable, "-c", f"import t0s1; lm = t0s1.load_model({EMBEDDED_MODEL!r}); print(lm.model.config.vocab_size)"],
+        [sys.executable, "-c", f"import t0s1; lm = t0s1.load_model({EMBEDDED_MODEL!r}, backend=\"transformers\"); print(lm.model.config.vocab_size)"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -70,7 +70,7 @@ def test_embedded_model_converts_once_then_reloads(tmp_path, monkeypatch):
     converted = list((tmp_path / "models").iterdir())
     assert len(converted) == 1 and (converted[0] / "model.safetensors").exists()
     assert not any(p.name.startswith(".converting") for p in (tmp_path / "models").iterdir())
-    lm = load_model(EMBEDDED_MODEL, device="cpu")
+    lm = load_model(EMBEDDED_MODEL, device="cpu", backend="transformers")
     assert lm.profile == S1
     assert not getattr(lm.model, "is_quantized", False)
     assert getattr(lm.model.config, "quantization_config", None) is None
@@ -78,7 +78,7 @@ def test_embedded_model_converts_once_then_reloads(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_gguf_file_loads_and_is_no_longer_flagged_quantized():
-    lm = load_model(str(embedded_gguf_path()), device="cpu")
+    lm = load_model(str(embedded_gguf_path()), device="cpu", backend="transformers")
     assert lm.model.hf_quantizer is None
     assert not lm.model.is_quantized
     assert getattr(lm.model.config, "quantization_config", None) is None

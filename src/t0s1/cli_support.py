@@ -22,6 +22,14 @@ ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="The embedded default, a model directory, a .gguf file or a hub id.")
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (GPU if any), cpu, cuda, cuda:1, ...")]
+EngineBackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="auto (llama.cpp for a .gguf file or the embedded default when there is no GPU, else "
+        "transformers), transformers (PyTorch), or llamacpp (a .gguf file on llama.cpp).",
+    ),
+]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
 ReasoningFormatOption = Annotated[
     str | None,

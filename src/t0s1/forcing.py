@@ -107,7 +107,7 @@ def generate_from_ids(
             sequences.append(rules.sequence(i, prompt, settings, on_text=on_delta))
         except UserError as error:
             raise UserError(f"Prompt {i}: {error}") from None
-    engine = Engine(lm, is_cancelled=is_cancelled)
+    engine = Engine(lm, is_cancelled=is_cancelled, runner=_runner_for(lm, sequences))
     return engine.run(sequences, len(prompts), progress=progress)
 
 
@@ -139,7 +139,7 @@ def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForci
         sequences.append(trace)
         # Settings with a zero budget never share any thinking: sequences of their own.
         sequences += [rules.sequence(i * len(settings) + j, rendered, s) for j, s in enumerate(settings) if limits[j] == 0]
-    flat = Engine(lm).run(sequences, len(prompts) * len(settings), progress=progress)
+    flat = Engine(lm, runner=_runner_for(lm, sequences)).run(sequences, len(prompts) * len(settings), progress=progress)
     return [flat[i * len(settings) : (i + 1) * len(settings)] for i in range(len(prompts))]
 
 
@@ -475,3 +475,11 @@ def _budget_numbered(rules, settings: BudgetForcing, prompt: RenderedPrompt, ind
         return rules.thinking_budget(settings, len(prompt.ids))
     except UserError as error:
         raise UserError(f"Prompt {index}: {error}") from None
+def _runner_for(lm, sequences: list[ForcedSequence]):
+    """A runner sized for ``sequences`` (a llama.cpp runner allocates its KV cache up front): a row
+    for each, and for each sweep setting that may fork off it, as long as the longest may grow."""
+    rows = sum(1 + len(sequence.riders) for sequence in sequences)
+    length = max((sequence.max_length for sequence in sequences), default=1)
+    return lm.new_runner(rows=max(rows, 1), length=length)
+
+

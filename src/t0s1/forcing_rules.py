@@ -420,6 +420,13 @@ class Sequence:
         """Ids that end the current phase (for backends that generate until a stop)."""
         return self.rules.stop_ids if self.thinking else self.rules.end_of_turn
 
+    @property
+    def max_length(self) -> int:
+        """The most ids this sequence can come to hold: its prompt, its whole budget, the longest
+        end of thinking and its answer."""
+        settings = self.settings
+        return len(self.prompt_ids) + self.max_thinking + self.rules.forced_end_length(settings) + settings.max_answer_tokens + 1
+
     def tokens_left(self) -> int:
         """How many tokens the model may still generate in the current phase."""
         if self.thinking:

@@ -19,6 +19,7 @@ from t0s1.cli_support import (
     ThinkingOption,
     DeviceOption,
     DtypeOption,
+    EngineBackendOption,
     IgnoreStrOption,
     MaxAnswerOption,
     MaxThinkingOption,
@@ -61,6 +62,7 @@ def generate_command(
     batch_size: Annotated[int, typer.Option(help="With --file: prompts per batch.")] = 8,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    backend: EngineBackendOption = "auto",
     reasoning_format: ReasoningFormatOption = None,
     end_phrase: EndPhraseOption = None,
     answer_prefix: AnswerPrefixOption = None,
@@ -73,7 +75,8 @@ def generate_command(
 ) -> None:
     """Answer a question with budget forcing: cap the thinking, or extend it with "Wait"."""
     if explain_format:
-        lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format)
+        lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
+                    backend=backend)
         print(lm.detection.explain())
         return
     if (prompt is None) == (file is None):
@@ -86,7 +89,8 @@ def generate_command(
     prompts = [prompt] if file is None else read_prompts(file)
     if prompt is not None and not prompt.strip():
         raise UserError("The prompt is empty: give the question to answer.")
-    lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format)
+    lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
+                    backend=backend)
     if file is not None:
         _generate_file(lm, prompts, settings, out, batch_size, template_kwargs)
     elif json_output:

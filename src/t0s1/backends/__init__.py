@@ -1,6 +1,8 @@
 """Backends: one small interface over the engines that run budget forcing.
 
-- ``transformers``: the project's own engine (``t0s1.forcing``), with prefix-sharing sweeps.
+- ``transformers`` and ``llamacpp``: the project's own engine (``t0s1.forcing``) on a PyTorch model
+  or, for GGUF files, on llama.cpp; prefix-sharing sweeps. ``auto`` picks llama.cpp for a GGUF
+  file (the embedded default included) when there is no GPU, transformers otherwise.
 - ``vllm``: vLLM offline inference (GPU only; vLLM is an optional dependency).
 - ``openai``: any OpenAI-compatible completions endpoint (``vllm serve``, ``t0s1 serve``), with
   budget forcing driven from the client, as t0 drove ``vllm serve``.
@@ -18,7 +20,10 @@ from collections.abc import Sequence
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, Prompt, Result
 
-BACKENDS = ("transformers", "vllm", "openai")
+ENGINE_BACKENDS = ("auto", "transformers", "llamacpp")
+"""Backends that run the project's engine in this process (``auto``: llama.cpp for a GGUF file
+without a GPU, else transformers; see ``t0s1.models.choose_backend``)."""
+BACKENDS = (*ENGINE_BACKENDS, "vllm", "openai")
 
 
 class Backend(ABC):
@@ -66,12 +71,13 @@ def make_backend(
 
 
 def _make_backend(name, model, *, device, dtype, base_url, api_key, tokenizer, reasoning_format, trust_remote_code) -> Backend:
-    if name == "transformers":
-        from t0s1.backends.transformers import TransformersBackend
+    if name in ENGINE_BACKENDS:
+        from t0s1.backends.engine import EngineBackend
 
         if base_url:
-            raise UserError("--base-url is for --backend openai; the transformers backend runs the model here.")
-        return TransformersBackend.load(model, device=device, dtype=dtype, reasoning_format=reasoning_format, trust_remote_code=trust_remote_code)
+            raise UserError(f"--base-url is for --backend openai; the {name} backend runs the model here.")
+        return EngineBackend.load(model, backend=name, device=device, dtype=dtype, reasoning_format=reasoning_format,
+                                  trust_remote_code=trust_remote_code)
     if name == "vllm":
         from t0s1.backends.vllm import VLLMBackend
 

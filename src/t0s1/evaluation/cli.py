@@ -56,7 +56,7 @@ def eval_command(
     top_p: float = typer.Option(BUDGET_DEFAULTS.top_p, "--top-p"),
     seed: int = typer.Option(BUDGET_DEFAULTS.seed, "--seed", help="Base seed; each (question, sample) has its own seed derived from it."),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions generated together."),
-    backend: str = typer.Option("transformers", "--backend", help="transformers | vllm | openai."),
+    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for a .gguf file without a GPU, else transformers) | transformers | llamacpp | vllm | openai."),
     base_url: str = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint for --backend openai, e.g. http://localhost:8000/v1."),
     api_key: str = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="API key for --base-url (default: $OPENAI_API_KEY)."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer for --backend openai (default: --model)."),
@@ -86,9 +86,11 @@ def eval_command(
     chosen = parse_task_list(tasks)
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive integer, got {limit}.")
+    from t0s1.models import choose_backend
+
     config = EvalConfig(
         model=model,
-        backend=backend,
+        backend=choose_backend(model, device, backend),  # recorded as what ran: auto differs from machine to machine
         max_thinking_tokens=parse_int_list(max_thinking_tokens, "--max-thinking-tokens", allow_auto=True),
         num_ignore=parse_int_list(num_ignore, "--num-ignore"),
         ignore_str=ignore_str,

@@ -33,7 +33,7 @@ except ImportError as error:  # the optional extra is not installed
     raise ImportError("The t0s1 harness model needs lm-evaluation-harness: pip install 't0s1[lm-eval]'.") from error
 
 from t0s1.backends import Backend, make_backend
-from t0s1.backends.transformers import TransformersBackend
+from t0s1.backends.engine import EngineBackend
 from t0s1.cli_support import parse_chat_template_kwargs
 from t0s1.errors import UserError
 from t0s1.evaluation.runner import sample_seed
@@ -175,7 +175,7 @@ class T0S1LM(LM):
     def _generate(self, prompts: list, budgets: list[BudgetForcing], untils: list[list[str]]) -> list[tuple[Result, str]]:
         """Results and their answers cut at the first ``until`` string. On the engine, a row
         stops as soon as its answer holds one (``is_cancelled``); other backends finish it."""
-        if isinstance(self.backend, TransformersBackend) and any(untils):
+        if isinstance(self.backend, EngineBackend) and any(untils):
             answers = [""] * len(prompts)
             stopped = [False] * len(prompts)
 
@@ -241,7 +241,7 @@ class T0S1LM(LM):
     def _hf_scorer(self):
         """The harness's HFLM around the loaded transformers model: its tokenisation of
         (context, continuation) pairs, rolling windows and batching."""
-        if not isinstance(self.backend, TransformersBackend):
+        if not isinstance(self.backend, EngineBackend) or self.backend.name != "transformers":
             raise UserError(
                 f"This task scores continuations (loglikelihood), which needs backend=transformers; the {self.backend.name} "
                 "backend only generates. Run multiple-choice and perplexity tasks with backend=transformers."
@@ -298,7 +298,7 @@ def _batch_size(batch_size, max_batch_size, backend: Backend) -> int | None:
     if batch_size is None or (isinstance(batch_size, str) and batch_size.strip().lower().startswith("auto")):
         if max_batch_size:
             return _batch_size(max_batch_size, None, backend)
-        return DEFAULT_BATCH_SIZE if isinstance(backend, TransformersBackend) else None
+        return DEFAULT_BATCH_SIZE if isinstance(backend, EngineBackend) else None
     try:
         size = int(batch_size)
     except (TypeError, ValueError):
@@ -310,7 +310,7 @@ def _batch_size(batch_size, max_batch_size, backend: Backend) -> int | None:
 
 def _tokenizer_and_profile(backend: Backend):
     """The tokenizer that renders the backend's prompts and its model profile (delimiters)."""
-    if isinstance(backend, TransformersBackend):
+    if isinstance(backend, EngineBackend):
         return backend.lm.tokenizer, backend.lm.profile
     # vllm and openai drive budget forcing from the client, which holds both.
     forcing = getattr(backend, "forcing", None)

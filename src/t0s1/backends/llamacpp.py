@@ -1,0 +1,433 @@
+"""llama.cpp as a model runner for the budget forcing engine: GGUF files at llama.cpp speed on a CPU.
+
+The engine (``t0s1.forcing.Engine``) decides what every sequence feeds next and samples from the
+logits; the runner only holds the model side. Each sequence lives in a *slot*: one llama.cpp
+sequence id with its own KV cache stream. The engine prefills new prompts while others decode,
+advances several sequences in one ``llama_decode`` batch, forks a sequence (a copy of its cache:
+sweeps share the thinking), drops its last tokens, and frees it. Logits come back as float32 torch
+tensors so the engine's sampling and masking serve every runner.
+
+Built on the low-level ctypes API of ``llama-cpp-python`` (``llama_cpp.llama_cpp``:
+``llama_batch_init``, ``llama_decode``, ``llama_get_logits``, ``llama_memory_seq_rm`` / ``_cp``).
+
+Numerics. llama.cpp's CPU kernels round differently for different batch shapes: a prompt
+evaluated as one block and the same ids fed one by one give logits up to about 1 apart on
+SmolLM2-135M Q4_1, and with flash attention the single-sequence decode path changes once the cache
+passes 256 tokens. So: flash attention is off (as in llama-cpp-python's ``Llama``), and each
+prompt is prefilled in a ``llama_decode`` call of its own. Then, on the embedded Q4_1 model, a
+token's logits do not depend on which other sequences share its batch, and a from-scratch run that
+evaluates the prompt as one block and then feeds the later ids one by one gives the same logits,
+bit for bit. (K-quant models, Q4_K and the like, switch to a tiled matrix kernel at 8 or more
+sequences per batch: their logits then differ from batch 1 by up to about 1.4.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t0s1.errors import UserError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def require_gguf(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it is a GGUF file; a ``UserError`` naming the problem otherwise."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"No GGUF file at {str(path)!r}: the llama.cpp backend takes the path of a .gguf model file.")
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(
+            f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes). The llama.cpp "
+            "backend runs .gguf model files; use --backend transformers for a model directory."
+        )
+    return path
+
+
+def _bindings():
+    """llama-cpp-python's ctypes bindings, imported on first use (that loads the shared libraries)."""
+    try:
+        from llama_cpp import llama_cpp as bindings
+    except ImportError:
+        raise UserError("The llama.cpp backend needs llama-cpp-python: pip install llama-cpp-python") from None
+    # llama-cpp-python prints every llama.cpp log line (model metadata, timings) unless its logger
+    # says otherwise; keep the errors, as its own Llama(verbose=False) does.
+    logger = logging.getLogger("llama-cpp-python")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
+    bindings.llama_backend_init()
+    return bindings
+
+
+def default_threads() -> int:
+    """As many threads as PyTorch uses (the cores, unless set otherwise, e.g. by ``t0s1 quickstart
+    --threads``): llama.cpp's threads spin while they wait, so two thread pools that oversubscribe
+    the cores slow each other down several times over."""
+    return max(1, torch.get_num_threads())
+
+
+class LlamaCppModel:
+    """The weights of a GGUF file, loaded (memory-mapped) once by llama.cpp; runners share them."""
+
+    def __init__(self, gguf_path: str | os.PathLike):
+        self._model = None
+        self.path = require_gguf(gguf_path)
+        self._ll = ll = _bindings()
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = 0  # a CPU runner: on a GPU the transformers and vLLM backends serve
+        self._model = ll.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise UserError(
+                f"llama.cpp could not load {str(self.path)!r} (its error is printed above): a damaged file, "
+                "or an architecture this llama.cpp does not support."
+            )
+        self.trained_context_length = int(ll.llama_model_n_ctx_train(self._model))
+        self.vocab_size = int(ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self._model)))
+
+    def eos_token_ids(self) -> list[int]:
+        """The end-of-sequence and end-of-turn ids the GGUF declares."""
+        ll = self._ll
+        vocab = ll.llama_model_get_vocab(self.pointer)
+        ids = [int(ll.llama_vocab_eos(vocab)), int(ll.llama_vocab_eot(vocab))]
+        return sorted({token for token in ids if token >= 0})
+
+    @property
+    def pointer(self):
+        if not self._model:
+            raise RuntimeError(f"The llama.cpp model {self.path.name} was closed.")
+        return self._model
+
+    def close(self) -> None:
+        if self._model:
+            self._ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the bindings may be gone already
+            pass
+
+
+class LlamaCppRunner:
+    """A llama.cpp context over a GGUF model: up to ``max_slots`` sequences of ``context_length``
+    tokens each, driven by the engine through ``add`` / ``step`` / ``fork`` / ``rollback`` /
+    ``release``.
+
+    ``model``: a ``LlamaCppModel`` (shared; left open by ``close``) or the path of a GGUF file
+    (loaded for this runner alone). ``context_length``: tokens one sequence may hold, prompt
+    included; None: the model's training context. Each slot has a KV cache stream of its own
+    (llama.cpp's non-unified cache): a sequence attends over its own tokens only, so a batch of
+    long unrelated sequences costs no more attention than each alone, and a fork copies the
+    stream. Memory: ``max_slots x context_length`` cache cells. ``n_threads``: CPU threads
+    (default: the cores available). ``n_batch``: tokens per ``llama_decode`` call (longer prefills
+    are split). There is no seed: the engine samples from the logits.
+    """
+
+    def __init__(
+        self,
+        model: LlamaCppModel | str | os.PathLike,
+        *,
+        context_length: int | None = None,
+        max_slots: int = 1,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+    ):
+        self._context = self._batch = None
+        self._owns_model = not isinstance(model, LlamaCppModel)
+        self.model = LlamaCppModel(model) if self._owns_model else model
+        self._ll = ll = self.model._ll
+        try:
+            self._open(ll, context_length, max_slots, n_threads, n_batch)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, ll, context_length, max_slots, n_threads, n_batch) -> None:
+        trained = self.model.trained_context_length
+        if context_length is None:
+            context_length = trained
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+            raise UserError(f"context_length must be a positive number of tokens, got {context_length!r}.")
+        if context_length > trained:
+            raise UserError(
+                f"context_length={context_length} is longer than the {trained} tokens {self.model.path.name} "
+                f"was trained on; use at most {trained}."
+            )
+        most = ll.llama_max_parallel_sequences()
+        if isinstance(max_slots, bool) or not isinstance(max_slots, int) or not 1 <= max_slots <= most:
+            raise UserError(f"The number of concurrent sequences must be between 1 and {most}, got {max_slots!r}.")
+        self.context_length = context_length
+        self.max_slots = max_slots
+        self.vocab_size = self.model.vocab_size
+        self.n_threads = n_threads or default_threads()
+        self.n_batch = max(1, min(n_batch, context_length * max_slots))
+
+        params = ll.llama_context_default_params()
+        params.n_ctx = context_length * max_slots  # llama.cpp splits it evenly between the streams
+        params.n_seq_max = max_slots
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED  # see the module docstring
+        params.no_perf = True
+        self._context = ll.llama_init_from_model(self.model.pointer, params)
+        if not self._context:
+            raise UserError(
+                f"llama.cpp could not create a context of {max_slots} x {context_length} tokens for "
+                f"{self.model.path.name} (out of memory?): lower the context length or the number of "
+                "concurrent sequences."
+            )
+        self._memory = ll.llama_get_memory(self._context)
+        # A batch of single tokens, each in exactly one sequence; numpy views fill it without a
+        # Python loop per field.
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._positions = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._wants_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))[:] = 1
+        self._lengths: dict[int, int] = {}  # tokens in the cache of each slot in use
+        self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out the lowest slot first
+
+    # ---- the interface the engine drives ------------------------------------------------
+
+    def add(self, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor]:
+        """Prefill new sequences (others may be mid-generation): their slots, and the logits of
+        each prompt's last position, ``[len(prompts), vocab_size]``."""
+        prompts = [[int(token) for token in ids] for ids in prompts]
+        for ids in prompts:
+            if not ids:
+                raise UserError("Cannot start a sequence from an empty prompt.")
+            if len(ids) > self.context_length:
+                raise UserError(
+                    f"The prompt has {len(ids)} tokens but the llama.cpp context holds {self.context_length} per "
+                    "sequence: shorten the prompt or raise the context length."
+                )
+        if len(prompts) > len(self._free):
+            raise RuntimeError(f"{len(prompts)} new sequences, but only {len(self._free)} of {self.max_slots} slots are free.")
+        slots = [self._free.pop() for _ in prompts]
+        logits = []
+        try:
+            for slot, ids in zip(slots, prompts, strict=True):  # one call per prompt: see the module docstring
+                last = len(ids) - 1
+                logits.append(self._decode([(slot, position, token, position == last) for position, token in enumerate(ids)]))
+                self._lengths[slot] = len(ids)
+        except BaseException:
+            for slot in slots:
+                self._drop(slot)
+            raise
+        return slots, torch.cat(logits) if logits else torch.empty((0, self.vocab_size))
+
+    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each slot, all in one batch: the logits after each, ``[len(slots), vocab_size]``."""
+        if len(slots) != len(tokens):
+            raise ValueError(f"step got {len(slots)} slots and {len(tokens)} tokens.")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"step got a slot twice: {slots}.")
+        for slot in slots:
+            if self._length(slot) >= self.context_length:
+                raise UserError(
+                    f"A sequence filled the llama.cpp context of {self.context_length} tokens: raise the context "
+                    "length or lower the thinking and answer budgets."
+                )
+        logits = self._decode([(slot, self._lengths[slot], int(token), True) for slot, token in zip(slots, tokens)])
+        for slot in slots:
+            self._lengths[slot] += 1
+        return logits
+
+    def fork(self, slot: int) -> int:
+        """A new slot whose cache is a copy of ``slot``'s; the two then continue independently."""
+        length = self._length(slot)
+        if not self._free:
+            raise RuntimeError(f"Cannot fork: all {self.max_slots} slots are in use.")
+        new = self._free.pop()
+        # Between streams llama.cpp copies the whole stream buffer, at the next llama_decode.
+        self._ll.llama_memory_seq_cp(self._memory, slot, new, -1, -1)
+        self._lengths[new] = length
+        return new
+
+    def rollback(self, slot: int, count: int) -> None:
+        """Drop the last ``count`` tokens of ``slot``'s cache. Feed a token next: the logits after
+        the kept tokens are not stored."""
+        length = self._length(slot)
+        if not 0 <= count <= length:
+            raise ValueError(f"Cannot roll back {count} tokens of a sequence of {length}.")
+        if count and not self._ll.llama_memory_seq_rm(self._memory, slot, length - count, -1):
+            raise RuntimeError(f"llama.cpp cannot cut a sequence of {self.model.path.name} short (a recurrent model?).")
+        self._lengths[slot] = length - count
+
+    def release(self, slot: int) -> None:
+        """``slot``'s sequence is done: free its cache cells and the slot."""
+        self._length(slot)
+        self._drop(slot)
+
+    def length(self, slot: int) -> int:
+        """Tokens in ``slot``'s cache."""
+        return self._length(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def close(self) -> None:
+        """Free the context now (otherwise when the runner is garbage collected); the model too
+        if the runner loaded it."""
+        ll = getattr(self, "_ll", None)
+        if ll is not None:
+            if self._batch is not None:
+                ll.llama_batch_free(self._batch)
+                self._batch = None
+            if self._context:
+                ll.llama_free(self._context)
+                self._context = None
+        if getattr(self, "_owns_model", False) and getattr(self, "model", None) is not None:
+            self.model.close()
+
+    def __enter__(self) -> LlamaCppRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the bindings may be gone already
+            pass
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _length(self, slot: int) -> int:
+        try:
+            return self._lengths[slot]
+        except KeyError:
+            raise ValueError(f"Slot {slot} holds no sequence.") from None
+
+    def _drop(self, slot: int) -> None:
+        self._ll.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._lengths.pop(slot, None)
+        self._free.append(slot)
+
+    def _decode(self, rows: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """Decode ``(slot, position, token, wants_logits)`` rows, ``n_batch`` per call: the logits
+        of the rows that want them, in order."""
+        if not self._context:
+            raise RuntimeError("The llama.cpp runner was closed.")
+        out = []
+        for start in range(0, len(rows), self.n_batch):
+            chunk = rows[start : start + self.n_batch]
+            n = len(chunk)
+            slots, positions, tokens, wants = zip(*chunk, strict=True)
+            self._tokens[:n] = tokens
+            self._positions[:n] = positions
+            self._wants_logits[:n] = wants
+            seq_ids = self._batch.seq_id
+            for i, slot in enumerate(slots):
+                seq_ids[i][0] = slot
+            self._batch.n_tokens = n
+            code = self._ll.llama_decode(self._context, self._batch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode failed (code {code}) on a batch of {n} tokens.")
+            outputs = sum(wants)
+            if outputs:  # the rows that asked for logits, contiguous, in batch order
+                logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self._context), shape=(outputs, self.vocab_size))
+                out.append(torch.from_numpy(logits.copy()))
+        if not out:
+            return torch.empty((0, self.vocab_size))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The model as the engine sees it
+
+
+class LlamaCppLoadedModel:
+    """A GGUF model on llama.cpp, ready for budget forcing: what ``load_model(..., backend="llamacpp")``
+    returns. It has what the engine reads from a transformers ``LoadedModel`` (tokenizer, profile,
+    rules, context length, vocabulary size, ``new_runner``), so ``t0s1.generate``,
+    ``generate_sweep``, eval and the server run on it unchanged, with the same decision code.
+
+    ``weights``: the llama.cpp model (``LlamaCppModel``). The tokenizer is the GGUF's own, as
+    transformers reads it (the same ids as llama.cpp's tokenizer; prompts are rendered with its
+    chat template and fed to llama.cpp as ids). ``context_length``: tokens one sequence may hold
+    (default: the model's training context). ``n_threads``: CPU threads (default: all cores).
+    """
+
+    backend = "llamacpp"
+
+    def __init__(self, weights: LlamaCppModel, tokenizer, detection, name: str, *, context_length: int | None = None,
+                 n_threads: int | None = None):
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.detection = detection
+        self.profile = detection.profile
+        self.name = name
+        self.context_length = context_length or weights.trained_context_length
+        self.n_threads = n_threads
+        self.device = torch.device("cpu")
+        self.vocab_size = len(tokenizer)
+        self._rules = None
+
+    @property
+    def model(self) -> LlamaCppModel:
+        return self.weights
+
+    @property
+    def rules(self):
+        """The budget forcing decisions for this tokenizer and profile (``t0s1.forcing_rules``)."""
+        if self._rules is None:
+            from transformers import GenerationConfig
+
+            from t0s1.forcing_rules import ForcingRules
+
+            eos = self.weights.eos_token_ids()
+            self._rules = ForcingRules(self.tokenizer, self.profile, GenerationConfig(eos_token_id=eos),
+                                       context_length=self.context_length)
+        return self._rules
+
+    def new_runner(self, rows: int | None = None, length: int | None = None) -> LlamaCppRunner:
+        """A llama.cpp context for ``rows`` sequences at once of up to ``length`` tokens each
+        (llama.cpp sizes its KV cache up front; default: 8 rows of the whole context)."""
+        # llama.cpp gives each stream a multiple of 256 cells: ask for that, not less.
+        length = min(-(-(length or self.context_length) // 256) * 256, self.context_length)
+        return LlamaCppRunner(self.weights, context_length=length, max_slots=rows or 8, n_threads=self.n_threads)
+
+
+def load_llamacpp(name_or_path: str, *, trust_remote_code: bool = False, reasoning_format=None,
+                  context_length: int | None = None, n_threads: int | None = None) -> LlamaCppLoadedModel:
+    """A GGUF file (or the embedded default) on llama.cpp, with its tokenizer and model profile."""
+    from transformers import AutoTokenizer
+
+    from t0s1.models import EMBEDDED_MODEL, embedded_cache_path, embedded_gguf_path
+    from t0s1.profiles import detect_profile
+
+    path = embedded_gguf_path() if name_or_path == EMBEDDED_MODEL else Path(name_or_path).expanduser()
+    if path.is_dir() or not path.exists() and not path.name.endswith(".gguf"):
+        raise UserError(
+            f"--backend llamacpp runs a .gguf model file, not {name_or_path!r}; use --backend transformers for a "
+            "model directory or a hub id."
+        )
+    # The GGUF's tokenizer as transformers reads it; for the embedded model, its converted copy when
+    # there is one (it loads in a tenth of the time).
+    tokenizer_source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    if name_or_path == EMBEDDED_MODEL and (embedded_cache_path() / "tokenizer.json").exists():
+        tokenizer_source = {"pretrained_model_name_or_path": str(embedded_cache_path())}
+    weights = LlamaCppModel(path)  # checks the file is GGUF first
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**tokenizer_source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        weights.close()
+        raise UserError(f"Could not read the tokenizer of {str(path)!r}: {error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > weights.vocab_size:
+        weights.close()
+        raise UserError(f"The tokenizer of {path.name} has {len(tokenizer)} tokens but llama.cpp's vocabulary has {weights.vocab_size}.")
+    detection = detect_profile(tokenizer, reasoning_format)
+    return LlamaCppLoadedModel(weights, tokenizer, detection, name_or_path, context_length=context_length, n_threads=n_threads)

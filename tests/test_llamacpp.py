@@ -1,0 +1,349 @@
+"""The llama.cpp runner on the embedded GGUF: its logits equal a from-scratch evaluation with
+llama-cpp-python's own ``Llama`` after prefill, steps, batching, forks, rollbacks and releases;
+greedy decoding through it equals llama.cpp's own; bad files and short contexts are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp")
+
+from llama_cpp import Llama  # noqa: E402
+from llamacpp_reference import LlamaCppGreedy, reference_llama  # noqa: E402
+
+from t0s1 import UserError  # noqa: E402
+from t0s1.backends.llamacpp import LlamaCppModel, LlamaCppRunner  # noqa: E402
+from t0s1.models import embedded_gguf_path  # noqa: E402
+
+CONTEXT = 256
+THREADS = 1  # on a small shared CPU llama.cpp's spinning threads slow each other down; results do not depend on it
+
+CHAT_TEXTS = [
+    "<|im_start|>user\nHow many r are in the word raspberry?<|im_end|>\n<|im_start|>assistant\n<|im_start|>think\n",
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 12 + 35 * 2?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    return embedded_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def llama_model(gguf):
+    model = LlamaCppModel(gguf)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def scratch(gguf):
+    """From-scratch evaluations by llama-cpp-python's ``Llama`` (the reference's evaluator)."""
+    llama = reference_llama(gguf, context_length=CONTEXT, n_threads=THREADS)
+    yield LlamaCppGreedy(llama)
+    llama.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(scratch):
+    return [scratch.llama.tokenize(text.encode(), add_bos=False, special=True) for text in CHAT_TEXTS]
+
+
+@pytest.fixture
+def make_runner(llama_model):
+    runners = []
+
+    def make(**kwargs):
+        kwargs = {"context_length": CONTEXT, "max_slots": 4, "n_threads": THREADS} | kwargs
+        runners.append(LlamaCppRunner(llama_model, **kwargs))
+        return runners[-1]
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
+def from_scratch(scratch: LlamaCppGreedy, prompt: list[int], later: list[int]) -> torch.Tensor:
+    scratch.prompt_length = len(prompt)
+    scratch.evaluate(prompt + later)
+    return scratch.last_logits()
+
+
+def test_prefill_and_steps_equal_a_from_scratch_evaluation(make_runner, scratch, prompts):
+    runner = make_runner()
+    prompt = prompts[0]
+    (slot,), logits = runner.add([prompt])
+    assert logits.shape == (1, runner.vocab_size) and logits.dtype == torch.float32
+    assert torch.equal(logits[0], from_scratch(scratch, prompt, []))
+    generated = []
+    for step in range(1, 13):
+        generated.append(int(logits[0].argmax()))
+        logits = runner.step([slot], generated[-1:])
+        if step in (1, 5, 12):
+            assert torch.equal(logits[0], from_scratch(scratch, prompt, generated))
+    assert runner.length(slot) == len(prompt) + 12
+
+
+def test_a_batch_of_sequences_gives_each_the_logits_it_has_alone(make_runner, prompts):
+    batched, alone = make_runner(), make_runner()
+    slots, logits = batched.add(prompts)
+    fed = [[] for _ in prompts]
+    trace = []
+    for _ in range(10):
+        tokens = [int(t) for t in logits.argmax(-1)]
+        for ids, token in zip(fed, tokens, strict=True):
+            ids.append(token)
+        logits = batched.step(slots, tokens)
+        trace.append(logits)
+    worst = 0.0
+    for b, prompt in enumerate(prompts):
+        (slot,), single = alone.add([prompt])
+        for step, token in enumerate(fed[b]):
+            single = alone.step([slot], [token])
+            worst = max(worst, float((single[0] - trace[step][b]).abs().max()))
+        alone.release(slot)
+    assert worst == 0.0
+
+
+def test_forks_continue_like_from_scratch_runs(make_runner, scratch, prompts):
+    runner = make_runner()
+    prompt = prompts[1]
+    (parent,), logits = runner.add([prompt])
+    shared = [int(logits[0].argmax())]
+    runner.step([parent], shared)
+    child = runner.fork(parent)
+    assert child != parent and runner.length(child) == runner.length(parent)
+    # Two different tokens in one batch, then each continues greedily on its own copy of the cache.
+    branches = {parent: shared + [28], child: shared + [1202]}
+    logits = runner.step([parent, child], [28, 1202])
+    for _ in range(6):
+        tokens = [int(t) for t in logits.argmax(-1)]
+        branches[parent].append(tokens[0])
+        branches[child].append(tokens[1])
+        logits = runner.step([parent, child], tokens)
+    assert torch.equal(logits[0], from_scratch(scratch, prompt, branches[parent]))
+    assert torch.equal(logits[1], from_scratch(scratch, prompt, branches[child]))
+    runner.release(parent)  # the fork keeps its own cache
+    logits = runner.step([child], [13])
+    assert torch.equal(logits[0], from_scratch(scratch, prompt, branches[child] + [13]))
+
+
+def test_rollback_then_another_token_equals_from_scratch(make_runner, scratch, prompts):
+    runner = make_runner()
+    prompt = prompts[0]
+    (slot,), logits = runner.add([prompt])
+    generated = []
+    for _ in range(6):
+        generated.append(int(logits[0].argmax()))
+        logits = runner.step([slot], generated[-1:])
+    runner.rollback(slot, 4)
+    assert runner.length(slot) == len(prompt) + 2
+    kept = generated[:2] + [1202]
+    logits = runner.step([slot], [1202])
+    assert torch.equal(logits[0], from_scratch(scratch, prompt, kept))
+    with pytest.raises(ValueError, match="roll back"):
+        runner.rollback(slot, runner.length(slot) + 1)
+
+
+def test_released_slots_are_reused_without_leftovers(make_runner, scratch, prompts):
+    runner = make_runner(max_slots=1)
+    (slot,), logits = runner.add([prompts[0]])
+    runner.step([slot], [int(logits[0].argmax())])
+    with pytest.raises(RuntimeError, match="slots"):
+        runner.add([prompts[1]])
+    runner.release(slot)
+    with pytest.raises(ValueError, match="no sequence"):
+        runner.step([slot], [1])
+    (again,), logits = runner.add([prompts[1]])
+    assert again == slot and runner.free_slots == 0
+    assert torch.equal(logits[0], from_scratch(scratch, prompts[1], []))
+
+
+def test_greedy_decoding_equals_llama_cpps_own(make_runner, gguf, prompts):
+    runner = make_runner()
+    prompt = prompts[2]
+    (slot,), logits = runner.add([prompt])
+    ours = []
+    for _ in range(24):
+        ours.append(int(logits[0].argmax()))
+        logits = runner.step([slot], ours[-1:])
+    llama = reference_llama(gguf, context_length=CONTEXT, n_threads=THREADS)
+    try:
+        theirs = []
+        for token in llama.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+            theirs.append(token)
+            if len(theirs) == len(ours):
+                break
+    finally:
+        llama.close()
+    assert ours == theirs
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match="not a GGUF file"):
+        LlamaCppRunner(fake)
+    with pytest.raises(UserError, match="No GGUF file"):
+        LlamaCppModel(tmp_path / "missing.gguf")
+
+
+def test_a_context_too_small_is_refused(make_runner, llama_model, prompts):
+    runner = make_runner(context_length=len(prompts[0]) + 1)
+    with pytest.raises(UserError, match="context holds"):
+        runner.add([prompts[0] + [28, 28]])
+    (slot,), _ = runner.add([prompts[0]])
+    runner.step([slot], [28])
+    with pytest.raises(UserError, match="filled the llama.cpp context"):
+        runner.step([slot], [28])
+    with pytest.raises(UserError, match="trained on"):
+        LlamaCppRunner(llama_model, context_length=llama_model.trained_context_length + 1)
+
+
+def test_the_gguf_tokenizer_in_transformers_agrees_with_llama_cpp(gguf, scratch):
+    """The backend renders prompts with transformers' tokenizer and feeds the ids to llama.cpp."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    llama = scratch.llama
+    assert tokenizer.chat_template == llama.metadata["tokenizer.chat_template"]
+    assert len(tokenizer) == llama.n_vocab()
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2? 🤔"}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    texts = [*CHAT_TEXTS, rendered, "Wait", "\n<|im_start|>answer\nFinal Answer:", "  tabs\t\tünïcode\n\nand 42\\boxed{7}"]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert ids == llama.tokenize(text.encode(), add_bos=False, special=True), text
+        assert llama.detokenize(ids, special=True).decode() == text
+
+
+# ---- the backend: the engine's budget forcing on llama.cpp ----------------------------------------
+
+BACKEND_PROMPTS = ["How many r are in the word raspberry?", "What is 17 * 23?", "Name a colour.", "What is 7 + 5?"]
+
+
+@pytest.fixture(scope="module")
+def gguf_lm(llama_model):
+    """The embedded model on llama.cpp, as ``load_model`` returns it, with one thread."""
+    from t0s1.backends.llamacpp import LlamaCppLoadedModel
+    from t0s1.models import embedded_model_dir
+    from t0s1.profiles import detect_profile
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    return LlamaCppLoadedModel(llama_model, tokenizer, detect_profile(tokenizer), "smollm2", n_threads=THREADS)
+
+
+@pytest.fixture(scope="module")
+def reference_lm(gguf, gguf_lm):
+    from llamacpp_reference import ReferenceLM
+
+    llama = reference_llama(gguf, context_length=1024, n_threads=THREADS)
+    yield ReferenceLM(LlamaCppGreedy(llama), gguf_lm.tokenizer, gguf_lm.profile)
+    llama.close()
+
+
+@pytest.mark.parametrize("num_ignore", [0, 2])
+@pytest.mark.parametrize("budget", [8, 64])
+def test_backend_equals_the_from_scratch_reference(gguf_lm, reference_lm, budget, num_ignore):
+    """s1's loop re-evaluating the whole sequence with llama.cpp after every intervention gives the
+    same ids as the backend continuing every sequence in its KV cache, at batch 4 and batch 1."""
+    from llamacpp_reference import reference_generate
+
+    from t0s1 import BudgetForcing, generate
+
+    settings = BudgetForcing(max_thinking_tokens=budget, num_ignore=num_ignore, max_answer_tokens=12)
+    batched = generate(gguf_lm, BACKEND_PROMPTS, settings)
+    alone = generate(gguf_lm, BACKEND_PROMPTS[1:2], settings)
+    for prompt, result in zip(BACKEND_PROMPTS, batched, strict=True):
+        expected = reference_generate(reference_lm, prompt, settings)
+        assert result.thinking_token_ids == expected.thinking_token_ids, prompt
+        assert result.answer_token_ids == expected.answer_token_ids, prompt
+        assert (result.num_ignored, result.hit_budget) == (expected.num_ignored, expected.hit_budget)
+    assert alone[0].thinking_token_ids == batched[1].thinking_token_ids
+    assert alone[0].answer_token_ids == batched[1].answer_token_ids
+    if budget == 8:
+        assert any(r.hit_budget for r in batched), "want a budget that binds"
+    else:
+        assert not any(r.hit_budget for r in batched), "want a budget that does not bind"
+        assert all(r.num_ignored == num_ignore for r in batched)
+
+
+def test_backend_sweep_shares_the_thinking_and_equals_separate_runs(gguf_lm, monkeypatch):
+    from t0s1 import BudgetForcing, generate, generate_sweep
+
+    settings = [BudgetForcing(max_thinking_tokens=b, num_ignore=k, max_answer_tokens=8) for b in (0, 8, 64) for k in (0, 2)]
+    fed = []
+    original = gguf_lm.new_runner
+
+    def counting_runner(**kwargs):
+        runner = original(**kwargs)
+        step = runner.step
+        runner.step = lambda slots, tokens: (fed.append(len(tokens)), step(slots, tokens))[1]
+        return runner
+
+    monkeypatch.setattr(gguf_lm, "new_runner", counting_runner)
+    swept = generate_sweep(gguf_lm, BACKEND_PROMPTS, settings)
+    swept_tokens = sum(fed)
+    fed.clear()
+    for j, setting in enumerate(settings):
+        for i, result in enumerate(generate(gguf_lm, BACKEND_PROMPTS, setting)):
+            assert swept[i][j].thinking_token_ids == result.thinking_token_ids
+            assert swept[i][j].answer_token_ids == result.answer_token_ids
+    separate_tokens = sum(fed)
+    all_thinking = sum(r.thinking_tokens for row in swept for r in row)
+    widest_thinking = sum(row[-1].thinking_tokens for row in swept)  # 64 tokens and 2 Waits: the trace
+    # The thinking is fed once per prompt (the widest setting's), not once per setting (a fork
+    # feeds a few ids of its own where it leaves the trace).
+    assert all_thinking > widest_thinking
+    assert swept_tokens < separate_tokens - (all_thinking - widest_thinking) / 2
+
+
+def test_backend_streams_cancels_and_samples_reproducibly(gguf_lm):
+    from t0s1 import BudgetForcing, generate
+
+    streamed = {}
+
+    def on_delta(index, channel, text):
+        streamed[(index, channel)] = streamed.get((index, channel), "") + text
+
+    settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=10)
+    results = generate(gguf_lm, BACKEND_PROMPTS, settings, on_delta=on_delta, is_cancelled=lambda i: i == 3)
+    for i, result in enumerate(results[:3]):
+        assert streamed.get((i, "thinking"), "") == result.thinking
+        assert streamed.get((i, "answer"), "") == result.answer
+    assert results[3].finish_reason == "cancelled" and results[3].thinking_tokens == 0
+    sampled = BudgetForcing(max_thinking_tokens=30, max_answer_tokens=8, temperature=1.0, seed=11)
+    first = generate(gguf_lm, BACKEND_PROMPTS[:2], [sampled, sampled])
+    again = generate(gguf_lm, [BACKEND_PROMPTS[3], BACKEND_PROMPTS[0]], [settings, sampled])
+    assert first[0].thinking_token_ids == again[1].thinking_token_ids  # the seed, not the neighbours, decides
+    assert first[0].seed == 11
+
+
+def test_the_command_line_uses_llama_cpp_for_a_gguf_file_and_refuses_bad_input(gguf, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from t0s1.cli import app
+    from t0s1.models import choose_backend
+
+    assert choose_backend(str(gguf), "cpu") == "llamacpp" and choose_backend("smollm2-135m-instruct", "cpu") == "llamacpp"
+    assert choose_backend("some/model-dir", "cpu") == "transformers"
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "What is 7 + 5?", "--model", str(gguf), "--json", "--max-thinking-tokens", "8",
+                                 "--max-answer-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["thinking_tokens"] <= 8
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_text("{}")
+    for model, extra, message in [
+        (str(not_gguf), [], "not a GGUF file"),
+        (str(tmp_path), [], "runs a .gguf model file"),
+        (str(gguf), ["--max-thinking-tokens", "9000"], "does not fit the model's context"),
+    ]:
+        result = runner.invoke(app, ["generate", "Hi", "--model", model, "--backend", "llamacpp", *extra])
+        assert result.exit_code == 2, result.output
+        assert message in result.output.replace("\n", " ")
