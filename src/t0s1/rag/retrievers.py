@@ -298,7 +298,7 @@ class LlmReranker(Reranker):
     def scores(self, query: str, hits: list[Hit]) -> list[float]:
         import torch
 
-        tokenizer, model = self.lm.tokenizer, self.lm.model
+        tokenizer = self.lm.tokenizer
         prompts = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": self.PROMPT.format(passage=passage(hit), query=query)}],
@@ -309,14 +309,14 @@ class LlmReranker(Reranker):
         scores = []
         for first in range(0, len(prompts), self.batch_size):
             ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts[first : first + self.batch_size]]
-            width = max(len(row) for row in ids)
-            pad = tokenizer.pad_token_id or 0
-            input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=self.lm.device)
-            mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=self.lm.device)
-            # Left padding: positions count real tokens only, so a score does not depend on the batch.
-            positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1, :].float()
+            # The engine's runner (PyTorch or llama.cpp) prefills the prompts: the logits of their
+            # last positions, each independent of the batch (padding is masked).
+            runner = self.lm.new_runner(rows=len(ids), length=max(len(row) for row in ids))
+            try:
+                with torch.inference_mode():
+                    _, logits = runner.add(ids)
+            finally:
+                runner.close()
             log_probs = torch.log_softmax(logits, dim=-1)
             yes = torch.logsumexp(log_probs[:, self.yes], dim=-1)
             no = torch.logsumexp(log_probs[:, self.no], dim=-1)
