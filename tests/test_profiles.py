@@ -73,7 +73,7 @@ def recorded_run(lm, monkeypatch, prompts, settings, **kwargs):
         rollback(slot, count)
 
     runner.add, runner.step, runner.rollback = recording_add, recording_step, recording_rollback
-    monkeypatch.setattr(lm, "new_runner", lambda: runner)
+    monkeypatch.setattr(lm, "new_runner", lambda **sizes: runner)
     results = generate(lm, prompts, settings, **kwargs)
     monkeypatch.undo()
     return results, [fed[slot] for slot in sorted(fed)]
