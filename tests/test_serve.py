@@ -4,28 +4,34 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import openai
 import pytest
 
-from t0s1 import BudgetForcing, generate
-from t0s1.forcing import render_prompt
+from t0s1 import BudgetForcing, UserError, generate
+from t0s1.forcing import Engine, render_prompt
 from t0s1.serving.server import create_app, serve_in_background
 
 DEFAULTS = BudgetForcing(max_thinking_tokens=24, max_answer_tokens=8)
+EFFORTS = {"low": 5, "medium": 12, "high": 30}
 QUESTION = [{"role": "user", "content": "How many r are in raspberry?"}]
 API_KEY = "test-key-123"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    app = create_app(tiny_model, DEFAULTS, max_batch=8)
+def server(tiny_model, one_torch_thread):
+    app = create_app(tiny_model, DEFAULTS, max_batch=8, effort_budgets=EFFORTS)
     with serve_in_background(app) as url:
         yield url
 
@@ -41,14 +47,15 @@ def chat(client, messages=QUESTION, **extra_body):
 
 
 def stream_chat(client, messages=QUESTION, **extra_body):
-    """(reasoning, content, final chunk extras, usage, order of channels) of a streamed reply."""
-    reasoning, content, channels, usage, finish = [], [], [], None, None
+    """(reasoning, content, order of channels, usage, finish reason, budget_forcing) of a streamed reply."""
+    reasoning, content, channels, usage, finish, forcing = [], [], [], None, None, None
     stream = client.chat.completions.create(
         model="tiny", messages=messages, stream=True, stream_options={"include_usage": True}, extra_body=extra_body
     )
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
+        forcing = (chunk.model_extra or {}).get("budget_forcing") or forcing
         for choice in chunk.choices:
             delta = choice.delta
             if getattr(delta, "reasoning_content", None):
@@ -59,14 +66,27 @@ def stream_chat(client, messages=QUESTION, **extra_body):
                 content.append(delta.content)
                 channels.append("answer")
             finish = choice.finish_reason or finish
-    return "".join(reasoning), "".join(content), channels, usage, finish
+    return "".join(reasoning), "".join(content), channels, usage, finish, forcing
+
+
+def alone(lm, messages, **settings):
+    """The same request run alone through ``t0s1.generate``."""
+    return generate(lm, [messages], BudgetForcing(**{"max_thinking_tokens": 24, "max_answer_tokens": 8, **settings}))[0]
+
+
+def assert_same(reply, result):
+    message = reply.choices[0].message
+    assert (message.reasoning_content, message.content) == (result.thinking, result.answer)
+    forcing = reply.choices[0].model_extra["budget_forcing"]
+    assert (forcing["thinking_tokens"], forcing["num_ignored"], forcing["hit_budget"]) == (
+        result.thinking_tokens, result.num_ignored, result.hit_budget)
 
 
 def test_models_and_health(server, client, tiny_model):
     [model] = client.models.list().data
-    assert model.id == tiny_model.name
+    assert model.id == tiny_model.name and model.model_extra["max_model_len"] == tiny_model.context_length
     health = httpx.get(f"{server}/health").json()
-    assert health["status"] == "ok" and health["max_batch"] == 8
+    assert health["status"] == "ok" and health["max_batch"] == 8 and health["retrieval"] is False
 
 
 def test_reply_separates_reasoning_from_answer(client):
@@ -76,57 +96,102 @@ def test_reply_separates_reasoning_from_answer(client):
     assert isinstance(message.content, str) and message.content
     assert message.reasoning_content not in message.content
     details = reply.usage.completion_tokens_details
-    forcing = reply.model_extra["budget_forcing"]
+    forcing = reply.choices[0].model_extra["budget_forcing"]
+    assert reply.model_extra["budget_forcing"] == forcing  # the top-level copy older clients read
     assert details.reasoning_tokens == forcing["thinking_tokens"] <= DEFAULTS.max_thinking_tokens
+    assert forcing["max_thinking_tokens"] == DEFAULTS.max_thinking_tokens
     assert reply.usage.completion_tokens == forcing["thinking_tokens"] + forcing["answer_tokens"]
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
 def test_reply_equals_the_engine(client, tiny_model):
-    settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=6)
-    [expected] = generate(tiny_model, [QUESTION], settings)
+    expected = alone(tiny_model, QUESTION, max_thinking_tokens=40, num_ignore=1, max_answer_tokens=6)
     reply = chat(client, max_thinking_tokens=40, num_ignore=1, max_tokens=6)
-    assert reply.choices[0].message.reasoning_content == expected.thinking
-    assert reply.choices[0].message.content == expected.answer
+    assert_same(reply, expected)
     assert reply.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
 
 
 @pytest.mark.parametrize("extra", [{}, {"max_thinking_tokens": 40, "num_ignore": 1, "max_tokens": 6}])
 def test_streamed_text_equals_the_reply(client, extra):
     reply = chat(client, **extra)
-    reasoning, content, channels, usage, finish = stream_chat(client, **extra)
+    reasoning, content, channels, usage, finish, forcing = stream_chat(client, **extra)
     message = reply.choices[0].message
     assert reasoning == message.reasoning_content
     assert content == message.content
     assert channels == sorted(channels, key=["thinking", "answer"].index)  # all thinking, then the answer
     assert usage.completion_tokens_details.reasoning_tokens == reply.usage.completion_tokens_details.reasoning_tokens
     assert finish == reply.choices[0].finish_reason
+    assert forcing == reply.model_extra["budget_forcing"]
 
 
-def test_thinking_budget_caps_the_thinking(client):
+def test_streaming_decodes_incrementally(server, tiny_model, monkeypatch):
+    """A streamed reply never decodes its whole text again at each step: the cost of a token does
+    not grow with the text (the full decode runs a few times per reply, not once per token)."""
+    tokenizer = tiny_model.tokenizer
+    calls = []
+    original = type(tokenizer).decode
+
+    def counting_decode(self, ids, *args, **kwargs):
+        calls.append(len(ids) if hasattr(ids, "__len__") else 1)
+        return original(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "decode", counting_decode)
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0) as client:
+        reasoning, content, *_, forcing = stream_chat(client, max_thinking_tokens=600, num_ignore=30, max_tokens=50)
+    generated = forcing["thinking_tokens"] + forcing["answer_tokens"]
+    assert generated > 300 and reasoning
+    assert len(calls) <= 10, f"{len(calls)} full decodes for {generated} tokens"
+
+
+def test_thinking_budget_caps_the_thinking_under_every_alias(client):
     reply = chat(client, max_thinking_tokens=5)
     assert reply.usage.completion_tokens_details.reasoning_tokens == 5
-    assert reply.model_extra["budget_forcing"]["hit_budget"]
+    forcing = reply.choices[0].model_extra["budget_forcing"]
+    assert forcing["hit_budget"] and forcing["thinking_end"] == "budget"
     assert reply.choices[0].message.content.startswith("Final Answer:")
-    alias = chat(client, thinking_budget=5)
-    assert alias.choices[0].message == reply.choices[0].message
+    for alias in ("thinking_budget", "thinking_token_budget", "thinking_budget_tokens"):
+        assert chat(client, **{alias: 5}).choices[0].message == reply.choices[0].message, alias
+    agreeing = chat(client, max_thinking_tokens=5, thinking_budget=5, chat_template_kwargs={"thinking_budget": 5})
+    assert agreeing.choices[0].message == reply.choices[0].message
+    effort = chat(client, reasoning_effort="low")  # the server's low budget: 5
+    assert effort.choices[0].message == reply.choices[0].message
+    assert chat(client, reasoning_effort="high").choices[0].model_extra["budget_forcing"]["max_thinking_tokens"] == 30
 
 
 def test_wait_extends_the_thinking(client):
     plain = chat(client, max_thinking_tokens=60, num_ignore=0)
     extended = chat(client, max_thinking_tokens=60, num_ignore=1, ignore_str="Wait")
-    assert plain.model_extra["budget_forcing"]["num_ignored"] == 0
-    assert not plain.model_extra["budget_forcing"]["hit_budget"]  # the thinking ended by itself
-    assert extended.model_extra["budget_forcing"]["num_ignored"] == 1
+    first, second = (r.choices[0].model_extra["budget_forcing"] for r in (plain, extended))
+    assert first["num_ignored"] == 0 and first["thinking_end"] == "natural"  # the thinking ended by itself
+    assert second["num_ignored"] == 1
     thinking = extended.choices[0].message.reasoning_content
     assert thinking.startswith(plain.choices[0].message.reasoning_content) and "Wait" in thinking
-    tokens = [r.usage.completion_tokens_details.reasoning_tokens for r in (plain, extended)]
-    assert tokens[1] > tokens[0]
+    assert second["thinking_tokens"] > first["thinking_tokens"]
+
+
+def test_thinking_switched_off_is_reported(client):
+    off = chat(client, chat_template_kwargs={"enable_thinking": False}, max_thinking_tokens=0)
+    forcing = off.choices[0].model_extra["budget_forcing"]
+    assert forcing["thinking_end"] == "off" and forcing["thinking_tokens"] == 0
+    assert off.choices[0].message.reasoning_content == "" and off.choices[0].message.content
 
 
 def test_answer_tokens_follow_max_tokens(client):
     reply = chat(client, max_thinking_tokens=3, max_completion_tokens=2)
-    assert reply.model_extra["budget_forcing"]["answer_tokens"] <= 2
+    assert reply.choices[0].model_extra["budget_forcing"]["answer_tokens"] <= 2
+
+
+def test_sampled_requests_draw_their_own_seed_and_report_it(client, tiny_model):
+    settings = {"max_thinking_tokens": 30, "max_tokens": 6, "temperature": 1.0}
+    replies = [chat(client, **settings) for _ in range(3)]
+    seeds = [r.choices[0].model_extra["budget_forcing"]["seed"] for r in replies]
+    assert len(set(seeds)) == 3 and None not in seeds  # a fresh seed each, not the server's
+    assert len({r.choices[0].message.reasoning_content for r in replies}) > 1
+    for reply, seed in zip(replies, seeds, strict=True):  # the reported seed reproduces the reply alone
+        assert_same(reply, alone(tiny_model, QUESTION, max_thinking_tokens=30, max_answer_tokens=6, temperature=1.0, seed=seed))
+    again = chat(client, **settings, seed=seeds[0])
+    assert again.choices[0].message == replies[0].choices[0].message
+    assert chat(client).choices[0].model_extra["budget_forcing"]["seed"] is None  # greedy
 
 
 def test_completions_take_raw_prompts(client, tiny_model):
@@ -148,10 +213,8 @@ def test_completions_take_raw_prompts(client, tiny_model):
 def test_concurrent_requests_keep_their_own_budgets(server, client, tiny_model):
     prompts = ["How many r are in raspberry?", "What is 12 + 35 * 2?", "Hi", "1+1?", "Count to three"]
     budgets = [(4, 0), (30, 1), (12, 0), (50, 2), (0, 0)]
-    expected = [
-        generate(tiny_model, [p], BudgetForcing(max_thinking_tokens=b, num_ignore=k, max_answer_tokens=5))[0]
-        for p, (b, k) in zip(prompts, budgets, strict=True)
-    ]
+    expected = [alone(tiny_model, [{"role": "user", "content": p}], max_thinking_tokens=b, num_ignore=k, max_answer_tokens=5)
+                for p, (b, k) in zip(prompts, budgets, strict=True)]
 
     def ask(i):
         if i == len(prompts):  # a bad request in the same burst
@@ -159,19 +222,110 @@ def test_concurrent_requests_keep_their_own_budgets(server, client, tiny_model):
                 chat(client, max_thinking_tokens=-1)
             return None
         b, k = budgets[i]
-        messages = [{"role": "user", "content": prompts[i]}]
-        return chat(client, messages, max_thinking_tokens=b, num_ignore=k, max_tokens=5)
+        return chat(client, [{"role": "user", "content": prompts[i]}], max_thinking_tokens=b, num_ignore=k, max_tokens=5)
 
-    batches_before = httpx.get(f"{server}/health").json()["batches"]
     with concurrent.futures.ThreadPoolExecutor(len(prompts) + 1) as pool:
         replies = list(pool.map(ask, range(len(prompts) + 1)))[:-1]
-    for reply, result, (budget, _) in zip(replies, expected, budgets, strict=True):
-        forcing = reply.model_extra["budget_forcing"]
-        assert forcing["thinking_tokens"] == result.thinking_tokens <= budget
-        assert forcing["num_ignored"] == result.num_ignored
-        assert reply.choices[0].message.reasoning_content == result.thinking
-        assert reply.choices[0].message.content == result.answer
-    assert httpx.get(f"{server}/health").json()["batches"] - batches_before < len(prompts)  # some were batched
+    for reply, result in zip(replies, expected, strict=True):
+        assert_same(reply, result)
+    assert httpx.get(f"{server}/health").json()["largest_batch"] > 1  # some ran together
+
+
+def test_a_short_request_joins_a_running_long_one(server, tiny_model):
+    """Continuous batching: a short request sent while a long one runs gets its first token before
+    the long one finishes, and both replies equal their single-request results."""
+    long_request = {"messages": QUESTION, "max_thinking_tokens": 1800, "num_ignore": 60, "max_tokens": 40}
+    short_request = {"messages": [{"role": "user", "content": "Hi"}], "max_thinking_tokens": 6, "max_tokens": 3}
+    events: dict[str, float] = {}
+    long_started = threading.Event()
+
+    def stream(name, body, started=None):
+        thinking, answer = [], []
+        with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                delta = json.loads(line[6:])["choices"][0]["delta"] if json.loads(line[6:])["choices"] else {}
+                if delta.get("reasoning_content") or delta.get("content"):
+                    events.setdefault(f"{name} first token", time.monotonic())
+                    if started is not None:
+                        started.set()
+                thinking.append(delta.get("reasoning_content") or "")
+                answer.append(delta.get("content") or "")
+        events[f"{name} done"] = time.monotonic()
+        return "".join(thinking), "".join(answer)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long_reply = pool.submit(stream, "long", long_request, long_started)
+        assert long_started.wait(60)
+        short_reply = pool.submit(stream, "short", short_request)
+        long_text, short_text = long_reply.result(), short_reply.result()
+    assert events["short first token"] < events["short done"] < events["long done"]
+    for (thinking, answer), body in ((long_text, long_request), (short_text, short_request)):
+        expected = alone(tiny_model, body["messages"], max_thinking_tokens=body["max_thinking_tokens"],
+                         num_ignore=body.get("num_ignore", 0), max_answer_tokens=body["max_tokens"])
+        assert (thinking, answer) == (expected.thinking, expected.answer)
+    assert len(long_text[0]) > 10 * len(short_text[0])
+
+
+def test_one_failing_request_fails_alone(server, client, tiny_model, monkeypatch):
+    """A request whose own step raises gets a clear error; the requests beside it finish as if alone,
+    and the server goes on serving."""
+    sample = Engine._sample
+
+    def failing_sample(self, row, logits, argmax):
+        if row.sequence.settings.ignore_str == "Boom":
+            raise RuntimeError("this request's sampling failed")
+        return sample(self, row, logits, argmax)
+
+    monkeypatch.setattr(Engine, "_sample", failing_sample)
+    failed_before = httpx.get(f"{server}/health").json()["failed"]
+    settings = [{"max_thinking_tokens": 60, "num_ignore": 1, "max_tokens": 6},
+                {"max_thinking_tokens": 40, "num_ignore": 1, "max_tokens": 6, "ignore_str": "Boom"},
+                {"max_thinking_tokens": 20, "max_tokens": 4}]
+
+    def ask(extra):
+        try:
+            return chat(client, **extra)
+        except openai.InternalServerError as error:
+            return error
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        good, bad, other = pool.map(ask, settings)
+    assert isinstance(bad, openai.InternalServerError)
+    assert "this request's sampling failed" in bad.body["message"] and bad.body["type"] == "server_error"
+    assert_same(good, alone(tiny_model, QUESTION, max_thinking_tokens=60, num_ignore=1, max_answer_tokens=6))
+    assert_same(other, alone(tiny_model, QUESTION, max_thinking_tokens=20, max_answer_tokens=4))
+    # Streamed, the error arrives as an error event, then [DONE].
+    body = {"model": "tiny", "messages": QUESTION, "stream": True, "ignore_str": "Boom", "num_ignore": 1}
+    lines = [line for line in httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).text.splitlines() if line]
+    assert "this request's sampling failed" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
+    assert httpx.get(f"{server}/health").json()["failed"] == failed_before + 2
+    assert chat(client, max_thinking_tokens=2, max_tokens=2).choices[0].message.content  # still serving
+
+
+def test_a_prompt_that_cannot_be_prefilled_fails_alone(server, client, tiny_model, monkeypatch):
+    add = Engine.add
+
+    def failing_add(self, sequences):
+        if any("EXPLODE" in tiny_model.tokenizer.decode(s.prompt_ids) for s in sequences):
+            raise RuntimeError("prefill failed")
+        return add(self, sequences)
+
+    monkeypatch.setattr(Engine, "add", failing_add)
+    messages = [[{"role": "user", "content": text}] for text in ("Hi", "EXPLODE", "1+1?", "Count to three")]
+
+    def ask(conversation):
+        try:
+            return chat(client, conversation, max_thinking_tokens=30, max_tokens=4)
+        except openai.InternalServerError as error:
+            return error
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(ask, messages))
+    assert isinstance(replies[1], openai.InternalServerError) and "prefill failed" in replies[1].body["message"]
+    for reply, conversation in zip(replies[::2] + replies[3:], messages[::2] + messages[3:], strict=True):
+        assert_same(reply, alone(tiny_model, conversation, max_thinking_tokens=30, max_answer_tokens=4))
 
 
 def test_disconnect_stops_the_generation(server):
@@ -186,9 +340,9 @@ def test_disconnect_stops_the_generation(server):
     while httpx.get(f"{server}/health").json()["cancelled"] == cancelled:
         assert time.monotonic() < deadline, "the generation went on after the client left"
         time.sleep(0.2)
-    # A non-streamed request whose client times out is cancelled too.
+    # A non-streamed request whose client times out is cancelled too (long before it could end).
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server}/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        httpx.post(f"{server}/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
     deadline = time.monotonic() + 20
     while httpx.get(f"{server}/health").json()["cancelled"] < cancelled + 2:
         assert time.monotonic() < deadline, "the generation went on after the client left"
@@ -213,7 +367,10 @@ def test_disconnect_stops_the_generation(server):
         ({"model": "tiny", "messages": QUESTION, "n": 2}, "n"),
         ({"model": "tiny", "messages": QUESTION, "stop": ["."]}, "stop"),
         ({"model": "tiny", "messages": QUESTION, "max_thinking_tokens": 5000}, "max_thinking_tokens"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 3000}]}, "max_thinking_tokens"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
+        ({"model": "tiny", "messages": QUESTION, "reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"model": "tiny", "messages": QUESTION, "seed": 2**70}, "seed"),
+        ({"model": "tiny", "messages": QUESTION, "rag": {"k": 3}}, "rag"),
     ],
 )
 def test_malformed_requests_get_400_and_the_server_goes_on(server, client, body, param):
@@ -227,6 +384,50 @@ def test_malformed_requests_get_400_and_the_server_goes_on(server, client, body,
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
     assert set(error) == {"message", "type", "param", "code"}
     assert chat(client, max_thinking_tokens=2, max_tokens=2).choices[0].message.content  # still serving
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"max_thinking_tokens": 10, "thinking_budget": 20}, "thinking_budget", "disagree"),
+        ({"thinking_token_budget": 10, "thinking_budget_tokens": "auto"}, "thinking_budget_tokens", "disagree"),
+        ({"max_thinking_tokens": 100, "reasoning_effort": "low"}, "reasoning_effort", "disagree"),
+        ({"thinking_budget": 8, "chat_template_kwargs": {"thinking_budget": 9}}, "chat_template_kwargs.thinking_budget", "disagree"),
+        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "disagree"),
+        ({"max_thinking_tokens": 50, "chat_template_kwargs": {"enable_thinking": False}}, "max_thinking_tokens", "enable_thinking"),
+        ({"num_ignore": 2, "chat_template_kwargs": {"enable_thinking": False}}, "num_ignore", "enable_thinking"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 100}}, "thinking", "refused rather than ignored"),
+        ({"max_reasoning_tokens": 100}, "max_reasoning_tokens", "refused rather than ignored"),
+        ({"reasoning": {"effort": "low"}}, "reasoning", "refused rather than ignored"),
+        ({"enable_thinking": False}, "enable_thinking", "chat_template_kwargs"),
+    ],
+)
+def test_contradicting_or_unknown_budget_fields_are_refused(client, extra, param, words):
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, **extra)
+    assert refused.value.body["param"] == param and words in refused.value.body["message"]
+
+
+def test_other_unknown_fields_are_ignored(client):
+    plain = chat(client, max_thinking_tokens=6, max_tokens=3)
+    extra = chat(client, max_thinking_tokens=6, max_tokens=3, presence_penalty=0, metadata={"a": "b"})
+    assert extra.choices[0].message == plain.choices[0].message
+
+
+def test_openapi_schema_declares_every_field(server):
+    schema = httpx.get(f"{server}/openapi.json").json()
+    components = schema["components"]["schemas"]
+    chat_fields = components["ChatCompletionRequest"]["properties"]
+    for name in ("messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stream",
+                 "max_thinking_tokens", "thinking_budget", "thinking_token_budget", "thinking_budget_tokens",
+                 "reasoning_effort", "num_ignore", "ignore_str", "chat_template_kwargs", "rag"):
+        assert name in chat_fields, name
+    assert "description" in chat_fields["thinking_token_budget"] and "vLLM" in chat_fields["thinking_token_budget"]["description"]
+    assert {"stop", "stop_token_ids", "min_tokens", "skip_special_tokens"} <= set(components["CompletionRequest"]["properties"])
+    report = components["BudgetForcingReport"]["properties"]
+    assert report["thinking_end"]["enum"] == ["natural", "budget", "off", "context"]
+    assert {"reasoning", "reasoning_content"} <= set(components["AssistantMessage"]["properties"])
+    assert "ChatCompletionChunk" in components  # what a stream's events hold
 
 
 def test_openai_client_sees_bad_requests(client):
@@ -250,35 +451,97 @@ def test_api_key_is_required_when_set(tiny_model):
                     chat(bad)
         response = httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION})
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+        # The key is checked before the body: a malformed request without it is a 401, not a 400.
+        malformed = httpx.post(f"{url}/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
+        assert malformed.status_code == 401
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200
+        schema = httpx.get(f"{url}/openapi.json").json()
+        assert schema["paths"]["/v1/chat/completions"]["post"]["security"] == [{"HTTPBearer": []}]
         with openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0) as good:
             assert chat(good, max_thinking_tokens=3, max_tokens=2).choices[0].message.content
 
 
-def test_serve_command_binds_loopback(tiny_model_dir):
+def test_shutdown_stops_running_work_within_a_step_and_answers_everyone(tiny_model):
+    """Running and queued requests are answered with a 503 (non-streamed) or an error event
+    (streamed); the engine takes at most one more decode step."""
+    app = create_app(tiny_model, DEFAULTS, max_batch=2)
+    batcher = app.state.batcher
+    long = {"model": "tiny", "messages": QUESTION, "max_thinking_tokens": 1800, "num_ignore": 100, "max_tokens": 100}
+    with serve_in_background(app) as url:
+        streaming = threading.Event()
+
+        def streamed():
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as response:
+                lines = []
+                for line in response.iter_lines():
+                    lines.append(line)
+                    streaming.set()
+                return [line for line in lines if line]
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            stream = pool.submit(streamed)
+            assert streaming.wait(60)
+            running = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=long, timeout=60)
+            while batcher.running < 2:
+                time.sleep(0.01)
+            queued = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=long, timeout=60)
+            while batcher.queued < 1:
+                time.sleep(0.01)
+            steps = batcher.stats.steps
+            batcher.shutdown()
+            batcher._thread.join(30)
+            assert batcher.stats.steps <= steps + 1
+            for response in (running.result(), queued.result()):
+                assert response.status_code == 503 and response.json()["error"]["code"] == "server_shutting_down"
+            lines = stream.result()
+            error = json.loads(lines[-2][6:])["error"]
+            assert error["code"] == "server_shutting_down" and lines[-1] == "data: [DONE]"
+        refused = httpx.post(f"{url}/v1/chat/completions", json=long, timeout=10)
+        assert refused.status_code == 503
+
+
+def test_serve_command_binds_loopback_and_stops_on_sigterm(tiny_model_dir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-c", "from t0s1.cli import main; main()", "serve", "--model", str(tiny_model_dir),
-               "--port", str(port), "--max-thinking-tokens", "4", "--max-answer-tokens", "3", "--api-key", API_KEY]
+               "--port", str(port), "--max-thinking-tokens", "4", "--max-answer-tokens", "3", "--api-key", API_KEY,
+               "--reasoning-effort-budgets", "low=2,medium=3,high=4"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             assert process.poll() is None, process.stdout.read().decode()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if httpx.get(f"{url}/health").status_code == 200:
                     break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "t0s1 serve did not come up"
                 time.sleep(0.3)
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0) as client:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0) as client:
             reply = chat(client)
-        assert reply.usage.completion_tokens_details.reasoning_tokens == 4  # the --max-thinking-tokens default
-    finally:
-        process.terminate()
+            assert reply.usage.completion_tokens_details.reasoning_tokens == 4  # the --max-thinking-tokens default
+            assert chat(client, reasoning_effort="low").usage.completion_tokens_details.reasoning_tokens == 2
+        # SIGTERM while a long reply streams: the client gets an error event, and the server exits.
+        body = {"messages": QUESTION, "max_thinking_tokens": 1800, "num_ignore": 100, "max_tokens": 100, "stream": True}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        lines, signalled = [], False
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if "reasoning_content" in line and not signalled:
+                    process.send_signal(signal.SIGTERM)
+                    signalled = True
+        lines = [line for line in lines if line]
+        assert json.loads(lines[-2][6:])["error"]["code"] == "server_shutting_down" and lines[-1] == "data: [DONE]"
         process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
 
 
 def test_completions_with_stop_are_plain_continuations(server, tiny_model):
@@ -288,16 +551,28 @@ def test_completions_with_stop_are_plain_continuations(server, tiny_model):
     assert not expected.hit_budget  # this thinking ends by itself
     prompt = tiny_model.tokenizer.decode(render_prompt(tiny_model, question).ids, skip_special_tokens=False)
     decode = tiny_model.tokenizer.decode
+    thinking = decode(expected.thinking_token_ids, skip_special_tokens=False)
     with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0) as client:
         stop = ["<|im_start|>", "<|im_end|>"]
         ended = client.completions.create(model="tiny", prompt=prompt, max_tokens=60, stop=stop)
         assert ended.choices[0].finish_reason == "stop"
-        assert ended.choices[0].text == decode(expected.thinking_token_ids, skip_special_tokens=False)
+        assert ended.choices[0].text == thinking
         cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, stop=["<|im_end|>"])
         assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
         assert cut.choices[0].text == decode(expected.thinking_token_ids[:3], skip_special_tokens=False)
+        # A stop string inside the text ends it there.
+        word = thinking[len(thinking) // 2 :][:3]
+        at_word = client.completions.create(model="tiny", prompt=prompt, max_tokens=60, stop=[word])
+        assert at_word.choices[0].finish_reason == "stop" and at_word.choices[0].text == thinking[: thinking.index(word)]
+        # vLLM's fields: stop ids as ids (then only they and the end of turn stop it), min_tokens.
+        start_id = tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        by_id = client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                          extra_body={"stop_token_ids": [start_id], "skip_special_tokens": False})
+        assert by_id.choices[0].text == thinking and by_id.choices[0].finish_reason == "stop"
         with pytest.raises(openai.BadRequestError, match="num_ignore"):
             client.completions.create(model="tiny", prompt=prompt, stop=["x"], extra_body={"num_ignore": 1})
+        with pytest.raises(openai.BadRequestError, match="plain continuations"):
+            client.completions.create(model="tiny", prompt=prompt, extra_body={"min_tokens": 1})
 
 
 @pytest.mark.slow
@@ -308,9 +583,65 @@ def test_client_side_forcing_against_the_server_equals_the_engine(smollm2):
     prompts = ["How many r are in raspberry?", "What is 12 + 35 * 2?"]
     settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=8)
     expected = generate(smollm2, prompts, settings)
-    with serve_in_background(create_app(smollm2)) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="x") as client:
-        backend = OpenAIBackend(client, "smollm2", smollm2.tokenizer, context_length=smollm2.context_length)
+    with serve_in_background(create_app(smollm2)) as url:
+        backend = OpenAIBackend.connect(f"{url}/v1", "smollm2", tokenizer="smollm2-135m-instruct", api_key="x")
+        assert backend.context_length == smollm2.context_length  # read from the server's /v1/models
         results = backend.generate(prompts, settings)
     for got, want in zip(results, expected, strict=True):
         assert (got.thinking, got.answer, got.num_ignored, got.hit_budget) == (
             want.thinking, want.answer, want.num_ignored, want.hit_budget)
+
+
+class CompletionsDouble:
+    """``openai.OpenAI()`` with ``completions.create`` answering from a script and recording each
+    request; ``refuse``: the first request that carries these fields is refused, as the OpenAI API
+    refuses fields it does not know."""
+
+    def __init__(self, replies, refuse=()):
+        self.replies, self.refuse, self.requests = list(replies), set(refuse), []
+        self.completions = self
+
+    def create(self, **request):
+        self.requests.append(request)
+        unknown = self.refuse & set(request.get("extra_body") or {})
+        if unknown:
+            response = httpx.Response(400, request=httpx.Request("POST", "http://server/v1/completions"))
+            raise openai.BadRequestError(f"Unrecognized request argument supplied: {sorted(unknown)[0]}", response=response, body=None)
+        text, finish = self.replies.pop(0)
+        return type("Reply", (), {"choices": [type("Choice", (), {"text": text, "finish_reason": finish})()]})()
+
+
+def test_openai_backend_sends_vllm_sampling_fields(tiny_model):
+    from t0s1.backends.openai_compat import OpenAIBackend
+
+    client = CompletionsDouble([("Let me count", "stop"), (" one", "stop"), (" 82", "stop")])
+    backend = OpenAIBackend(client, "m", tiny_model.tokenizer, concurrency=1)
+    result = backend.generate(["What is 12 + 35 * 2?"], BudgetForcing(max_thinking_tokens=100, num_ignore=1, max_answer_tokens=9))
+    first, after_wait, answer = (request["extra_body"] for request in client.requests)
+    start, end = (tiny_model.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert set(first["stop_token_ids"]) == {start, end} and first["min_tokens"] == 0
+    assert first["skip_special_tokens"] is False
+    assert after_wait["min_tokens"] == 1  # no stop right after the injected "Wait"
+    assert answer["stop_token_ids"] == [end] and answer["min_tokens"] == 0  # the answer ends at the end of turn only
+    assert result[0].num_ignored == 1 and backend.sampling_fields is True
+
+
+def test_openai_backend_drops_the_fields_a_server_refuses(tiny_model):
+    from t0s1.backends.openai_compat import OpenAIBackend
+
+    client = CompletionsDouble([("Let me count", "stop"), (" 82", "stop")], refuse={"stop_token_ids", "min_tokens"})
+    backend = OpenAIBackend(client, "m", tiny_model.tokenizer, concurrency=1)
+    [result] = backend.generate(["What is 12 + 35 * 2?"], BudgetForcing(max_thinking_tokens=100, max_answer_tokens=9))
+    assert backend.sampling_fields is False and result.answer == "82"
+    assert [bool(r.get("extra_body")) for r in client.requests] == [True, False, False]  # refused once, then plain
+    assert all("<|im_start|>" in r["stop"] for r in client.requests[1:2])  # the stop strings still end the thinking
+
+
+def test_openai_backend_reads_the_context_length_from_the_server(server, tiny_model, tiny_model_dir):
+    from t0s1.backends.openai_compat import OpenAIBackend
+
+    backend = OpenAIBackend.connect(f"{server}/v1", "tiny", tokenizer=str(tiny_model_dir))
+    assert backend.context_length == tiny_model.context_length and backend.sampling_fields is True
+    assert OpenAIBackend.connect(f"{server}/v1", "tiny", tokenizer=str(tiny_model_dir), context_length=512).context_length == 512
+    with pytest.raises(UserError, match="context length"):
+        OpenAIBackend.connect(f"{server}/v1", "tiny", tokenizer=str(tiny_model_dir), context_length=0)

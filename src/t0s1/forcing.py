@@ -169,10 +169,16 @@ class Engine:
     ``run`` generates a fixed set to the end; the server calls ``add`` and ``step`` itself.
     """
 
-    def __init__(self, lm, *, is_cancelled: Callable[[int], bool] | None = None, runner=None):
+    def __init__(self, lm, *, is_cancelled: Callable[[int], bool] | None = None, runner=None,
+                 on_error: Callable[[ForcedSequence, Exception], None] | None = None):
+        """``on_error(sequence, error)``: a sequence whose own step raised (its sampling, its
+        decisions, its text callback) leaves the batch and is handed over here while the others go
+        on; without it the error propagates. A failure of the batched forward pass is no one
+        sequence's and always propagates."""
         self.lm = lm
         self.runner = runner or lm.new_runner()
         self.is_cancelled = is_cancelled
+        self.on_error = on_error
         self.context_length = lm.context_length
         self.vocab_size = lm.vocab_size
         self.rows: list[_Row] = []
@@ -205,14 +211,15 @@ class Engine:
         argmax = logits.argmax(dim=-1).tolist()  # one call for every greedy row
         finished, kept, feeds = [], [], []
         for b, row in enumerate(self.rows):
-            sequence = row.sequence
-            if self.is_cancelled is not None and sequence.index is not None and self.is_cancelled(sequence.index):
-                sequence.cancel()
-            forks = []
-            while not sequence.done and row.fed >= len(sequence.ids):  # nothing left to feed: sample
-                forks += sequence.accept(self._sample(row, logits[b], argmax[b]))
-                self._rewind(row)
-            for current in [row, *(self._fork(row, fork) for fork in forks)]:
+            try:
+                rows = self._advance(row, logits[b], argmax[b])
+            except Exception as error:
+                if self.on_error is None:
+                    raise
+                self.runner.release(row.slot)
+                self.on_error(row.sequence, error)
+                continue
+            for current in rows:
                 sequence = current.sequence
                 if not sequence.done and sequence.index is None and not sequence.thinking:
                     sequence.finish_reason = "trace"  # a sweep trace whose riders have all left
@@ -247,6 +254,18 @@ class Engine:
             self.runner.close()
         return results
 
+    def _advance(self, row: _Row, logits: torch.Tensor, argmax: int) -> list[_Row]:
+        """Decide ``row``'s next token (sample it if nothing is left to feed): the row and the sweep
+        settings that forked off it."""
+        sequence = row.sequence
+        if self.is_cancelled is not None and sequence.index is not None and self.is_cancelled(sequence.index):
+            sequence.cancel()
+        forks = []
+        while not sequence.done and row.fed >= len(sequence.ids):  # nothing left to feed: sample
+            forks += sequence.accept(self._sample(row, logits, argmax))
+            self._rewind(row)
+        return [row, *(self._fork(row, fork) for fork in forks)]
+
     def _rewind(self, row: _Row) -> None:
         """Cut the cache back where the sequence cut its ids (a written end delimiter)."""
         rewound = row.sequence.take_rewind()
@@ -279,6 +298,8 @@ class Engine:
         if settings.greedy:
             return argmax
         probs = torch.softmax(logits / settings.temperature, dim=-1)
+        if not torch.isfinite(probs).all():  # a temperature so small the scaled logits overflow: its limit, greedy
+            return argmax
         if settings.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p
@@ -327,7 +348,7 @@ class TorchRunner:
         logits = self._forward(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, start=0)
         slots = list(range(self.next_slot, self.next_slot + len(prompts)))
         self.next_slot += len(prompts)
-        if self.cache is None or not self.order:
+        if self.cache is None or not self.lengths:  # no sequence left in the cache: start afresh
             self.cache, self.mask, self.order = cache, mask, list(slots)
         else:
             self._join(cache, mask, slots)
@@ -366,6 +387,8 @@ class TorchRunner:
     def release(self, slot: int) -> None:
         self.lengths.pop(slot, None)
         self.rollbacks.pop(slot, None)
+        if not self.lengths:  # every sequence has left (a server between requests): free the cache
+            self.close()
 
     def close(self) -> None:
         self.cache = self.mask = None
@@ -398,7 +421,7 @@ class TorchRunner:
     @property
     def can_join(self) -> bool:
         """Whether new sequences can join while others run (``add`` during generation)."""
-        return self.cache is None or not self.order or self._plain_cache()
+        return self.cache is None or not self.lengths or self._plain_cache()
 
     def _join(self, cache, mask: torch.Tensor, slots: list[int]) -> None:
         """Append newly prefilled rows to the batch, left-padding whichever side is narrower."""
@@ -461,6 +484,14 @@ class _Progress:
             self.bar.stop()
 
 
+def _runner_for(lm, sequences: list[ForcedSequence]):
+    """A runner sized for ``sequences`` (a llama.cpp runner allocates its KV cache up front): a row
+    for each, and for each sweep setting that may fork off it, as long as the longest may grow."""
+    rows = sum(1 + len(sequence.riders) for sequence in sequences)
+    length = max((sequence.max_length for sequence in sequences), default=1)
+    return lm.new_runner(rows=max(rows, 1), length=length)
+
+
 def _render_numbered(lm, prompt: Prompt, index: int, chat_template_kwargs: dict | None = None) -> RenderedPrompt:
     try:
         return render_prompt(lm, prompt, chat_template_kwargs)
@@ -475,11 +506,3 @@ def _budget_numbered(rules, settings: BudgetForcing, prompt: RenderedPrompt, ind
         return rules.thinking_budget(settings, len(prompt.ids))
     except UserError as error:
         raise UserError(f"Prompt {index}: {error}") from None
-def _runner_for(lm, sequences: list[ForcedSequence]):
-    """A runner sized for ``sequences`` (a llama.cpp runner allocates its KV cache up front): a row
-    for each, and for each sweep setting that may fork off it, as long as the longest may grow."""
-    rows = sum(1 + len(sequence.riders) for sequence in sequences)
-    length = max((sequence.max_length for sequence in sequences), default=1)
-    return lm.new_runner(rows=max(rows, 1), length=length)
-
-

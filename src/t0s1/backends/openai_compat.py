@@ -1,17 +1,27 @@
 """The OpenAI-compatible backend: budget forcing driven from the client over ``/v1/completions``.
 
 This is how t0 drove ``vllm serve``: the client renders the prompt with the model's chat template,
-asks for thinking until a stop string or the rest of the budget, appends "Wait" or the answer
-delimiter itself (``client_forcing``) and re-submits. A completions endpoint returns text, so the
-text is encoded with the model's tokenizer (``--tokenizer``, default: the model name) to count
-tokens; token counts can differ by a token from the server's where text re-tokenises differently.
-The completions API has no ``min_tokens``, so a stop right after an injected "Wait" counts as
-another end of thinking (it uses up one more ignore).
+asks for thinking until a stop or the rest of the budget, appends "Wait" or the answer delimiter
+itself (``client_forcing``) and re-submits. A completions endpoint returns text, so the text is
+encoded with the model's tokenizer (``--tokenizer``, default: the model name) to count tokens;
+token counts can differ by a token from the server's where text re-tokenises differently.
+
+Where the server takes vLLM's sampling fields (vLLM, SGLang, ``t0s1 serve``) each request also
+sends ``stop_token_ids`` (so a special-token delimiter such as ``<|im_start|>`` stops the thinking
+even though the server leaves special tokens out of its text by default), ``min_tokens`` (1 after
+an injected "Wait": s1's rule that the next token may not end the thinking) and
+``skip_special_tokens: false`` (special tokens the model writes stay in the text, so re-encoding
+it gives the same ids). A server that refuses them (the OpenAI API does) gets plain requests: stop
+strings only, and a stop right after a "Wait" then counts as another end of thinking.
+
+The context length (for ``"auto"`` and the budget checks) comes from the caller, else from the
+server's ``GET /v1/models`` (``max_model_len``, as vLLM, SGLang and ``t0s1 serve`` report it).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,25 +31,45 @@ from t0s1.errors import UserError
 from t0s1.forcing_rules import BudgetForcing, Prompt, Result, encode, per_prompt_settings
 from t0s1.profiles import detect_profile
 
+SAMPLING_FIELDS = ("stop_token_ids", "min_tokens", "skip_special_tokens")
+"""vLLM's extra sampling fields of a completions request (SGLang and ``t0s1 serve`` take them too)."""
+
+SERVERS_WITH_SAMPLING_FIELDS = ("vllm", "sglang", "t0s1")
+"""``owned_by`` of ``/v1/models`` for servers known to take ``SAMPLING_FIELDS``."""
+
 
 class OpenAIBackend(Backend):
     name = "openai"
 
-    def __init__(self, client, model: str, tokenizer, *, reasoning_format=None, context_length: int | None = None, concurrency: int = 16):
-        """``client``: an ``openai.OpenAI`` (or anything with ``completions.create``)."""
+    def __init__(self, client, model: str, tokenizer, *, reasoning_format=None, context_length: int | None = None,
+                 concurrency: int = 16, sampling_fields: bool | None = None):
+        """``client``: an ``openai.OpenAI`` (or anything with ``completions.create``).
+        ``sampling_fields``: send ``SAMPLING_FIELDS``; None: try them, and drop them for good if
+        the server refuses them."""
         self.client = client
         self.model_name = model
         self.tokenizer = tokenizer
         self.concurrency = concurrency
+        self.sampling_fields = sampling_fields
+        self._lock = threading.Lock()
         self.forcing = ClientForcing(tokenizer, detect_profile(tokenizer, reasoning_format).profile, self._complete, context_length=context_length)
 
+    @property
+    def context_length(self) -> int | None:
+        return self.forcing.context_length
+
     @classmethod
-    def connect(cls, base_url: str, model: str, *, api_key=None, tokenizer=None, reasoning_format=None, trust_remote_code=False) -> OpenAIBackend:
+    def connect(cls, base_url: str, model: str, *, api_key=None, tokenizer=None, reasoning_format=None, trust_remote_code=False,
+                context_length: int | None = None) -> OpenAIBackend:
+        """A backend for ``model`` served at ``base_url``. ``context_length``: the model's context
+        in tokens (default: what the server's ``/v1/models`` reports, if it does)."""
         import openai
         from transformers import AutoTokenizer
 
         from t0s1.models import EMBEDDED_MODEL, embedded_model_dir
 
+        if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1):
+            raise UserError(f"The context length must be a positive number of tokens, got {context_length!r}.")
         source = tokenizer or model
         if source == EMBEDDED_MODEL:
             source = str(embedded_model_dir())
@@ -51,7 +81,10 @@ class OpenAIBackend(Backend):
                 f"could not load it from {source!r} ({error}). Pass --tokenizer DIR_OR_HUB_ID."
             ) from None
         client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
-        return cls(client, model, local_tokenizer, reasoning_format=reasoning_format)
+        served_length, owner = served_model_card(client, model)
+        sampling_fields = True if owner in SERVERS_WITH_SAMPLING_FIELDS else None
+        return cls(client, model, local_tokenizer, reasoning_format=reasoning_format,
+                   context_length=context_length or served_length, sampling_fields=sampling_fields)
 
     def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
         return self.forcing.generate(list(prompts), per_prompt_settings(budgets, len(prompts)), chat_template_kwargs=self.chat_template_kwargs)
@@ -61,22 +94,52 @@ class OpenAIBackend(Backend):
             return list(pool.map(self._complete_one, requests))
 
     def _complete_one(self, request: Request) -> Completion:
+        import openai
+
         decode = self.tokenizer.decode
         stop = [decode([token]) for token in request.stop_ids]
         if request.stop_text:
             stop.insert(0, request.stop_text)
+        fields = {
+            "model": self.model_name,
+            "prompt": decode(request.ids, skip_special_tokens=False),
+            "max_tokens": request.max_tokens,
+            "temperature": request.settings.temperature,
+            "top_p": request.settings.top_p,
+            "seed": request.seed,
+            "stop": stop[:4],  # the OpenAI API takes at most 4 stop strings
+        }
+        sampling = {"stop_token_ids": list(request.stop_ids), "min_tokens": request.min_tokens, "skip_special_tokens": False}
         try:
-            response = self.client.completions.create(
-                model=self.model_name,
-                prompt=decode(request.ids, skip_special_tokens=False),
-                max_tokens=request.max_tokens,
-                temperature=request.settings.temperature,
-                top_p=request.settings.top_p,
-                seed=request.seed,
-                stop=stop[:4],  # the OpenAI API takes at most 4 stop strings
-            )
+            try:
+                response = self.client.completions.create(**fields, extra_body=sampling if self.sampling_fields is not False else None)
+            except openai.BadRequestError as error:
+                if self.sampling_fields is not None or not any(name in str(error) for name in SAMPLING_FIELDS):
+                    raise
+                with self._lock:
+                    self.sampling_fields = False  # this server does not take them: plain requests from now on
+                response = self.client.completions.create(**fields)
+            else:
+                if self.sampling_fields is None:
+                    with self._lock:
+                        self.sampling_fields = True
         except Exception as error:  # connection refused, 404 model, ...: say which server
             raise UserError(f"The completions endpoint failed for model {self.model_name!r}: {type(error).__name__}: {error}") from None
         choice = response.choices[0]
         ids = encode(self.tokenizer, choice.text)[: request.max_tokens]
         return Completion(ids, stopped=choice.finish_reason == "stop")
+
+
+def served_model_card(client, model: str) -> tuple[int | None, str | None]:
+    """(context length, owner) of ``model`` as the server's ``GET /v1/models`` lists it (the only
+    model, if the names differ); Nones where the server does not say."""
+    try:
+        cards = list(client.models.list().data)
+    except Exception:  # noqa: BLE001 - a server without /v1/models: the caller's flag is the only source
+        return None, None
+    card = next((c for c in cards if c.id == model), cards[0] if len(cards) == 1 else None)
+    if card is None:
+        return None, None
+    extra = card.model_extra or {}
+    length = extra.get("max_model_len")
+    return (length if isinstance(length, int) and length > 0 else None), getattr(card, "owned_by", None)

@@ -1,56 +1,93 @@
-"""One worker thread runs the budget forcing engine for every request of the server.
+"""Continuous batching: one worker thread runs the budget forcing engine for every request.
 
-Requests wait in a queue. The worker takes the first, gathers whatever else arrives within a few
-milliseconds (up to ``max_batch``), and generates them as one engine batch, each request with its
-own ``BudgetForcing``. The engine is synchronous PyTorch: only this thread runs it, one batch at a
-time. Each request gets its events (streamed text, then its result or its error) on an asyncio
-queue of the event loop that submitted it. A request cancelled by its client (a disconnect) stops
-between two engine steps without disturbing the rest of the batch.
+Requests wait in a queue. Between two decode steps the worker admits what has arrived, up to
+``max_batch`` running sequences: their prompts are prefilled and their rows join the running batch
+(``t0s1.forcing.Engine.add``), so a new request starts at the next step instead of after the
+running ones, and a sequence that finishes leaves the batch at once. Each request brings its own
+``Sequence`` (its budget resolved for its own prompt, its own seed), so what it generates does not
+depend on its neighbours. The engine is synchronous PyTorch and only this thread runs it; each
+request gets its events on an asyncio queue of the event loop that submitted it.
 
-The engine cannot yet add sequences to a running batch, so a request that arrives while a batch
-runs waits for that batch to finish (see docs/serving.md).
+Failures stay with their request: a prompt that cannot be prefilled, or a sequence whose own step
+raises, fails alone. A failure of the batched forward pass has no single culprit: every running
+request gets the error and the worker goes on with a fresh cache. ``shutdown`` stops the running
+work within one decode step; everything running or queued is answered with ``ServerShuttingDown``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
-from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, generate_from_ids
+import torch
+
+from t0s1.forcing import BudgetForcing, Engine, RenderedPrompt
+from t0s1.forcing_rules import Sequence
 from t0s1.models import LoadedModel
 
-GATHER_SECONDS = 0.01
-"""How long the worker waits for more requests after the first one before starting a batch."""
+
+class ServerShuttingDown(Exception):
+    """The request was queued or running when the server began to shut down."""
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A plain continuation instead of budget forcing (``/v1/completions`` with ``stop``): the
+    prompt is continued as it is until a stop id, the token limit or a ``stop`` string."""
+
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None  # with the end of turn; None: the model's end of thinking
+    min_tokens: int = 0  # 1: the first token may not be a stop id
+    skip_special_tokens: bool = False
 
 
 @dataclass
 class Job:
-    """One request in the queue. Events on ``events``: ("thinking" | "answer", text) while
-    streaming, then ("result", Result) or ("error", exception)."""
+    """One request. Events on ``events``: ("thinking" | "answer", text) while streaming, then
+    ("result", Result) or ("error", exception)."""
 
-    prompt_ids: RenderedPrompt | list[int]
-    budget: BudgetForcing
+    id: int
     stream: bool
     loop: asyncio.AbstractEventLoop
+    continuation: Continuation | None = None
+    sequence: Sequence | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    streamed_any: bool = False
-    stop: tuple[str, ...] | None = None  # a plain continuation (see Batcher.submit)
+    submitted: float = field(default_factory=time.perf_counter)
     text: str = ""  # a plain continuation's text so far
-    stopped: bool = False  # a plain continuation ended at one of its stop strings
+    stopped: bool = False  # a plain continuation reached one of its stop strings
 
     def cancel(self) -> None:
+        """The client has gone: stop generating (at the next step)."""
         self.cancelled.set()
+
+    @property
+    def should_stop(self) -> bool:
+        if self.cancelled.is_set() or self.stopped:
+            return True
+        # A plain continuation ends where the thinking phase ends; nothing after it is asked for.
+        return self.continuation is not None and not self.sequence.thinking
 
     def emit(self, kind: str, value) -> None:
         """Hand an event to the request's event loop (called from the worker thread)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed: the server is shutting down
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancel()
+
+    def on_text(self, _: int, channel: str, text: str) -> None:
+        """The sequence's new text (incremental: the cost does not grow with the text)."""
+        if self.continuation is None:
+            self.emit(channel, text)
+            return
+        if channel == "thinking":
+            self.text += text
+            self.stopped = any(stop in self.text for stop in self.continuation.stop)
 
 
 @dataclass
@@ -59,17 +96,21 @@ class BatcherStats:
 
     requests: int = 0
     cancelled: int = 0
-    batches: int = 0
+    failed: int = 0
+    prefills: int = 0
+    steps: int = 0
+    largest_batch: int = 0
     generated_tokens: int = 0
     busy_seconds: float = 0.0
-    largest_batch: int = 0
 
     def to_dict(self) -> dict:
         tokens_per_second = self.generated_tokens / self.busy_seconds if self.busy_seconds else 0.0
         return {
             "requests": self.requests,
             "cancelled": self.cancelled,
-            "batches": self.batches,
+            "failed": self.failed,
+            "prefills": self.prefills,
+            "steps": self.steps,
             "largest_batch": self.largest_batch,
             "generated_tokens": self.generated_tokens,
             "busy_seconds": round(self.busy_seconds, 3),
@@ -78,128 +119,183 @@ class BatcherStats:
 
 
 class Batcher:
-    """Batches queued requests through the engine in one worker thread."""
+    """Runs every request through one engine, continuously batched, in one worker thread."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 8, *, gather_seconds: float = GATHER_SECONDS):
+    def __init__(self, lm: LoadedModel, max_batch: int = 8):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.lm = lm
         self.max_batch = max_batch
-        self.gather_seconds = gather_seconds
         self.stats = BatcherStats()
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._running: dict[int, Job] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # orders submit against shutdown: no job slips past the last drain
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     @property
     def queued(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="t0s1-engine", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is queued or running and end the worker."""
-        if self._thread is None:
-            return
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                job.emit("error", RuntimeError("The server is shutting down."))
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._thread = None
+    def shutdown(self) -> None:
+        """Begin to stop (returns at once): running work stops within one decode step, and
+        everything running or queued is answered with ``ServerShuttingDown``; new requests are refused."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._queue.put(None)  # wakes an idle worker
 
-    def submit(self, prompt_ids: list[int], budget: BudgetForcing, *, stream: bool,
-               stop: tuple[str, ...] | None = None) -> Job:
+    def stop(self, timeout: float = 10.0) -> None:
+        """``shutdown``, then wait for the worker to end."""
+        self.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, prompt: RenderedPrompt, settings: BudgetForcing, *, stream: bool,
+               continuation: Continuation | None = None) -> Job:
         """Queue a request; call from the event loop that will read the job's events.
 
-        ``stop``: a plain continuation instead of budget forcing: the engine's thinking phase
-        continues ``prompt_ids`` for up to ``budget.max_thinking_tokens`` tokens and the job ends
-        where that phase ends (a stop token, the budget) or where a stop string appears.
+        The request's ``Sequence`` is made here, so a budget that does not fit its prompt is a
+        ``UserError`` before anything is queued. ``continuation``: a plain continuation; its token
+        limit is ``settings.max_thinking_tokens``.
         """
-        job = Job(prompt_ids, budget, stream, asyncio.get_running_loop(), stop=stop)
-        self._queue.put(job)
+        job = Job(next(self._ids), stream, asyncio.get_running_loop(), continuation)
+        rules = self.lm.rules
+        if continuation is not None and continuation.stop_token_ids is not None:
+            rules = copy.copy(rules)  # this request's own stop ids; the rest of the rules as they are
+            rules.stop_ids = rules.end_of_turn | frozenset(continuation.stop_token_ids)
+        wants_text = stream or continuation is not None
+        job.sequence = rules.sequence(job.id, prompt, settings, on_text=job.on_text if wants_text else None)
+        if continuation is not None and continuation.min_tokens:
+            job.sequence.ban_stop = True
+        with self._lock:
+            if self._stopping:
+                raise ServerShuttingDown("The server is shutting down: it takes no new requests.")
+            if self._thread is None or not self._thread.is_alive():
+                raise RuntimeError("The engine's worker is not running (start the app with its lifespan).")
+            self._queue.put(job)
         return job
 
     # ---- the worker thread ----------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            batch = [job]
-            deadline = time.monotonic() + self.gather_seconds
-            while len(batch) < self.max_batch:
+        engine = self._new_engine()
+        cause: Exception = ServerShuttingDown("The server is shutting down: this request was stopped before it finished.")
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    self._admit(engine)
+                    if self._stopping or not engine.active:
+                        continue
+                    try:
+                        finished = self._timed(engine.step)
+                    except Exception as error:  # noqa: BLE001 - the batch's forward pass: no single culprit
+                        self._fail_running(error)
+                        engine.runner.close()
+                        engine = self._new_engine()
+                        continue
+                    self.stats.steps += 1
+                    for sequence in finished:
+                        self._finish(sequence)
+        except Exception as error:  # noqa: BLE001 - a fault of the worker itself: answer everyone with it
+            cause = error
+            with self._lock:
+                self._stopping = True
+        finally:
+            self._fail_running(cause)
+            while True:  # what is still queued (submit refuses new jobs once _stopping is set)
                 try:
-                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(more)
-            waiting = [job for job in batch if not job.cancelled.is_set()]
-            self.stats.cancelled += len(batch) - len(waiting)  # their clients left while they queued
-            batch = waiting
-            if batch:
-                self._run(batch)
+                if job is not None:
+                    job.emit("error", cause)
+            engine.runner.close()
 
-    def _run(self, batch: list[Job]) -> None:
+    def _new_engine(self) -> Engine:
+        # A row per request that may run at once (a llama.cpp runner allocates them up front).
+        runner = self.lm.new_runner(rows=self.max_batch)
+        return Engine(self.lm, runner=runner, is_cancelled=self._should_stop, on_error=self._sequence_failed)
+
+    def _should_stop(self, index: int) -> bool:
+        job = self._running.get(index)
+        return job is None or job.should_stop
+
+    def _admit(self, engine: Engine) -> None:
+        """Prefill what has arrived, up to ``max_batch`` running sequences; wait while idle."""
+        room = self.max_batch - engine.active
+        room = min(room, getattr(engine.runner, "free_slots", room))
+        if room <= 0 or (engine.active and not getattr(engine.runner, "can_join", True)):
+            return  # a cache that cannot take new rows mid-run (sliding window): wait for the batch to end
+        jobs = []
+        while len(jobs) < room:
+            try:
+                job = self._queue.get() if not engine.active and not jobs else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # shutdown
+                break
+            if job.cancelled.is_set():  # its client left while it queued
+                self.stats.cancelled += 1
+                continue
+            self._running[job.id] = job
+            jobs.append(job)
+        if jobs:
+            self._prefill(engine, jobs)
+
+    def _prefill(self, engine: Engine, jobs: list[Job]) -> None:
+        try:
+            self._timed(engine.add, [job.sequence for job in jobs])
+        except Exception as error:  # noqa: BLE001 - find the prompt that fails: each alone
+            if len(jobs) == 1:
+                self._fail(jobs[0], error)
+            else:
+                for job in jobs:
+                    self._prefill(engine, [job])
+            return
+        self.stats.prefills += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, engine.active)
+
+    def _finish(self, sequence: Sequence) -> None:
+        job = self._running.pop(sequence.index)
+        try:
+            result = sequence.result(time.perf_counter() - job.submitted)
+        except Exception as error:  # noqa: BLE001
+            self.stats.failed += 1
+            job.emit("error", error)
+            return
+        self.stats.requests += 1
+        self.stats.cancelled += job.cancelled.is_set()
+        self.stats.generated_tokens += result.thinking_tokens + result.answer_tokens
+        job.emit("result", result)
+
+    def _sequence_failed(self, sequence: Sequence, error: Exception) -> None:
+        job = self._running.pop(sequence.index, None)
+        if job is not None:
+            self._fail(job, error)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        self._running.pop(job.id, None)
+        self.stats.failed += not isinstance(error, ServerShuttingDown)
+        job.emit("error", error)
+
+    def _fail_running(self, error: Exception) -> None:
+        for job in list(self._running.values()):
+            self._fail(job, error)
+
+    def _timed(self, function, *args):
         started = time.perf_counter()
         try:
-            results = self._generate(batch)
-        except Exception as error:  # noqa: BLE001 - one request's failure must not end the worker
-            self._recover(batch, error)
-            return
+            return function(*args)
         finally:
             self.stats.busy_seconds += time.perf_counter() - started
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        for job, result in zip(batch, results, strict=True):
-            self.stats.requests += 1
-            self.stats.cancelled += result.finish_reason == "cancelled" and job.stop is None
-            self.stats.generated_tokens += result.thinking_tokens + result.answer_tokens
-            job.emit("result", result)
-
-    def _generate(self, batch: list[Job]) -> list[Result]:
-        def on_delta(i: int, channel: str, text: str) -> None:
-            job = batch[i]
-            if job.stop is not None:
-                if channel == "answer":  # the continuation has ended; skip the answer
-                    job.cancel()
-                    return
-                job.text += text
-                if any(stop in job.text for stop in job.stop):
-                    job.stopped = True
-                    job.cancel()
-                return
-            if job.stream:
-                job.streamed_any = True
-                job.emit(channel, text)
-
-        return generate_from_ids(
-            self.lm,
-            [job.prompt_ids for job in batch],
-            [job.budget for job in batch],
-            on_delta=on_delta if any(job.stream or job.stop is not None for job in batch) else None,
-            is_cancelled=lambda i: batch[i].cancelled.is_set(),
-        )
-
-    def _recover(self, batch: list[Job], error: Exception) -> None:
-        """A batch failed: run its requests one by one so that only the culprit gets the error.
-        A request that already streamed text cannot start over: it gets the error."""
-        if len(batch) == 1:
-            batch[0].emit("error", error)
-            return
-        for job in batch:
-            if job.streamed_any:
-                job.emit("error", error)
-            elif not job.cancelled.is_set():
-                self._run([job])

@@ -5,6 +5,11 @@ the end of thinking is ignored ("Wait" appended), ``/reset`` forgets the convers
 quits (so does end of input). The conversation keeps each answer with its thinking as
 ``reasoning_content``; the model's chat template decides whether earlier thinking is shown to it
 (Qwen3 drops it; templates that do not read it drop it).
+
+With a retrieval index (``t0s1 chat --index DIR``) each question is answered over the sources
+retrieved for it (``t0s1.rag``): they are listed before the thinking, numbered as the prompt cites
+them, and the ones the answer cites are named after it. The conversation keeps the questions as
+typed, not the sources.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from rich.console import Console
+from rich.markup import escape
 
 from t0s1.cli_support import parse_int_list, parse_thinking_budget
 from t0s1.errors import UserError
@@ -36,9 +42,12 @@ def run_chat(
     read_line: Callable[[str], str] | None = None,
     console: Console | None = None,
     chat_template_kwargs: dict | None = None,
+    index=None,
+    rag=None,
 ) -> list[dict]:
     """Chat until ``/exit`` or end of input; returns the conversation.
     ``chat_template_kwargs`` go to the chat template (e.g. ``{"enable_thinking": False}``).
+    ``index``: a ``t0s1.rag.Index`` to answer over, with ``rag`` (a ``RagRequest``: k, retriever).
 
     ``read_line(prompt)`` returns the next line and raises ``EOFError`` at the end of input
     (default: the console's input, with line editing).
@@ -67,14 +76,50 @@ def run_chat(
             continue
         messages.append({"role": "user", "content": line})
         try:
-            result = _reply(lm, messages, budget, console, chat_template_kwargs)
+            prompt, sources = _with_sources(lm, messages, budget, index, rag, console)
+            result = _reply(lm, prompt, budget, console, chat_template_kwargs)
         except UserError as error:  # e.g. the conversation no longer fits the context
             console.print(f"[bold red]Error:[/] {error}", highlight=False)
             result = None
         if result is None or result.finish_reason == "cancelled":
             messages.pop()  # an interrupted turn is forgotten
-        else:
-            messages.append({"role": "assistant", "content": result.answer, "reasoning_content": result.thinking})
+            continue
+        if sources:
+            _show_cited(result.answer, sources, console)
+        messages.append({"role": "assistant", "content": result.answer, "reasoning_content": result.thinking})
+
+
+def _with_sources(lm: LoadedModel, messages: list[dict], budget: BudgetForcing, index, rag, console: Console):
+    """The conversation to generate from: with an index, the last question over its sources
+    (listed here); and those sources."""
+    if index is None or rag is None or rag.k == 0:
+        return messages, []
+    from t0s1.rag import build_rag_messages, reserve_tokens, retrieve_sources
+
+    question = messages[-1]["content"]
+    hits = retrieve_sources(index, question, rag.k, rag.retriever)
+    packed = build_rag_messages(lm.tokenizer, question, hits, context_length=lm.context_length,
+                                reserved=reserve_tokens(budget, lm.context_length), history=messages[:-1])
+    if not packed.sources:
+        console.print("[dim italic]no sources found[/]")
+    else:
+        console.print("[dim italic]sources[/]")
+        for number, hit in enumerate(packed.sources, start=1):
+            console.print(f"[dim][{number}] [bold]{escape(hit.title)}[/bold] ({hit.retriever} {hit.score:.3f})[/]", highlight=False)
+    if packed.dropped:
+        console.print(f"[dim]({packed.dropped} more did not fit the context)[/]")
+    return packed.messages, packed.sources
+
+
+def _show_cited(answer: str, sources: list, console: Console) -> None:
+    from t0s1.rag.prompt import cited_sources
+
+    cited = cited_sources(answer, len(sources))
+    if cited:
+        names = "; ".join(f"[{n}] {escape(sources[n - 1].title)}" for n in cited)
+        console.print(f"[dim]cited: {names}[/]", highlight=False)
+    else:
+        console.print("[dim]cited: none of the sources[/]")
 
 
 def _command(command: str, argument: str, budget: BudgetForcing, messages: list[dict], console: Console):

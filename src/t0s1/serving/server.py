@@ -1,21 +1,26 @@
 """An OpenAI-compatible server with budget forcing: ``create_app(lm, defaults)``.
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health``. Besides the usual OpenAI fields a request may set the budget forcing of its own
-generation: ``max_thinking_tokens`` (alias ``thinking_budget``; an integer or "auto"),
-``num_ignore`` and ``ignore_str``; the server's defaults fill in the rest. ``max_tokens`` (or
-``max_completion_tokens``) caps the answer, after the thinking.
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (these need
+``Authorization: Bearer KEY`` when the server has a key) and ``GET /health``. The request and
+reply models are declared in ``t0s1.serving.protocol``; ``/openapi.json`` lists every field. A
+request sets the budget forcing of its own generation (``max_thinking_tokens`` or an alias,
+``reasoning_effort``, ``num_ignore``, ``ignore_str``, ...); the server's defaults fill in the
+rest. Replies carry the thinking apart from the answer (``reasoning`` and ``reasoning_content``),
+``usage.completion_tokens_details.reasoning_tokens``, and per choice how the thinking ended.
+Streams are server-sent events (``sse-starlette``): thinking deltas, answer deltas, a last chunk
+with the finish reason, then ``data: [DONE]``.
 
-Replies carry the thinking apart from the answer, as vLLM and DeepSeek do: ``reasoning_content``
-(and ``reasoning``) beside ``content``, and ``usage.completion_tokens_details.reasoning_tokens``.
-A streamed reply sends the thinking deltas, then the answer deltas, then ``data: [DONE]``.
+Requests run continuously batched (``t0s1.serving.batcher``). With a retrieval index
+(``t0s1.rag``) a chat request is answered over the sources retrieved for its last message, and
+the reply lists them (``sources``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
+import logging
+import signal
 import socket
 import threading
 import time
@@ -23,32 +28,58 @@ import uuid
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+import anyio
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, render_prompt, resolve_budget
+from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, render_prompt
 from t0s1.models import LoadedModel
-from t0s1.serving.batcher import Batcher, Job
+from t0s1.serving.batcher import Batcher, Continuation, Job, ServerShuttingDown
+from t0s1.serving.protocol import (
+    DEFAULT_EFFORT_BUDGETS,
+    THINKING_BUDGET_ALIASES,
+    AssistantMessage,
+    BudgetFields,
+    BudgetForcingReport,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionTokensDetails,
+    ErrorResponse,
+    FieldError,
+    ModelCard,
+    ModelList,
+    Source,
+    Usage,
+)
 from t0s1.serving.ui import UIInfo, mount_ui
+
+log = logging.getLogger("t0s1.serving")
 
 DISCONNECT_POLL_SECONDS = 0.5
 """How often a waiting non-streamed request checks whether its client is still there."""
 
-# Request field -> BudgetForcing field. Budget fields are validated by BudgetForcing itself.
-BUDGET_FIELDS = {
-    "max_thinking_tokens": "max_thinking_tokens",
-    "thinking_budget": "max_thinking_tokens",
-    "num_ignore": "num_ignore",
-    "ignore_str": "ignore_str",
-    "max_completion_tokens": "max_answer_tokens",
-    "max_tokens": "max_answer_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "end_phrase": "end_phrase",
-    "answer_prefix": "answer_prefix",
+SHUTDOWN_GRACE_SECONDS = 5.0
+"""At shutdown a stream may take this long to send its error event before it is cut."""
+
+SNIPPET_CHARS = 300
+"""How much of a source's best chunk a reply shows."""
+
+ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "A field that cannot be honoured; error.param names it."},
+    401: {"model": ErrorResponse, "description": "A missing or wrong API key."},
+    503: {"model": ErrorResponse, "description": "The server is shutting down."},
 }
 
 
@@ -64,114 +95,203 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: str | None = None,
-               max_batch: int = 8, ui: bool = True) -> FastAPI:
-    """The server for ``lm``. ``defaults``: budget forcing for fields a request leaves out.
-    ``api_key``: if set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
-    ``ui``: serve the web page at ``/`` (``t0s1.serving.ui``)."""
+               max_batch: int = 8, ui: bool = True, *, effort_budgets: dict[str, int | str] | None = None,
+               index=None, rag_defaults=None) -> FastAPI:
+    """The server for ``lm``. ``defaults``: budget forcing for fields a request leaves out (a
+    request without a ``seed`` samples with a fresh one). ``api_key``: if set, every ``/v1``
+    request needs ``Authorization: Bearer <api_key>``. ``max_batch``: the most sequences generated
+    together. ``ui``: serve the web page at ``/`` (``t0s1.serving.ui``). ``effort_budgets``: the
+    thinking budget of each ``reasoning_effort``. ``index``: a ``t0s1.rag.Index`` to retrieve
+    sources from for chat requests, with ``rag_defaults`` (a ``RagRequest``) for requests that
+    leave ``rag`` out."""
+    from t0s1.rag import RagRequest
+
     defaults = defaults or BudgetForcing()
+    efforts = {**DEFAULT_EFFORT_BUDGETS, **(effort_budgets or {})}
     batcher = Batcher(lm, max_batch)
+    retrieval = _Retrieval(lm, index, rag_defaults or RagRequest()) if index is not None else None
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        restore_signals = _shut_down_on_exit_signals(batcher)
         try:
             yield
         finally:
+            restore_signals()
             await asyncio.to_thread(batcher.stop)
 
-    app = FastAPI(title="t0-s1 budget forcing server", lifespan=lifespan)
+    app = FastAPI(title="t0-s1 budget forcing server", version="2", lifespan=lifespan,
+                  description="OpenAI-compatible chat and completions with budget forcing per request.")
     app.state.batcher = batcher
     app.state.lm = lm
+
+    bearer = HTTPBearer(auto_error=False, description="The key the server was started with (--api-key).")
+
+    def require_api_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
+            raise APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         return error.response()
 
+    async def key_refused(request: Request) -> JSONResponse | None:
+        """FastAPI parses a request's body before it runs the dependencies: a body it cannot parse
+        must not tell a client without the key more than a 401 does."""
+        if api_key is None or not request.url.path.startswith("/v1/"):
+            return None
+        try:
+            require_api_key(await bearer(request))
+        except APIError as refused:
+            return refused.response()
+        return None
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        return await key_refused(request) or _validation_error(error).response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        return APIError(error.status_code, str(error.detail), code=str(error.status_code)).response()
+        refused = await key_refused(request) if error.status_code == 400 else None
+        return refused or APIError(error.status_code, str(error.detail), code=str(error.status_code)).response()
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception):
+        log.exception("Unexpected error")
         return APIError(500, f"{type(error).__name__}: {error}", kind="server_error").response()
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+    keyed = [Security(require_api_key)] if api_key is not None else []  # on every /v1 route
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": lm.name, "queued": batcher.queued, "max_batch": batcher.max_batch,
-                **batcher.stats.to_dict()}
+    async def health() -> dict:
+        """Open without a key: the model, the queue and the worker's counters."""
+        return {"status": "ok", "model": lm.name, "queued": batcher.queued, "running": batcher.running,
+                "max_batch": batcher.max_batch, "retrieval": retrieval is not None, **batcher.stats.to_dict()}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": created,
-                                             "owned_by": "t0s1", "max_model_len": lm.context_length}]}
+    @app.get("/v1/models", dependencies=keyed, responses=ERROR_RESPONSES)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=lm.name, created=created, max_model_len=lm.context_length)])
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        authorize(request)
-        body = await _json_body(request)
-        messages = _messages(body.get("messages"))
-        if _stop_strings(body) is not None:
-            raise APIError(400, "stop is not supported by chat completions: the answer ends at the model's end of "
-                           "turn or max_tokens (/v1/completions takes stop for plain continuations).", param="stop")
-        budget, stream, include_usage = _common_fields(body, defaults)
-        template_kwargs = body.get("chat_template_kwargs")
-        if template_kwargs is not None and not isinstance(template_kwargs, dict):
-            raise APIError(400, "chat_template_kwargs must be an object, e.g. {\"enable_thinking\": false}.",
-                           param="chat_template_kwargs")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=keyed,
+              responses={**ERROR_RESPONSES, 200: _streamed("ChatCompletionChunk", "A chat completion")})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _refuse(body.stop, "stop", "stop is not taken by chat completions: the answer ends at the model's end of turn or "
+                "max_tokens (/v1/completions takes stop for plain continuations).")
+        _refuse(body.logprobs, "logprobs", "logprobs are not supported by this server.")
+        _log_ignored(body)
+        template_kwargs = body.chat_template_kwargs
+        settings = _settings(body, defaults, efforts, template_kwargs)
+        messages, sources = body.template_messages(), None
+        rag = _rag_settings(body, retrieval)
+        if rag is not None:
+            messages, sources = await retrieval.prompt(messages, rag, settings)
         try:
-            prompt_ids = render_prompt(lm, messages, template_kwargs)
+            prompt = render_prompt(lm, messages, template_kwargs)
         except UserError as error:
             raise APIError(400, str(error), param="messages") from None
-        _check_context(lm, budget, prompt_ids)
-        job = batcher.submit(prompt_ids, budget, stream=stream)
-        reply = _Reply("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", lm.name)
-        if stream:
-            return _event_stream(reply.chat_stream(job, include_usage), job)
-        return reply.chat(await _wait(job, request))
+        job = _submit(batcher, body, prompt, settings, stream=bool(body.stream), prompt_field="messages")
+        reply = _ChatReply(f"chatcmpl-{uuid.uuid4().hex}", lm.name, job, prompt, sources)
+        if body.stream:
+            return _event_stream(reply.stream(bool(body.stream_options and body.stream_options.include_usage)), job)
+        return _json(reply.whole(await _wait(job, request)))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        authorize(request)
-        body = await _json_body(request)
-        prompt = _prompt_text(body.get("prompt"))
-        for name in ("echo", "logprobs", "suffix"):
-            if body.get(name) not in (None, False):
-                raise APIError(400, f"{name} is not supported by this server.", param=name)
-        budget, stream, include_usage = _common_fields(body, defaults)
-        reply = _Reply("text_completion", f"cmpl-{uuid.uuid4().hex}", lm.name)
-        stop = _stop_strings(body)
-        if stop is not None:
-            return await _plain_continuation(lm, batcher, reply, request, body, prompt, budget, stop, stream)
-        prompt_ids = completion_prompt_ids(lm, prompt)
-        _check_context(lm, budget, prompt_ids)
-        job = batcher.submit(prompt_ids, budget, stream=stream)
-        if stream:
-            return _event_stream(reply.completion_stream(job, include_usage), job)
-        return reply.completion(await _wait(job, request))
+    @app.post("/v1/completions", response_model=Completion, dependencies=keyed,
+              responses={**ERROR_RESPONSES, 200: _streamed("Completion", "A completion")})
+    async def completions(body: CompletionRequest, request: Request):
+        _refuse(body.echo, "echo", "echo is not supported by this server.")
+        _refuse(body.logprobs, "logprobs", "logprobs are not supported by this server.")
+        _refuse(body.suffix, "suffix", "suffix is not supported by this server.")
+        _log_ignored(body)
+        if not body.text.strip():
+            raise APIError(400, "prompt is empty: give the text to continue.", param="prompt")
+        reply_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.plain_continuation:
+            return await _plain_continuation(lm, batcher, reply_id, request, body, defaults, efforts)
+        for name in ("min_tokens", "skip_special_tokens"):
+            _refuse(getattr(body, name), name, f"{name} applies to plain continuations (a request with stop or "
+                    "stop_token_ids); a budget-forced reply keeps the thinking and the answer apart instead.")
+        settings = _settings(body, defaults, efforts)
+        prompt = completion_prompt_ids(lm, body.text)
+        job = _submit(batcher, body, prompt, settings, stream=bool(body.stream), prompt_field="prompt")
+        reply = _CompletionReply(reply_id, lm.name, job, prompt)
+        if body.stream:
+            return _event_stream(reply.stream(bool(body.stream_options and body.stream_options.include_usage)), job)
+        return _json(reply.whole(await _wait(job, request)))
 
+    _declare_stream_chunks(app, ChatCompletionChunk)
     if ui:
-        mount_ui(app, info=UIInfo.describe(lm, defaults, api_key_required=api_key is not None))
+        mount_ui(app, info=UIInfo.describe(lm, defaults, api_key_required=api_key is not None,
+                                           retrieval=retrieval is not None))
     return app
+
+
+def _streamed(chunk: str, whole: str) -> dict:
+    """The OpenAPI description of a reply that is JSON, or with ``stream`` server-sent chunks."""
+    return {"description": f"{whole}, or with stream: server-sent {chunk} events, then [DONE].",
+            "content": {"text/event-stream": {"itemSchema": {"$ref": f"#/components/schemas/{chunk}"}}}}
+
+
+def _declare_stream_chunks(app: FastAPI, *models) -> None:
+    """Add the streamed chunk models to the schema's components: the ``text/event-stream``
+    replies refer to them (``itemSchema``, as FastAPI's own SSE routes do)."""
+    from pydantic.json_schema import models_json_schema
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            _, definitions = models_json_schema([(model, "serialization") for model in models],
+                                                ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in definitions.get("$defs", {}).items():
+                components.setdefault(name, definition)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _shut_down_on_exit_signals(batcher: Batcher):
+    """On SIGTERM or Ctrl-C stop the running generations at once (within one decode step) and
+    answer them, and what is queued, with an error; then let the server shut down as it would
+    (uvicorn's graceful shutdown would otherwise wait for every generation to finish). Chains onto
+    the handlers the server installed; only where signals can be handled (the main thread).
+    Returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if not callable(handler):
+            continue
+
+        def shut_down(sig, frame, handler=handler):
+            batcher.shutdown()
+            handler(sig, frame)
+
+        previous[number] = handler
+        signal.signal(number, shut_down)
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    return restore
 
 
 @contextmanager
 def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 60.0):
     """Run ``app`` with uvicorn in a background thread; yields the base URL (``http://host:port``).
-    Port 0 picks a free port. The server stops when the block ends."""
+    Port 0 picks a free port. The server stops when the block ends (running requests are answered
+    with an error, as at any shutdown)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -191,6 +311,9 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
     try:
         yield f"http://{host}:{port}"
     finally:
+        batcher = getattr(app.state, "batcher", None)
+        if batcher is not None:
+            batcher.shutdown()
         server.should_exit = True
         thread.join(timeout)
         sock.close()
@@ -205,165 +328,134 @@ def completion_prompt_ids(lm: LoadedModel, prompt: str) -> RenderedPrompt:
     return RenderedPrompt(list(lm.tokenizer(text).input_ids))
 
 
-async def _plain_continuation(lm, batcher, reply, request, body, prompt, budget, stop, stream) -> dict:
-    """A ``/v1/completions`` request with ``stop``: continue the prompt as it is (no thinking
-    delimiter, no forcing) for up to ``max_tokens`` tokens, until the model's end of turn, the
-    start of the answer delimiter or a stop string. This is what client-side budget forcing
-    (``t0s1 eval --backend openai``) asks of a server, one step at a time."""
-    if stream:
-        raise APIError(400, "stream is not supported together with stop (a plain continuation).", param="stream")
-    for name in ("max_thinking_tokens", "thinking_budget", "num_ignore", "ignore_str"):
-        if body.get(name) is not None:
-            raise APIError(400, f"{name} cannot be combined with stop: a request with stop is a plain continuation "
-                           "without budget forcing.", param=name)
-    length = budget.max_answer_tokens
-    settings = replace(budget, max_thinking_tokens=length, num_ignore=0, max_answer_tokens=1)
-    prompt_ids = list(lm.tokenizer(prompt).input_ids)
+# ---- requests -------------------------------------------------------------------------------------
+
+
+def _refuse(value, param: str, message: str) -> None:
+    if value not in (None, False, "", []):
+        raise APIError(400, message, param=param)
+
+
+_warned: set[str] = set()
+WARNED_NAMES = 256  # at most this many names remembered (clients choose them)
+
+
+def _log_ignored(body: BudgetFields) -> None:
+    """Undeclared fields that are not about thinking (other OpenAI options) are ignored, as other
+    OpenAI-compatible servers ignore them; the server log says so once per name."""
+    for name in body.ignored_fields():
+        if name not in _warned and len(_warned) < WARNED_NAMES:
+            _warned.add(name)
+            log.warning("Ignoring the request field %r: this server does not use it.", name)
+
+
+def _settings(body: BudgetFields, defaults: BudgetForcing, efforts: dict, template_kwargs: dict | None = None) -> BudgetForcing:
     try:
-        resolve_budget(lm, settings, len(prompt_ids))
-    except UserError:
-        room = lm.context_length - len(prompt_ids)
-        raise APIError(400, f"The prompt ({len(prompt_ids)} tokens) and max_tokens={length} exceed the model's "
-                       f"context of {lm.context_length} tokens; ask for fewer than {room} tokens.",
-                       param="max_tokens", code="context_length_exceeded") from None
-    job = batcher.submit(prompt_ids, settings, stream=False, stop=stop)
-    result = await _wait(job, request)
-    text = lm.tokenizer.decode(result.thinking_token_ids, skip_special_tokens=False)
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    if cut >= 0:
-        text = text[:cut]
-    # The thinking phase ended at a stop token (not the budget, not the context) iff the answer began.
-    ended = not result.hit_budget and (result.answer_tokens > 0 or result.finish_reason != "length")
-    finish = "stop" if cut >= 0 or ended else "length"
-    tokens = result.thinking_tokens
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": tokens,
-             "total_tokens": result.prompt_tokens + tokens}
-    return reply._envelope("text_completion", [choice], usage)
+        return body.budget_forcing(defaults, efforts, template_kwargs)
+    except FieldError as error:
+        raise APIError(400, error.message, param=error.param, code=error.code) from None
 
 
-def _stop_strings(body: dict) -> tuple[str, ...] | None:
-    stop = body.get("stop")
-    if stop in (None, "", []):
+def _budget_field(body: BudgetFields) -> str | None:
+    """The field the client set the thinking budget with, if any."""
+    for name in (*THINKING_BUDGET_ALIASES, "reasoning_effort"):
+        if getattr(body, name) is not None:
+            return name
+    return None
+
+
+def _submit(batcher: Batcher, body: BudgetFields, prompt: RenderedPrompt, settings: BudgetForcing, *, stream: bool,
+            prompt_field: str, continuation: Continuation | None = None) -> Job:
+    """Queue the request; a prompt and budget that do not fit the context are a 400 here, before
+    anything is streamed."""
+    try:
+        return batcher.submit(prompt, settings, stream=stream, continuation=continuation)
+    except UserError as error:
+        param = "max_tokens" if continuation is not None else _budget_field(body) or prompt_field
+        raise APIError(400, str(error), param=param, code="context_length_exceeded") from None
+    except ServerShuttingDown as error:
+        raise APIError(503, str(error), code="server_shutting_down", kind="server_error") from None
+
+
+def _validation_error(error: RequestValidationError) -> APIError:
+    """FastAPI's validation errors as one OpenAI error naming the first field at fault."""
+    errors = error.errors()
+    first = errors[0] if errors else {}
+    location = [part for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid" or not location or not isinstance(location[0], str):
+        detail = first.get("ctx", {}).get("error") or first.get("msg", "invalid body")
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"The request body is not valid JSON: {detail}.")
+        return APIError(400, f"The request body must be a JSON object with the request's fields: {first.get('msg')}.")
+    param = location[0]
+    same_field = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == [param]]
+    messages = list(dict.fromkeys(e["msg"] for e in same_field))
+    where = ".".join(str(part) for part in location[: 1 if len(same_field) > 1 else None])
+    got = first.get("input")
+    shown = f" (got {got!r})" if first.get("type") != "missing" and not isinstance(got, dict | list) else ""
+    return APIError(400, f"{where}: {'; or '.join(messages)}{shown}.", param=param)
+
+
+# ---- retrieval ------------------------------------------------------------------------------------
+
+
+class _Retrieval:
+    """Sources for chat requests from a ``t0s1.rag`` index (docs/rag.md, "Calling it from a server")."""
+
+    def __init__(self, lm: LoadedModel, index, defaults):
+        self.lm, self.index, self.defaults = lm, index, defaults
+        self.lock = threading.Lock()  # one search at a time: the index's embedder is one torch model
+
+    async def prompt(self, messages: list[dict], rag, settings: BudgetForcing) -> tuple[list[dict], list[Source]]:
+        """The conversation with the sources for its last (user) message, and those sources."""
+        from t0s1.rag import build_rag_messages, reserve_tokens
+
+        if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+            raise APIError(400, "Retrieval searches for the last message, which must be a non-empty user message "
+                           '(or send "rag": {"k": 0}).', param="messages")
+        question = messages[-1]["content"]
+        hits = await asyncio.to_thread(self._search, question, rag)
+        try:
+            packed = build_rag_messages(self.lm.tokenizer, question, hits, context_length=self.lm.context_length,
+                                        reserved=reserve_tokens(settings, self.lm.context_length), history=messages[:-1])
+        except UserError as error:
+            raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
+        sources = [Source(number=n, **hit.to_dict(snippet_chars=SNIPPET_CHARS)) for n, hit in enumerate(packed.sources, 1)]
+        return packed.messages, sources
+
+    def _search(self, question: str, rag):
+        from t0s1.rag import retrieve_sources
+
+        with self.lock:
+            try:
+                return retrieve_sources(self.index, question, rag.k, rag.retriever)
+            except UserError as error:
+                raise APIError(400, str(error), param="rag") from None
+
+
+def _rag_settings(body: ChatCompletionRequest, retrieval: _Retrieval | None):
+    """The request's retrieval settings over the server's; None: no retrieval for this request."""
+    if retrieval is None:
+        if body.rag is not None and body.rag.k > 0:
+            raise APIError(400, "rag: this server has no retrieval index (start it with --index DIR), so it cannot "
+                           'retrieve sources; leave rag out or send {"k": 0}.', param="rag")
         return None
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop must be a string or a list of non-empty strings.", param="stop")
-    return tuple(stop)
+    rag = retrieval.defaults
+    if body.rag is not None:
+        rag = rag.model_copy(update={name: getattr(body.rag, name) for name in body.rag.model_fields_set})
+    return rag if rag.k > 0 else None
 
 
-# ---- parsing requests --------------------------------------------------------------------------
+def _cited(sources: list[Source] | None, answer: str) -> list[Source] | None:
+    from t0s1.rag.prompt import cited_sources
+
+    if not sources:
+        return sources
+    cited = set(cited_sources(answer, len(sources)))
+    return [source.model_copy(update={"cited": source.number in cited}) for source in sources]
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"The request body is not valid JSON: {error}.") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}.")
-    return body
-
-
-def _common_fields(body: dict, defaults: BudgetForcing) -> tuple[BudgetForcing, bool, bool]:
-    """(budget forcing, stream?, include usage in the stream?) from the fields both endpoints share."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise APIError(400, f"n={n!r} is not supported: this server returns one choice per request.", param="n")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise APIError(400, f"stream must be true or false, got {stream!r}.", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "stream_options must be an object.", param="stream_options")
-    return budget_from_request(body, defaults), stream, bool(options.get("include_usage"))
-
-
-def budget_from_request(body: dict, defaults: BudgetForcing) -> BudgetForcing:
-    """The request's budget forcing: its fields over the server's defaults (null = default)."""
-    if body.get("thinking_budget") is not None and body.get("max_thinking_tokens") is not None:
-        raise APIError(400, "Give max_thinking_tokens or its alias thinking_budget, not both.",
-                       param="thinking_budget")
-    changes, sent_as = {}, {}
-    for name, settings_field in BUDGET_FIELDS.items():
-        value = body.get(name)
-        if value is not None and settings_field not in changes:
-            changes[settings_field] = value
-            sent_as[settings_field] = name
-    try:
-        return replace(defaults, **changes)
-    except UserError as error:
-        message = str(error)
-        settings_field = message.split(" ", 1)[0]
-        param = sent_as.get(settings_field, settings_field)
-        if param != settings_field:
-            message = f"{param}: {message}"
-        raise APIError(400, message, param=param) from None
-
-
-def _messages(messages) -> list[dict]:
-    """OpenAI chat messages -> ``{"role", "content": str}`` for the chat template."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list of {'role': ..., 'content': ...} objects.",
-                       param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise APIError(400, f"messages[{i}] must be an object with a string 'role'.", param="messages")
-        role = "system" if message["role"] == "developer" else message["role"]
-        converted = {"role": role, "content": _text_content(message.get("content"), f"messages[{i}].content")}
-        # Earlier thinking of an assistant turn: the chat template decides whether to keep it.
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        if reasoning is not None:
-            if not isinstance(reasoning, str):
-                raise APIError(400, f"messages[{i}].reasoning_content must be a string.", param="messages")
-            converted["reasoning_content"] = reasoning
-        out.append(converted)
-    return out
-
-
-def _text_content(content, where: str) -> str:
-    """A message's content: a string, or a list of text parts (joined); null is empty."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are supported.",
-                               param="messages")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise APIError(400, f"{where} must be a string or a list of text parts, got {type(content).__name__}.",
-                   param="messages")
-
-
-def _prompt_text(prompt) -> str:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string (one prompt per request; token ids are not supported).",
-                       param="prompt")
-    if not prompt.strip():
-        raise APIError(400, "prompt is empty: give the text to continue.", param="prompt")
-    return prompt
-
-
-def _check_context(lm: LoadedModel, budget: BudgetForcing, prompt: RenderedPrompt) -> None:
-    """Refuse, before queueing, a request whose prompt and thinking budget exceed the context."""
-    try:
-        resolve_budget(lm, budget if prompt.thinking else replace(budget, max_thinking_tokens=0), len(prompt.ids))
-    except UserError as error:
-        raise APIError(400, str(error), param="max_thinking_tokens", code="context_length_exceeded") from None
-
-
-# ---- waiting for the engine --------------------------------------------------------------------
+# ---- waiting for the engine -----------------------------------------------------------------------
 
 
 class _ClientGone(Exception):
@@ -395,123 +487,40 @@ async def _wait(job: Job, request: Request) -> Result:
 def _engine_error(error: Exception) -> APIError:
     if isinstance(error, UserError):
         return APIError(400, str(error))
-    return APIError(500, f"Generation failed: {type(error).__name__}: {error}", kind="server_error")
+    if isinstance(error, ServerShuttingDown):
+        return APIError(503, str(error), code="server_shutting_down", kind="server_error")
+    return APIError(500, f"Generation failed for this request: {type(error).__name__}: {error}", kind="server_error")
 
 
-def _event_stream(chunks, job: Job) -> StreamingResponse:
-    """Server-sent events; a disconnect cancels the stream's task, which cancels the job."""
+def _json(model) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"))
+
+
+def _event_stream(chunks, job: Job) -> EventSourceResponse:
+    """Server-sent events: each chunk as JSON, an engine error as an ``{"error": ...}`` event, then
+    ``[DONE]``. A client that disconnects cancels the stream, which cancels the job."""
 
     async def events():
         try:
             try:
                 async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                    yield {"data": chunk.model_dump_json()}
             except _StreamError as error:
-                yield f"data: {json.dumps(error.error.body(), ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
+                yield {"data": ErrorResponse.model_validate(error.error.body()).model_dump_json()}
+            yield {"data": "[DONE]"}
         finally:
             job.cancel()  # stops the generation if the client left; a no-op once it has finished
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class _Reply:
-    """Builds replies (whole or chunked) of one request in OpenAI's shapes."""
-
-    def __init__(self, kind: str, reply_id: str, model: str):
-        self.kind, self.id, self.model, self.created = kind, reply_id, model, int(time.time())
-
-    def _envelope(self, object_name: str, choices: list, usage: dict | None = None) -> dict:
-        out = {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
-        if usage is not None:
-            out["usage"] = usage
-        return out
-
-    @staticmethod
-    def usage(result: Result) -> dict:
-        completion = result.thinking_tokens + result.answer_tokens
-        return {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion,
-            "completion_tokens_details": {"reasoning_tokens": result.thinking_tokens},
-        }
-
-    @staticmethod
-    def budget_forcing(result: Result) -> dict:
-        """What budget forcing did (a t0s1 extension of the reply)."""
-        return {"thinking_tokens": result.thinking_tokens, "answer_tokens": result.answer_tokens,
-                "num_ignored": result.num_ignored, "hit_budget": result.hit_budget}
-
-    @staticmethod
-    def finish_reason(result: Result) -> str:
-        return "length" if result.finish_reason == "length" else "stop"
-
-    # chat.completion
-
-    def chat(self, result: Result) -> dict:
-        message = {"role": "assistant", "content": result.answer,
-                   "reasoning_content": result.thinking, "reasoning": result.thinking}
-        choice = {"index": 0, "message": message, "finish_reason": self.finish_reason(result), "logprobs": None}
-        out = self._envelope("chat.completion", [choice], self.usage(result))
-        out["budget_forcing"] = self.budget_forcing(result)
-        return out
-
-    async def chat_stream(self, job: Job, include_usage: bool):
-        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            return self._envelope("chat.completion.chunk", [choice])
-
-        yield chunk({"role": "assistant", "content": ""})
-        async for kind, value in _stream_events(job):
-            if kind == "thinking":
-                yield chunk({"reasoning_content": value, "reasoning": value})
-            elif kind == "answer":
-                yield chunk({"content": value})
-            else:
-                last = chunk({}, self.finish_reason(value))
-                last["budget_forcing"] = self.budget_forcing(value)
-                yield last
-                if include_usage:
-                    yield self._envelope("chat.completion.chunk", [], self.usage(value))
-
-    # text_completion
-
-    def completion(self, result: Result) -> dict:
-        choice = {"index": 0, "text": result.answer, "reasoning_content": result.thinking,
-                  "reasoning": result.thinking, "finish_reason": self.finish_reason(result), "logprobs": None}
-        out = self._envelope("text_completion", [choice], self.usage(result))
-        out["budget_forcing"] = self.budget_forcing(result)
-        return out
-
-    async def completion_stream(self, job: Job, include_usage: bool):
-        def chunk(text: str, reasoning: str | None = None, finish_reason: str | None = None) -> dict:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-            if reasoning is not None:
-                choice["reasoning_content"] = choice["reasoning"] = reasoning
-            return self._envelope("text_completion", [choice])
-
-        async for kind, value in _stream_events(job):
-            if kind == "thinking":
-                yield chunk("", reasoning=value)
-            elif kind == "answer":
-                yield chunk(value)
-            else:
-                last = chunk("", finish_reason=self.finish_reason(value))
-                last["budget_forcing"] = self.budget_forcing(value)
-                yield last
-                if include_usage:
-                    yield self._envelope("text_completion", [], self.usage(value))
+    return EventSourceResponse(events(), sep="\n", headers={"Cache-Control": "no-cache"},
+                               shutdown_event=anyio.Event(), shutdown_grace_period=SHUTDOWN_GRACE_SECONDS)
 
 
 async def _stream_events(job: Job):
-    """The job's ("thinking" | "answer", text) events, then ("result", Result). An engine error
-    after the reply has started goes to the client as an ``{"error": ...}`` event."""
-    pending = []
+    """The job's ("thinking" | "answer", text) events, then ("result", Result). Deltas that piled
+    up while the client was behind go out as one. An engine error raises ``_StreamError``."""
     while True:
-        pending.append(await job.events.get())
-        while not job.events.empty():  # the client is behind: send what has piled up at once
+        pending = [await job.events.get()]
+        while not job.events.empty():
             pending.append(job.events.get_nowait())
         for kind, value in _merge_deltas(pending):
             if kind == "error":
@@ -519,7 +528,6 @@ async def _stream_events(job: Job):
             yield kind, value
             if kind == "result":
                 return
-        pending = []
 
 
 def _merge_deltas(events: list[tuple[str, object]]) -> list[tuple[str, object]]:
@@ -537,3 +545,127 @@ class _StreamError(Exception):
     def __init__(self, error: APIError):
         super().__init__(error.message)
         self.error = error
+
+
+# ---- replies --------------------------------------------------------------------------------------
+
+
+def usage(result: Result) -> Usage:
+    completion = result.thinking_tokens + result.answer_tokens
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=completion,
+                 total_tokens=result.prompt_tokens + completion,
+                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=result.thinking_tokens))
+
+
+def finish_reason(result: Result) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def budget_report(result: Result, job: Job, prompt: RenderedPrompt) -> BudgetForcingReport:
+    """How the thinking ended: off (no thinking), budget (forced), context (never ended), natural."""
+    if not prompt.thinking:
+        end = "off"
+    elif result.hit_budget:
+        end = "budget"
+    elif job.sequence.thinking:
+        end = "context"
+    else:
+        end = "natural"
+    return BudgetForcingReport(thinking_end=end, thinking_tokens=result.thinking_tokens,
+                               max_thinking_tokens=job.sequence.max_thinking, num_ignored=result.num_ignored,
+                               hit_budget=result.hit_budget, answer_tokens=result.answer_tokens, seed=result.seed)
+
+
+class _Reply:
+    def __init__(self, reply_id: str, model: str, job: Job, prompt: RenderedPrompt):
+        self.id, self.model, self.job, self.prompt, self.created = reply_id, model, job, prompt, int(time.time())
+
+    def envelope(self) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+    def report(self, result: Result) -> BudgetForcingReport:
+        return budget_report(result, self.job, self.prompt)
+
+
+class _ChatReply(_Reply):
+    def __init__(self, reply_id, model, job, prompt, sources: list[Source] | None):
+        super().__init__(reply_id, model, job, prompt)
+        self.sources = sources
+
+    def whole(self, result: Result) -> ChatCompletion:
+        report = self.report(result)
+        message = AssistantMessage(content=result.answer, reasoning=result.thinking, reasoning_content=result.thinking,
+                                   sources=_cited(self.sources, result.answer))
+        choice = ChatChoice(message=message, finish_reason=finish_reason(result), budget_forcing=report)
+        return ChatCompletion(**self.envelope(), choices=[choice], usage=usage(result), budget_forcing=report)
+
+    def chunk(self, delta: ChatDelta, **choice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.envelope(), choices=[ChatChunkChoice(delta=delta, **choice)])
+
+    async def stream(self, include_usage: bool):
+        yield self.chunk(ChatDelta(role="assistant", content="", sources=self.sources))  # sources: known before generation
+        async for kind, value in _stream_events(self.job):
+            if kind == "thinking":
+                yield self.chunk(ChatDelta(reasoning=value, reasoning_content=value))
+            elif kind == "answer":
+                yield self.chunk(ChatDelta(content=value))
+            else:
+                report = self.report(value)
+                last = self.chunk(ChatDelta(sources=_cited(self.sources, value.answer)),
+                                  finish_reason=finish_reason(value), budget_forcing=report)
+                last.budget_forcing = report
+                yield last
+                if include_usage:
+                    yield ChatCompletionChunk(**self.envelope(), choices=[], usage=usage(value))
+
+
+class _CompletionReply(_Reply):
+    def whole(self, result: Result) -> Completion:
+        report = self.report(result)
+        choice = CompletionChoice(text=result.answer, reasoning=result.thinking, reasoning_content=result.thinking,
+                                  finish_reason=finish_reason(result), budget_forcing=report)
+        return Completion(**self.envelope(), choices=[choice], usage=usage(result), budget_forcing=report)
+
+    async def stream(self, include_usage: bool):
+        async for kind, value in _stream_events(self.job):
+            if kind == "thinking":
+                yield Completion(**self.envelope(), choices=[CompletionChoice(text="", reasoning=value, reasoning_content=value)])
+            elif kind == "answer":
+                yield Completion(**self.envelope(), choices=[CompletionChoice(text=value)])
+            else:
+                report = self.report(value)
+                choice = CompletionChoice(text="", finish_reason=finish_reason(value), budget_forcing=report)
+                yield Completion(**self.envelope(), choices=[choice], budget_forcing=report)
+                if include_usage:
+                    yield Completion(**self.envelope(), choices=[], usage=usage(value))
+
+
+async def _plain_continuation(lm, batcher, reply_id, request, body: CompletionRequest, defaults, efforts) -> JSONResponse:
+    """A ``/v1/completions`` request with ``stop`` (or ``stop_token_ids``): continue the prompt as
+    it is (no thinking delimiter, no forcing) for up to ``max_tokens`` tokens, until a stop id (the
+    model's end of turn and end of thinking, or ``stop_token_ids`` with the end of turn) or a stop
+    string. This is what client-side budget forcing (``t0s1 eval --backend openai``) asks of a
+    server, one step at a time."""
+    _refuse(body.stream, "stream", "stream is not supported together with stop (a plain continuation).")
+    for name in (*THINKING_BUDGET_ALIASES, "reasoning_effort", "num_ignore", "ignore_str", "end_phrase", "answer_prefix"):
+        _refuse(getattr(body, name), name, f"{name} cannot be combined with stop: a request with stop is a plain "
+                "continuation without budget forcing.")
+    settings = _settings(body, defaults, efforts)
+    length = settings.max_answer_tokens
+    settings = replace(settings, max_thinking_tokens=length, num_ignore=0, max_answer_tokens=1)
+    continuation = Continuation(body.stop_strings, tuple(body.stop_token_ids) if body.stop_token_ids is not None else None,
+                                body.min_tokens or 0, bool(body.skip_special_tokens))
+    prompt = RenderedPrompt(list(lm.tokenizer(body.text).input_ids))
+    job = _submit(batcher, body, prompt, settings, stream=False, prompt_field="prompt", continuation=continuation)
+    result = await _wait(job, request)
+    text = lm.tokenizer.decode(result.thinking_token_ids, skip_special_tokens=continuation.skip_special_tokens)
+    cut = min((text.find(s) for s in continuation.stop if s in text), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    ended = not result.hit_budget and not job.sequence.thinking  # at a stop id, not the limit or the context
+    choice = CompletionChoice(text=text, finish_reason="stop" if cut >= 0 or ended else "length")
+    tokens = result.thinking_tokens
+    reply = Completion(id=reply_id, created=int(time.time()), model=lm.name, choices=[choice],
+                       usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=tokens,
+                                   total_tokens=result.prompt_tokens + tokens))
+    return _json(reply)
