@@ -347,3 +347,30 @@ def test_the_command_line_uses_llama_cpp_for_a_gguf_file_and_refuses_bad_input(g
         result = runner.invoke(app, ["generate", "Hi", "--model", model, "--backend", "llamacpp", *extra])
         assert result.exit_code == 2, result.output
         assert message in result.output.replace("\n", " ")
+
+
+def test_the_server_batches_requests_on_llama_cpp(gguf_lm):
+    """Concurrent chat requests share llama.cpp's batch; each reply equals the request run alone."""
+    import concurrent.futures
+
+    import httpx
+    import openai
+
+    from t0s1 import BudgetForcing, generate
+    from t0s1.serving.server import create_app, serve_in_background
+
+    defaults = BudgetForcing(max_thinking_tokens=24, num_ignore=1, max_answer_tokens=8)
+    with serve_in_background(create_app(gguf_lm, defaults, max_batch=4, ui=False)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+
+        def ask(question):
+            return client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}])
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(ask, BACKEND_PROMPTS))
+        health = httpx.get(f"{url}/health").json()
+    for question, reply in zip(BACKEND_PROMPTS, replies, strict=True):
+        [alone] = generate(gguf_lm, [question], defaults)
+        message = reply.choices[0].message
+        assert (message.reasoning_content, message.content) == (alone.thinking, alone.answer)
+    assert health["requests"] == 4 and health["largest_batch"] > 1  # they ran side by side
