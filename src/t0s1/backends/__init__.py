@@ -62,15 +62,21 @@ def make_backend(
     reasoning_format: str | None = None,
     trust_remote_code: bool = False,
     chat_template_kwargs: dict | None = None,
+    context_length: int | None = None,
 ) -> Backend:
-    """The backend called ``name`` for ``model`` (a model name, directory or served model name)."""
+    """The backend called ``name`` for ``model`` (a model name, directory or served model name).
+    ``context_length``: for ``openai``, the served model's context when its server does not say."""
+    if context_length is not None and name != "openai":
+        raise UserError(f"--context-length is for --backend openai; the {name} backend knows its model's context.")
     backend = _make_backend(name, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key, tokenizer=tokenizer,
-                            reasoning_format=reasoning_format, trust_remote_code=trust_remote_code)
+                            reasoning_format=reasoning_format, trust_remote_code=trust_remote_code,
+                            context_length=context_length)
     backend.chat_template_kwargs = chat_template_kwargs
     return backend
 
 
-def _make_backend(name, model, *, device, dtype, base_url, api_key, tokenizer, reasoning_format, trust_remote_code) -> Backend:
+def _make_backend(name, model, *, device, dtype, base_url, api_key, tokenizer, reasoning_format, trust_remote_code,
+                  context_length) -> Backend:
     if name in ENGINE_BACKENDS:
         from t0s1.backends.engine import EngineBackend
 
@@ -88,6 +94,7 @@ def _make_backend(name, model, *, device, dtype, base_url, api_key, tokenizer, r
         if not base_url:
             raise UserError("--backend openai needs --base-url, e.g. http://localhost:8000/v1 (vllm serve or t0s1 serve).")
         return OpenAIBackend.connect(
-            base_url, model, api_key=api_key, tokenizer=tokenizer, reasoning_format=reasoning_format, trust_remote_code=trust_remote_code
+            base_url, model, api_key=api_key, tokenizer=tokenizer, reasoning_format=reasoning_format,
+            trust_remote_code=trust_remote_code, context_length=context_length,
         )
     raise UserError(f"Unknown backend {name!r}; use one of {', '.join(BACKENDS)}.")

@@ -60,6 +60,7 @@ def eval_command(
     base_url: str = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint for --backend openai, e.g. http://localhost:8000/v1."),
     api_key: str = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="API key for --base-url (default: $OPENAI_API_KEY)."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer for --backend openai (default: --model)."),
+    context_length: int = typer.Option(None, "--context-length", help="For --backend openai: the served model's context in tokens, when the server's /v1/models does not report it (needed by 'auto' budgets and the budget checks)."),
     data_dir: Path = typer.Option(None, "--data-dir", envvar=DATA_DIR_ENV, help=f"Folder with the benchmark JSONL files (default: ${DATA_DIR_ENV}; else the hub)."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -108,7 +109,7 @@ def eval_command(
         task.load(data_dir, limit=1)
     engine = make_backend(
         backend, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key, tokenizer=tokenizer,
-        reasoning_format=reasoning_format, chat_template_kwargs=config.chat_template_kwargs,
+        reasoning_format=reasoning_format, chat_template_kwargs=config.chat_template_kwargs, context_length=context_length,
     )
     results = run_eval(engine, chosen, config, out, data_dir=data_dir, limit=limit, judge=_judge(judge_model, judge_base_url))
     _print_results(results)
