@@ -17,8 +17,8 @@ from t0s1.data.prepare import (
     is_prepared_dir,
     load_tokenizer,
     read_report,
-)
     tokenize_rows,
+)
 from t0s1.data.sources import load_traces, read_rows
 from t0s1.errors import UserError
 from t0s1.models import resolve_model_source
@@ -79,7 +79,7 @@ def train(script_args, training_args, model_args, ours):
     if gguf_file:  # a GGUF file cannot be loaded from a string by TRL: load it the engine's way
         from t0s1.models import load_model
 
-        model = load_model(model_args.model_name_or_path, device="cpu", dtype=dtype).model
+        model = load_model(model_args.model_name_or_path, device="cpu", dtype=dtype, backend="transformers").model
     peft_config = get_peft_config(model_args)
     if ours.merge_lora and peft_config is None:
         log("merge_lora is set but use_peft is not: nothing to merge, the full model is saved.")
