@@ -49,7 +49,7 @@ def tiny_recipe(path: Path, model_dir: Path, data_dir: Path, **overrides) -> Pat
         "max_length": 256,
         "logging_steps": 1,
         "save_strategy": "no",
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "report_to": "none",
         "seed": 0,
         **overrides,
@@ -212,7 +212,7 @@ def test_two_process_cpu_ddp_training_runs_to_the_end(tmp_path, tiny_model_dir, 
 def test_sigkill_mid_training_then_the_same_command_resumes_from_the_last_checkpoint(tmp_path, tiny_model_dir, prepared):
     recipe = tiny_recipe(
         tmp_path / "recipe.yaml", tiny_model_dir, prepared, max_steps=60, save_strategy="steps", save_steps=5,
-        per_device_train_batch_size=1,
+        per_device_train_batch_size=1, disable_tqdm=True,  # no progress bar: one printed dict per logged step
     )
     out = tmp_path / "out"
     command = [sys.executable, "-m", "t0s1.training", str(recipe)]

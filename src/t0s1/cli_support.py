@@ -168,3 +168,22 @@ def parse_thinking_budget(text: str, option: str = "--max-thinking-tokens") -> i
     if len(values) != 1 or "," in str(text):
         raise UserError(f"{option}: give one budget (a non-negative integer or auto), got {text!r}.")
     return values[0]
+
+
+
+class StreamPrinter:
+    """An ``on_delta(index, channel, text)`` callback that prints one streamed generation: a bold
+    "Thinking" / "Answer" header when each channel starts, the thinking dimmed; ``shown`` says
+    which channels have printed."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.shown = {"thinking": False, "answer": False}
+
+    def __call__(self, _index: int, channel: str, text: str) -> None:
+        from rich.text import Text
+
+        if not self.shown[channel]:
+            self.console.print(Text("Thinking" if channel == "thinking" else "\n\nAnswer", style="bold"))
+            self.shown[channel] = True
+        self.console.print(Text(text, style="dim" if channel == "thinking" else ""), end="")

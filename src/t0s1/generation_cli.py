@@ -15,10 +15,9 @@ from t0s1.cli_support import (
     BUDGET_DEFAULTS,
     AnswerPrefixOption,
     ChatTemplateKwargsOption,
-    EndPhraseOption,
-    ThinkingOption,
     DeviceOption,
     DtypeOption,
+    EndPhraseOption,
     EngineBackendOption,
     IgnoreStrOption,
     MaxAnswerOption,
@@ -26,7 +25,9 @@ from t0s1.cli_support import (
     ModelOption,
     NumIgnoreOption,
     ReasoningFormatOption,
+    StreamPrinter,
     TemperatureOption,
+    ThinkingOption,
     TopPOption,
     TrustRemoteCodeOption,
     budget_from_flags,
@@ -140,14 +141,7 @@ def _with_seed(settings: BudgetForcing, offset: int) -> BudgetForcing:
 
 def _generate_streaming(lm, prompt: str, settings: BudgetForcing, template_kwargs: dict | None) -> None:
     console = Console(highlight=False)
-    shown = {"thinking": False, "answer": False}
-
-    def on_delta(_index: int, channel: str, text: str) -> None:
-        if not shown[channel]:
-            console.print(Text("Thinking" if channel == "thinking" else "\n\nAnswer", style="bold"))
-            shown[channel] = True
-        console.print(Text(text, style="dim" if channel == "thinking" else ""), end="")
-
+    on_delta = StreamPrinter(console)
     result = generate(lm, [prompt], settings, chat_template_kwargs=template_kwargs, on_delta=on_delta)[0]
     ending = "forced by the budget" if result.hit_budget else "ended by itself"
     console.print(

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from t0s1.errors import UserError
 
 
-def read_jsonl(path: str | Path, *, limit: int | None = None) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of ``path``, at most ``limit`` of them."""
+def json_lines(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """``(line number, object, None)`` for each non-blank line of ``path`` that holds a JSON object,
+    ``(line number, None, what is wrong)`` for each other one; a missing file is a ``UserError``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No file at {path}.")
-    rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -21,10 +22,32 @@ def read_jsonl(path: str | Path, *, limit: int | None = None) -> list[tuple[int,
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
-            rows.append((number, row))
-            if limit is not None and len(rows) >= limit:
-                break
+                yield number, None, f"not valid JSON ({error.msg})"
+                continue
+            if isinstance(row, dict):
+                yield number, row, None
+            else:
+                yield number, None, f"expected a JSON object, got {type(row).__name__}"
+
+
+def read_jsonl(path: str | Path, *, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of ``path``, at most ``limit`` of them; the
+    first line that is not a JSON object is a ``UserError`` naming it."""
+    rows = []
+    for number, row, problem in json_lines(path):
+        if problem:
+            raise UserError(f"{path}, line {number}: {problem}.")
+        rows.append((number, row))
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
+
+
+def drop_partial_last_line(path: Path) -> str:
+    """The complete lines of a JSONL file that a run may have been killed while appending to; a
+    partial last line is removed from the file too, so appended rows start on a line of their own."""
+    text = path.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    if complete != text:
+        path.write_text(complete, encoding="utf-8")
+    return complete

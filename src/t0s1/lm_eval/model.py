@@ -40,6 +40,7 @@ from t0s1.evaluation.runner import sample_seed
 from t0s1.forcing import BudgetForcing, Prompt, Result, generate
 from t0s1.lm_eval import arguments
 from t0s1.models import EMBEDDED_MODEL
+from t0s1.progress import ProgressBar
 
 DEFAULT_BATCH_SIZE = 8
 """Requests generated together: ``t0s1 eval --batch-size``'s default."""
@@ -127,7 +128,7 @@ class T0S1LM(LM):
         first: dict[tuple, _Job] = {}  # requests that give the same text (greedy repeats) run once
         for job in jobs:
             first.setdefault(job.key, job)
-        with _Progress(self.progress and not disable_tqdm, len(first)) as bar:
+        with ProgressBar(self.progress and not disable_tqdm, len(first), "t0s1 generating", unit="requests") as bar:
             for batch in _batches(list(first.values()), self.batch_size):
                 results = self._generate([job.prompt for job in batch], [job.budget for job in batch], [job.until for job in batch])
                 for job, (result, answer) in zip(batch, results, strict=True):
@@ -318,32 +319,3 @@ def _tokenizer_and_profile(backend: Backend):
     if tokenizer is None or profile is None:
         raise UserError(f"The {backend.name} backend does not say which tokenizer and delimiters it uses.")
     return tokenizer, profile
-
-
-class _Progress:
-    """A rich progress bar over requests, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self.bar = enabled and total > 0, total, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("t0s1 generating"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
-            )  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task("generate", total=self.total)
-        return self
-
-    def advance(self, count: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, count)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

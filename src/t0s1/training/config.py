@@ -6,6 +6,7 @@ plus the few of ``T0S1Arguments``. ``t0s1 train RECIPE.yaml --key value ...`` ov
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -78,10 +79,13 @@ def parse_args(argv: list[str]):
     if argv and not argv[0].startswith("-"):
         argv = ["--config", str(recipe_path(argv[0])), *argv[1:]]
     argv += device_precision_flags()
-    try:
-        script_args, training_args, model_args, ours = parser().parse_args_and_config(argv)
-    except ValueError as error:  # unknown keys in the recipe or on the command line
-        raise UserError(f"{error} Keys are TRL SFTConfig / ModelConfig / ScriptArguments names.") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        try:
+            script_args, training_args, model_args, ours = parser().parse_args_and_config(argv)
+        except ValueError as error:  # unknown keys in the recipe or on the command line
+            raise UserError(f"{error} Keys are TRL SFTConfig / ModelConfig / ScriptArguments names.") from None
+    _pass_on_warnings(caught, argv)
     if not model_args.model_name_or_path:
         raise UserError("No model: set model_name_or_path in the recipe or pass --model_name_or_path.")
     if not script_args.dataset_name:
@@ -92,3 +96,19 @@ def parse_args(argv: list[str]):
     if isinstance(targets, list) and len(targets) == 1 and targets[0] == "all-linear":
         model_args.lora_target_modules = "all-linear"  # peft accepts the shortcut only as a string
     return script_args, training_args, model_args, ours
+
+
+def _pass_on_warnings(caught, argv: list[str]) -> None:
+    """Re-emit what parsing warned about, except transformers' "`gradient_checkpointing` is
+    deprecated" when the key comes from TRL's own default (SFTConfig sets the old name) rather than
+    from the recipe or the command line; there, it says which key to rename."""
+    config = argv[argv.index("--config") + 1] if "--config" in argv else None
+    written = " ".join(argv) + (Path(config).read_text(encoding="utf-8") if config and Path(config).is_file() else "")
+    for warning in caught:
+        message = str(warning.message)
+        if "`gradient_checkpointing" in message and "deprecated" in message:
+            if "gradient_checkpointing" not in written:
+                continue
+            message = ("`gradient_checkpointing` is named `activation_checkpointing` since transformers 5 "
+                       "(and `gradient_checkpointing_kwargs` `activation_checkpointing_kwargs`): rename the key in the recipe.")
+        warnings.warn_explicit(message, warning.category, warning.filename, warning.lineno)

@@ -89,7 +89,7 @@ def write_model_card(
          f"weight decay {training_args.weight_decay}"),
         ("precision", precision),
         ("block size (max_length)", training_args.max_length),
-        ("gradient checkpointing", bool(training_args.gradient_checkpointing)),
+        ("activation checkpointing", bool(training_args.activation_checkpointing)),
         ("loss", "completion only (prompt tokens labelled -100)"),
     ]
     if lora:

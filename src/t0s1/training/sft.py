@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from t0s1.data.prepare import (
@@ -34,9 +35,11 @@ def main(argv: list[str] | None = None):
 
 def train(script_args, training_args, model_args, ours):
     import torch
-    from trl import SFTTrainer, get_peft_config
     from datasets import Dataset
+    from trl import SFTTrainer, get_peft_config
 
+    # peft reads the model's is_gradient_checkpointing, deprecated by transformers 5: not ours to fix.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     log = _Log(training_args)
     source, gguf_file = resolve_model_source(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -46,12 +49,12 @@ def train(script_args, training_args, model_args, ours):
     dataset, data_info = load_train_dataset(
         script_args, tokenizer, profile, training_args.max_length, ours, log, model_args.model_name_or_path
     )
-    # The completions end with the chat template's end-of-turn token; make it the eos token so TRL
-    # does not append a second one and generation stops there.
-    end_token = data_info["end_token"]
     # Tokenized here, not by TRL: a completion cut at max_length must not get an end token appended.
     dataset = Dataset.from_list(tokenize_rows(dataset, tokenizer, training_args.max_length))
     training_args.completion_only_loss = True
+    # The completions end with the chat template's end-of-turn token; make it the eos token so TRL
+    # does not append a second one and generation stops there.
+    end_token = data_info["end_token"]
     if end_token and end_token != tokenizer.eos_token and end_token in tokenizer.get_vocab():
         training_args.eos_token = end_token
 
@@ -63,6 +66,8 @@ def train(script_args, training_args, model_args, ours):
                 f"using {steps * per_step}.")
         training_args.gradient_accumulation_steps = steps
 
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinned memory only speeds up copies to a GPU
     # Weights in float32 on a CPU; on GPUs the recipe's dtype (bf16 for the t0-s1 recipes), but float32
     # master weights under fp16 mixed precision (its gradient scaler refuses fp16 weights).
     if not torch.cuda.is_available() or training_args.fp16:
@@ -91,6 +96,11 @@ def train(script_args, training_args, model_args, ours):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if not training_args.disable_tqdm:  # one rich bar (steps, loss, ETA), not tqdm's bar and a dict per log
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_progress_bar())
 
     output_dir = training_args.output_dir
     checkpoint = training_args.resume_from_checkpoint
@@ -259,6 +269,40 @@ def _write_generation_config(output_dir: str, source: str, tokenizer, end_token:
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     config.save_pretrained(output_dir)
+
+
+def _progress_bar():
+    """A trainer callback that shows a rich progress bar over the optimizer steps with the latest loss
+    (the logged numbers stay in trainer_state.json and the model card)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = Progress(
+                    TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps, loss {task.fields[loss]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                )
+                self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
+                self.bar.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.update(self.task, loss=f"{float(logs['loss']):.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+
+    return RichProgress()
 
 
 class _Log:
