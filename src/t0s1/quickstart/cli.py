@@ -12,6 +12,7 @@ from rich.table import Table
 from t0s1.cli_support import exit_on_user_error, parse_int_list
 from t0s1.errors import UserError
 from t0s1.evaluation.metrics import SCALING_UNIT
+from t0s1.quickstart.problems import BUDGETS
 
 
 def register(app: typer.Typer) -> None:
@@ -20,66 +21,103 @@ def register(app: typer.Typer) -> None:
 
 @exit_on_user_error
 def quickstart_command(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run directory (rerun to resume: finished steps are skipped).")] = Path("runs/quickstart"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: recipes/quickstart.yaml).")] = None,
-    num_test: Annotated[int, typer.Option(help="Held-out problems in the budget sweep.")] = 100,
-    budgets: Annotated[str, typer.Option(help="Thinking budgets of the sweep (at least 4 for the table).")] = "16,32,48,64",
+    num_test: Annotated[int, typer.Option(help="Held-out problems in the budget sweeps.")] = 100,
+    budgets: Annotated[
+        str, typer.Option(help="Thinking budgets of the sweeps, at least 2; the largest should leave room for the Waits.")
+    ] = ",".join(map(str, BUDGETS)),
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: PyTorch's; 1 helps on a busy machine).")] = None,
+    rag: Annotated[
+        bool,
+        typer.Option(
+            "--rag",
+            help="The retrieval-augmented demo instead (docs/rag.md): a generated knowledge base, a bm25 index, traces over "
+            "retrieved sources, LoRA SFT, then accuracy over sources x thinking budgets (default --out runs/quickstart-rag).",
+        ),
+    ] = False,
 ) -> None:
     """Generate problems, prepare them, LoRA-fine-tune SmolLM2-135M and sweep thinking budgets.
 
-    Prints accuracy per thinking budget with and without "Wait" for the trained model beside the
-    base model, the s1 metrics (Control, Scaling, Performance) and the path of the plot.
+    Every budget runs without "Wait" and with 1 and 2 Waits (num_ignore). Prints accuracy per
+    budget for the base and the trained model, the s1 metrics (Control, Scaling, Performance) of
+    each curve, what Wait fixed and broke, and the path of the plot.
     """
+    if rag:
+        from t0s1.rag.demo import quickstart_rag
+
+        def given(name: str):  # the demo has its own defaults for the flags left out
+            return None if ctx.get_parameter_source(name).name == "DEFAULT" else ctx.params[name]
+
+        quickstart_rag(out=given("out"), steps=steps, num_test=num_test, budgets=given("budgets"), threads=threads)
+        return
     from t0s1.quickstart.pipeline import QuickstartSettings, run_quickstart
 
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be a positive integer, got {steps}.")
     if num_test < 1:
         raise UserError(f"--num-test must be a positive integer, got {num_test}.")
+    budget_list = sorted(parse_int_list(budgets, "--budgets"))
+    if len(budget_list) < 2:
+        raise UserError(f"--budgets needs at least 2 different budgets for a curve, got {budgets!r}.")
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    settings = QuickstartSettings(out=out, steps=steps, num_test=num_test, budgets=parse_int_list(budgets, "--budgets"))
+    settings = QuickstartSettings(out=out, steps=steps, num_test=num_test, budgets=budget_list)
     console = Console()
     outcome = run_quickstart(settings, console)
     print_summary(outcome, console)
 
 
 def print_summary(outcome: dict, console: Console) -> None:
-    from t0s1.quickstart.pipeline import TASK
+    from t0s1.quickstart.pipeline import TASK, curve_name
 
     trained = outcome["trained"]["tasks"][TASK.name]
+    settings = {(s["max_thinking_tokens"], s["num_ignore"]): s for s in trained["settings"]}
     base = {s["max_thinking_tokens"]: s for s in outcome["base"]["tasks"][TASK.name]["settings"]}
-    table = Table(title=f"{TASK.name}: {trained['examples']} held-out problems, greedy")
+    budgets = sorted({budget for budget, _ in settings})
+    num_ignore = sorted({ignore for _, ignore in settings})
+
+    table = Table(
+        title=f"Accuracy % on {trained['examples']} held-out problems (average thinking tokens), greedy",
+        caption="base: SmolLM2-135M-Instruct; the Wait columns: the trained model, num_ignore 0, 1, 2",
+    )
     table.add_column("thinking budget", justify="right")
-    table.add_column("Wait x", justify="right")
-    table.add_column("trained: accuracy %", justify="right")
-    table.add_column("trained: avg thinking tokens", justify="right")
-    table.add_column("base model: accuracy %", justify="right")
-    for setting in trained["settings"]:
-        base_entry = base.get(setting["max_thinking_tokens"]) if setting["num_ignore"] == 0 else None
-        table.add_row(
-            str(setting["max_thinking_tokens"]),
-            str(setting["num_ignore"]),
-            f"{setting['accuracy']:.1f}",
-            f"{setting['avg_thinking_tokens']:.1f}",
-            f"{base_entry['accuracy']:.1f}" if base_entry else "",
-        )
+    table.add_column("base", justify="right")
+    for ignore in num_ignore:
+        table.add_column(curve_name(ignore), justify="right")
+    for budget in budgets:
+        cells = [f"{settings[(budget, ignore)]['accuracy']:.0f} ({settings[(budget, ignore)]['avg_thinking_tokens']:.0f})" for ignore in num_ignore]
+        base_entry = base.get(budget)
+        table.add_row(str(budget), f"{base_entry['accuracy']:.0f}" if base_entry else "", *cells)
     console.print(table)
-    metrics = Table(title=f"s1 metrics of the trained model (Scaling in {SCALING_UNIT})")
-    for column in ("method", "Control %", "Scaling", "Performance %"):
-        metrics.add_column(column, justify="right" if column != "method" else "left")
-    for name, summary in trained["methods"].items():
-        control = summary.get("control")
-        metrics.add_row(
-            name,
-            f"{control:.0f}" if control is not None else "",
-            f"{summary['scaling']:.1f}" if summary.get("scaling") is not None else "",
-            f"{summary['performance']:.1f}" if summary.get("performance") is not None else "",
-        )
+
+    metrics = Table(title=f"s1 metrics of the trained model's budget curves (Scaling in {SCALING_UNIT})")
+    for column in ("curve", "Control %", "Scaling", "Performance %"):
+        metrics.add_column(column, justify="left" if column == "curve" else "right")
+    for name, summary in outcome["curves"].items():
+        metrics.add_row(name, _number(summary.get("control"), 0), _number(summary.get("scaling"), 1), _number(summary.get("performance"), 1))
     console.print(metrics)
+
+    for effect in outcome["wait"]:
+        if effect.budget != budgets[-1]:
+            continue
+        line = (
+            f"{curve_name(effect.num_ignore)} at budget {effect.budget}: {effect.accuracy_without_wait:.0f}% -> "
+            f"{effect.accuracy:.0f}% ({effect.gain:+.0f} points; {effect.fixed} answers fixed, {effect.broken} broken)"
+        )
+        if effect.self_stopped:
+            line += (
+                f"; on the {effect.self_stopped} problems where the model stopped thinking on its own: "
+                f"{effect.self_stopped_accuracy_without_wait:.0f}% -> {effect.self_stopped_accuracy:.0f}%"
+            )
+        console.print(line + ".")
     timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in outcome["seconds"].items())
     console.print(f"Steps: {timings}.")
     console.print(f"Plot: {outcome['plot']}")
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"

@@ -1,24 +1,28 @@
 """The whole s1 loop on a CPU: generate problems -> prepare -> LoRA SFT -> budget sweeps.
 
 Each step calls the stage's own public function (the same code as ``t0s1 prepare``, ``t0s1 train``
-and ``t0s1 eval``); this module only chains them and compares the base model with the trained one.
+and ``t0s1 eval``); this module only chains them, compares the base model with the trained one and
+measures what "Wait" changes: the budget curve without Wait and with ``num_ignore`` 1 and 2.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
 from t0s1.backends import make_backend
 from t0s1.data.prepare import prepare
+from t0s1.evaluation import metrics
 from t0s1.evaluation.plots import plot_task
-from t0s1.evaluation.runner import EvalConfig, run_eval
+from t0s1.evaluation.runner import EvalConfig, Setting, run_eval
 from t0s1.evaluation.tasks import Source, Task
+from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL
 from t0s1.quickstart.problems import write_problems
+from t0s1.quickstart.stages import Stages, library_progress_bars_off, recipe_max_length, train_unless_done
 
 TASK = Task(
     name="quickstart-arithmetic",
@@ -32,6 +36,11 @@ TASK = Task(
 )
 """The held-out problems as an evaluation task (read from the run's data directory)."""
 
+RECIPE = "quickstart"
+"""The shipped training recipe (``recipes/quickstart.yaml``)."""
+
+SUMMARY_FILE = "summary.json"
+
 
 @dataclass
 class QuickstartSettings:
@@ -39,69 +48,130 @@ class QuickstartSettings:
     steps: int | None = None  # None: the recipe's max_steps
     num_train: int = 1000
     num_test: int = 100
-    budgets: list = field(default_factory=lambda: [16, 32, 48, 64])
-    num_ignore: list = field(default_factory=lambda: [0, 1])
+    budgets: list = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    num_ignore: list = field(default_factory=lambda: [0, 1, 2])
     max_answer_tokens: int = 10
     batch_size: int = 20
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class WaitEffect:
+    """What ``num_ignore`` Waits change at one thinking budget, against the same budget without Wait.
+
+    ``self_stopped``: the problems whose thinking ended on its own (below the budget) without Wait,
+    the only ones where budget forcing appends a Wait at all.
+    """
+
+    budget: int
+    num_ignore: int
+    accuracy: float
+    accuracy_without_wait: float
+    fixed: int  # answers wrong without Wait and right with it
+    broken: int  # answers right without Wait and wrong with it
+    self_stopped: int
+    self_stopped_accuracy: float | None
+    self_stopped_accuracy_without_wait: float | None
+
+    @property
+    def gain(self) -> float:
+        return self.accuracy - self.accuracy_without_wait
+
+
 def run_quickstart(settings: QuickstartSettings, console: Console | None = None) -> dict:
     """Run every step (each one resumes or is skipped if its output exists) and return
-    ``{"trained": results, "base": results, "plot": path, "seconds": {...}}``."""
+    ``{"trained", "base", "curves", "wait", "plot", "seconds"}``; also writes ``summary.json``."""
     console = console or Console()
     out = settings.out
-    seconds: dict[str, float] = {}
+    stages = Stages(console)
+    with library_progress_bars_off():
+        stages.start("data", "1/5  Problems: arithmetic chains, seeded train/test split (s1K schema)")
+        data_dir = out / "data"
+        train_file, _ = write_problems(data_dir, settings.num_train, settings.num_test, seed=settings.seed)
+        console.print(f"{settings.num_train} training and {settings.num_test} held-out problems in {data_dir}")
+        stages.stop("data")
 
-    def step(name: str, title: str):
-        console.rule(f"[bold]{title}")
-        seconds[name] = time.perf_counter()
+        stages.start("prepare", "2/5  Prepare: chat template + thinking delimiters (t0s1 prepare)")
+        prepared = out / "prepared"
+        if not (prepared / "prepare_report.json").exists():
+            report = prepare(str(train_file), EMBEDDED_MODEL, prepared, block_size=recipe_max_length(RECIPE))
+            console.print(report.summary())
+        else:
+            console.print(f"already prepared: {prepared}")
+        stages.stop("prepare")
 
-    def done(name: str) -> None:
-        seconds[name] = round(time.perf_counter() - seconds[name], 1)
+        stages.start("train", "3/5  LoRA SFT of the embedded SmolLM2-135M (t0s1 train quickstart)")
+        model_dir = out / "model"
+        train_unless_done(RECIPE, prepared, model_dir, settings.steps, console)
+        stages.stop("train")
 
-    step("data", "1/5  Problems: arithmetic chains, seeded train/test split (s1K schema)")
-    data_dir = out / "data"
-    train_file, test_file = write_problems(data_dir, settings.num_train, settings.num_test, seed=settings.seed)
-    console.print(f"{settings.num_train} training and {settings.num_test} held-out problems in {data_dir}")
-    done("data")
+        stages.start("base", "4/5  Base model: budget sweep on the held-out problems")
+        base = _sweep(EMBEDDED_MODEL, settings, out / "eval-base", data_dir, num_ignore=[0])
+        stages.stop("base")
 
-    step("prepare", "2/5  Prepare: chat template + thinking delimiters (t0s1 prepare)")
-    prepared = out / "prepared"
-    if not (prepared / "prepare_report.json").exists():
-        report = prepare(str(train_file), EMBEDDED_MODEL, prepared, block_size=256)
-        console.print(report.summary())
-    else:
-        console.print(f"already prepared: {prepared}")
-    done("prepare")
+        stages.start("trained", "5/5  Trained model: budget sweep without Wait and with 1 and 2 Waits")
+        trained = _sweep(str(model_dir), settings, out / "eval-trained", data_dir, num_ignore=settings.num_ignore)
+        stages.stop("trained")
 
-    step("train", "3/5  LoRA SFT of the embedded SmolLM2-135M (t0s1 train quickstart)")
-    model_dir = out / "model"
-    if not (model_dir / "config.json").exists():
-        from t0s1.training.sft import main as train
-
-        argv = ["quickstart", "--dataset_name", str(prepared), "--output_dir", str(model_dir)]
-        if settings.steps is not None:
-            argv += ["--max_steps", str(settings.steps)]
-        train(argv)
-    else:
-        console.print(f"already trained: {model_dir}")
-    done("train")
-
-    step("base", "4/5  Base model: budget sweep on the held-out problems")
-    base = _sweep(EMBEDDED_MODEL, settings, out / "eval-base", data_dir, num_ignore=[0])
-    done("base")
-
-    step("trained", "5/5  Trained model: budget sweep, with and without Wait")
-    trained = _sweep(str(model_dir), settings, out / "eval-trained", data_dir, num_ignore=settings.num_ignore)
-    done("trained")
-
-    methods = dict(trained["tasks"][TASK.name]["methods"])
+    seconds = stages.seconds
+    rows = [row for _, row in read_jsonl(out / "eval-trained" / "samples" / f"{TASK.name}.jsonl")]
+    curves = budget_curves(trained["tasks"][TASK.name], rows, settings.budgets, settings.num_ignore)
+    wait = wait_effects(rows, settings.budgets, settings.num_ignore)
     base_points = base["tasks"][TASK.name]["methods"].get("budget")
+    plotted = dict(curves)
     if base_points:
-        methods["base model (thinking cap sweep)"] = base_points
-    plot = plot_task(TASK.name, methods, out / "scaling.png", model="SmolLM2-135M-Instruct + t0s1 LoRA SFT")
-    return {"trained": trained, "base": base, "plot": plot, "seconds": seconds}
+        plotted["base model, no Wait"] = base_points
+    plot = plot_task(TASK.name, plotted, out / "scaling.png", model="SmolLM2-135M-Instruct + t0s1 LoRA SFT")
+    summary = {"curves": curves, "wait": [asdict(effect) for effect in wait], "seconds": seconds}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return {"trained": trained, "base": base, "curves": curves, "wait": wait, "plot": plot, "seconds": seconds}
+
+
+def curve_name(num_ignore: int) -> str:
+    return "no Wait" if num_ignore == 0 else f"{num_ignore} Wait" + ("s" if num_ignore > 1 else "")
+
+
+def budget_curves(task_results: dict, rows: list[dict], budgets: list, num_ignore: list) -> dict:
+    """The s1 metrics of one budget sweep per ``num_ignore``: ``{"no Wait": {...}, "1 Wait": ...}``."""
+    accuracy = {(s["max_thinking_tokens"], s["num_ignore"]): s for s in task_results["settings"]}
+    curves = {}
+    for ignore in num_ignore:
+        points = [(accuracy[(b, ignore)]["avg_thinking_tokens"], accuracy[(b, ignore)]["accuracy"]) for b in budgets]
+        within = [(row["thinking_tokens"], Setting(row["max_thinking_tokens"], ignore).budget_limit)
+                  for row in rows if row["num_ignore"] == ignore and row["max_thinking_tokens"] in budgets]
+        curves[curve_name(ignore)] = metrics.summarize(points, within)
+    return curves
+
+
+def wait_effects(rows: list[dict], budgets: list, num_ignore: list) -> list[WaitEffect]:
+    """One ``WaitEffect`` per budget and per ``num_ignore`` > 0, from the sample rows of the sweep."""
+    by_key = {(row["max_thinking_tokens"], row["num_ignore"], row["id"]): row for row in rows}
+    ids = sorted({row["id"] for row in rows})
+    effects = []
+    for budget in budgets:
+        without = {i: by_key[(budget, 0, i)] for i in ids}
+        stopped = [i for i in ids if not without[i]["hit_budget"]]
+        for ignore in [n for n in num_ignore if n > 0]:
+            wait = {i: by_key[(budget, ignore, i)] for i in ids}
+            effects.append(
+                WaitEffect(
+                    budget=budget,
+                    num_ignore=ignore,
+                    accuracy=_percent(wait[i]["correct"] for i in ids),
+                    accuracy_without_wait=_percent(without[i]["correct"] for i in ids),
+                    fixed=sum(wait[i]["correct"] and not without[i]["correct"] for i in ids),
+                    broken=sum(without[i]["correct"] and not wait[i]["correct"] for i in ids),
+                    self_stopped=len(stopped),
+                    self_stopped_accuracy=_percent(wait[i]["correct"] for i in stopped),
+                    self_stopped_accuracy_without_wait=_percent(without[i]["correct"] for i in stopped),
+                )
+            )
+    return effects
+
+
+def _percent(flags) -> float | None:
+    flags = list(flags)
+    return round(100.0 * sum(bool(flag) for flag in flags) / len(flags), 4) if flags else None
 
 
 def _sweep(model: str, settings: QuickstartSettings, out: Path, data_dir: Path, *, num_ignore: list) -> dict:

@@ -39,6 +39,9 @@ the trained 135M model at 40% on full traces: most errors were the arithmetic it
 CHECK_SHARE = 0.5
 """Share of traces that check a step again after "Wait" (the s1 self-verification pattern)."""
 
+BUDGETS = (16, 32, 64, 128, 256)
+"""Thinking budgets of the quickstart's sweeps: from a cut first pass to room for two Waits."""
+
 _OPERATIONS = {
     "add": ("Add {n}", "+"),
     "subtract": ("subtract {n}", "-"),
