@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 CHROMIUM ?= /usr/bin/chromium
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install quickstart generate test bench
+.PHONY: install quickstart quickstart-rag generate test bench
 
 $(BIN)/t0s1: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(BIN)/t0s1
 
 quickstart: install
 	$(BIN)/t0s1 quickstart
+
+# Retrieval-augmented: knowledge base -> index -> traces -> LoRA SFT -> sources x thinking budgets.
+quickstart-rag: install
+	$(BIN)/t0s1 quickstart --rag
 
 generate: install
 	$(BIN)/t0s1 generate "How many r are in the word raspberry?" --max-thinking-tokens 256 --num-ignore 1

@@ -10,6 +10,10 @@ whole turn is given), then the last ``\\boxed{...}``, else the text after the la
 - ``integer`` (AIME): an integer 0-999, compared as integers (``025`` equals ``25``).
 - ``number`` (GSM8K): a number, commas, currency and units dropped, compared numerically.
 - ``choice`` (GPQA): a letter A-D.
+- ``exact`` (short text answers, e.g. retrieval-augmented questions): exact match after SQuAD's
+  normalisation (lowercase, no punctuation, no articles, single spaces), with citations such as
+  ``[2]`` removed; the answer is the boxed text, else the rest of the "Answer:" line, else the
+  first line.
 
 s1 had MATH answers judged by gpt-4o-mini; ``t0s1.evaluation.judge`` offers that as an option.
 """
@@ -25,7 +29,7 @@ from decimal import Decimal, InvalidOperation
 from t0s1.errors import UserError
 from t0s1.profiles import PROFILES
 
-ANSWER_KINDS = ("math", "integer", "number", "choice")
+ANSWER_KINDS = ("math", "integer", "number", "choice", "exact")
 
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 # "Final Answer:", "Answer:", "the final answer is", "the answer is" (s1 extracts after "Answer:").
@@ -98,6 +102,9 @@ def extract_answer(output: str, kind: str) -> str | None:
         return None
     if kind == "choice":
         return _extract_choice(text)
+    if kind == "exact":
+        candidate = last_boxed(text) or after_marker(text) or next(line for line in text.splitlines() if line.strip())
+        return candidate.strip()
     candidate = last_boxed(text)
     if candidate is None:
         candidate = after_marker(text)
@@ -173,6 +180,8 @@ def answers_match(extracted: str, gold: str, kind: str) -> bool:
     _check_kind(kind)
     if kind == "choice":
         return extracted.strip().upper() == gold.strip().upper()
+    if kind == "exact":
+        return normalize_exact(extracted) == normalize_exact(gold)
     if kind in ("integer", "number"):
         value, reference = _as_decimal(extracted), _as_decimal(gold)
         if value is None or reference is None:
@@ -200,6 +209,14 @@ def math_equal(extracted: str, gold: str) -> bool:
         return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
     except Exception:  # math-verify raises on odd inputs: that is not a match
         return False
+
+
+def normalize_exact(text: str) -> str:
+    """SQuAD's answer normalisation, and citations (``[2]``, ``[1][3]``) removed."""
+    text = re.sub(r"\[\d+(?:\s*,\s*\d+)*\]", " ", text).lower()
+    text = re.sub(r"[^\w\s]", " ", text)
+    text = re.sub(r"\b(?:a|an|the)\b", " ", text)
+    return " ".join(text.split())
 
 
 def _as_latex(text: str) -> str:

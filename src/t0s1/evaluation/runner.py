@@ -33,6 +33,8 @@ from t0s1.evaluation.grading import Verdict
 from t0s1.evaluation.plots import plot_task
 from t0s1.evaluation.tasks import Example, Task
 from t0s1.forcing import BudgetForcing, Result
+from t0s1.jsonl import drop_partial_last_line
+from t0s1.progress import ProgressBar
 
 SEED_STRIDE = 1_000_003  # seeds of sample k and k+1 of one question are this far apart
 
@@ -119,7 +121,7 @@ class EvalConfig:
 
 def grade_output(task: Task, example: Example, output: str, judge=None) -> dict:
     """The verdict fields of a sample row: extracted, gold, correct (and the judge's)."""
-    verdict: Verdict = task.grade(output, example.gold)
+    verdict: Verdict = task.grade_example(example, output)
     row = verdict.to_dict()
     if judge is not None:
         row["rule_correct"] = verdict.correct
@@ -142,10 +144,7 @@ class SampleLog:
             self._load()
 
     def _load(self) -> None:
-        text = self.path.read_text(encoding="utf-8")
-        complete = text if text.endswith("\n") or not text else text[: text.rfind("\n") + 1]
-        if complete != text:  # a run killed mid-write leaves a partial last line: drop it
-            self.path.write_text(complete, encoding="utf-8")
+        complete = drop_partial_last_line(self.path)  # a run killed mid-write leaves a partial last line
         for number, line in enumerate(complete.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -210,7 +209,7 @@ def run_eval(
     loaded = [(task, task.load(data_dir, limit)) for task in tasks]
     total = sum(len(examples) * len(config.settings) * config.samples for _, examples in loaded)
     timings = {}
-    with _ProgressBar(progress, total) as bar:
+    with ProgressBar(progress, total, "evaluating", unit="samples") as bar:
         for task, examples in loaded:
             started = time.perf_counter()
             log = SampleLog(out / "samples" / f"{task.name}.jsonl")
@@ -436,40 +435,3 @@ def _append_timings(path: Path, timings: dict) -> None:
     runs = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
     runs.append({"seconds_per_task": timings, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     path.write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")
-
-
-class _ProgressBar:
-    """A rich progress bar over samples with elapsed time and ETA, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        self.bar = None
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("eval", total=self.total)
-        return self
-
-    def advance(self, count: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, count)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

@@ -159,6 +159,11 @@ class Task:
         """Grade one output against the gold answer: extracted answer, gold and verdict."""
         return grading.grade(output, gold, self.answer_kind)
 
+    def grade_example(self, example: Example, output: str) -> grading.Verdict:
+        """Grade one output for ``example``: what the evaluation runner calls (a task whose
+        verdict depends on more than the gold answer reads the example's ``meta``)."""
+        return self.grade(output, example.gold)
+
 
 def shuffle_options(question_id: str, correct: str, incorrect: list[str]) -> tuple[dict[str, str], str]:
     """Options A-D in an order fixed by the question id; returns ({letter: option}, correct letter).

@@ -10,8 +10,11 @@ reason over them with budget forcing.
 Layout: ``corpus`` (loaders), ``chunking`` (token windows with overlap), ``embedders`` (dense
 models, the embedded default checked by hash), ``store`` (the index folder, Qdrant), ``retrievers``
 (bm25, dense, hybrid, re-rankers), ``prompt`` (sources packed into the context), ``answer`` (the
-whole path), ``metrics`` (p@k, MRR), ``synthetic`` (a generated corpus with queries), ``cli``
-(``t0s1 index`` / ``t0s1 rag``).
+whole path), ``metrics`` (p@k, recall@k, MRR), ``synthetic`` (generated corpora with questions),
+``questions`` (question files, resumable outputs), ``evaluate`` (``rag eval``: retrieval scores and
+the grid of k x budgets), ``teacher`` (OpenAI-compatible or local teachers), ``synth``
+(``rag synth-questions``), ``traces`` (``rag traces``: s1K rows), ``demo``
+(``quickstart --rag``), ``cli`` (``t0s1 index`` / ``t0s1 rag``).
 """
 
 from t0s1.rag.answer import RagAnswer, RagRequest, ask, ask_many, retrieve_sources

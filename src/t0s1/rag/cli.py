@@ -21,6 +21,7 @@ from t0s1.cli_support import (
     NumIgnoreOption,
     ReasoningFormatOption,
     SeedOption,
+    StreamPrinter,
     TemperatureOption,
     TopPOption,
     TrustRemoteCodeOption,
@@ -253,17 +254,10 @@ def ask_command(
         print(json.dumps(reply.to_dict(), ensure_ascii=False))
         return
     console = Console(highlight=False)
-    shown = {"thinking": False, "answer": False}
-
-    def on_delta(_index: int, channel: str, text: str) -> None:
-        if not shown[channel]:
-            console.print(Text("Thinking" if channel == "thinking" else "\n\nAnswer", style="bold"))
-            shown[channel] = True
-        console.print(Text(text, style="dim" if channel == "thinking" else ""), end="")
-
+    on_delta = StreamPrinter(console)
     reply = ask(lm, opened, question, settings, k=k, retriever=chosen, on_delta=on_delta)
     result = reply.result
-    if not shown["answer"]:
+    if not on_delta.shown["answer"]:
         console.print(Text("\n\nAnswer", style="bold"))
         console.print(Text("(empty)", style="dim"), end="")
     console.print(
@@ -278,3 +272,253 @@ def ask_command(
     for number, hit in enumerate(reply.sources, start=1):
         mark = "  cited" if number in cited else ""
         console.print(f"  [{number}] {hit.title}  score {hit.score:.4f}  id {hit.doc_id}{mark}", markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation, synthetic questions, training traces
+
+QuestionsOption = Annotated[
+    Path, typer.Option("--questions", help="JSONL: `question`, `gold_ids` (document ids), `answer`, optional `id`.")
+]
+AnswerKindOption = Annotated[
+    str, typer.Option("--answer-kind", help="How answers are graded: exact (normalised text), choice, number, integer or math.")
+]
+TeacherOption = Annotated[
+    str,
+    typer.Option("--teacher", help="The teacher: a model name at --base-url, or (without --base-url) a model run here."),
+]
+BaseUrlOption = Annotated[
+    str | None, typer.Option("--base-url", help="An OpenAI-compatible endpoint of the teacher, e.g. http://localhost:8000/v1.")
+]
+ApiKeyOption = Annotated[str | None, typer.Option("--api-key", envvar="OPENAI_API_KEY", help="API key for --base-url.")]
+TeacherThinkingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--teacher-max-thinking-tokens",
+        help="The teacher's thinking budget (a model run here, or t0s1 serve: sent as max_thinking_tokens).",
+    ),
+]
+TeacherMaxTokensOption = Annotated[
+    int | None, typer.Option("--teacher-max-tokens", help="max_tokens of each teacher reply (t0s1 serve: the answer after the thinking).")
+]
+TeacherTemperatureOption = Annotated[float, typer.Option("--teacher-temperature", help="The teacher's sampling temperature (0: greedy).")]
+BatchOption = Annotated[int, typer.Option("--batch-size", help="Requests sent to the teacher together.")]
+
+
+def _teacher(teacher: str, base_url, api_key, max_thinking: str | None, max_tokens: int | None, temperature: float, device: str):
+    from t0s1.cli_support import parse_thinking_budget
+    from t0s1.forcing import BudgetForcing
+    from t0s1.rag.teacher import make_teacher
+
+    budget = parse_thinking_budget(max_thinking, "--teacher-max-thinking-tokens") if max_thinking is not None else None
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--teacher-max-tokens must be at least 1, got {max_tokens}.")
+    local = BudgetForcing(
+        max_thinking_tokens=budget if budget is not None else BUDGET_DEFAULTS.max_thinking_tokens,
+        max_answer_tokens=max_tokens or BUDGET_DEFAULTS.max_answer_tokens,
+        temperature=temperature,
+    )
+    return make_teacher(teacher, base_url=base_url, api_key=api_key, settings=local, max_tokens=max_tokens,
+                        budget_fields={"max_thinking_tokens": budget}, temperature=temperature, device=device)
+
+
+@rag_app.command("eval")
+@exit_on_user_error
+def eval_command(
+    index: IndexOption,
+    questions: QuestionsOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (rerun with the same one to resume).")],
+    k: Annotated[str, typer.Option("--k", help="Numbers of sources: p@K / recall@K for each, and the k of the grid.")] = "1,5,20",
+    grid_k: Annotated[
+        str | None, typer.Option("--grid-k", help="The k of the grid when they differ from --k (e.g. --k 1,5,20 --grid-k 5).")
+    ] = None,
+    retrieval_only: Annotated[
+        bool, typer.Option("--retrieval-only", help="Score retrieval only (p@K, recall@K, MRR); no generator is loaded.")
+    ] = False,
+    baselines: Annotated[
+        bool, typer.Option(help="Add k = 0 (no retrieval) and the gold sources (a perfect retriever) to the grid.")
+    ] = True,
+    retriever: RetrieverChoice = None,
+    answer_kind: AnswerKindOption = "exact",
+    inconclusive_counts: Annotated[
+        bool,
+        typer.Option(help="t0's rule: an answer saying 'inconclusive' counts as right when no source in its prompt is gold."),
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N usable questions.")] = None,
+    model: ModelOption = EMBEDDED_MODEL,
+    backend: Annotated[str, typer.Option(help="transformers | vllm | openai.")] = "transformers",
+    base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint for --backend openai.")] = None,
+    api_key: ApiKeyOption = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for --backend openai (default: --model).")] = None,
+    max_thinking_tokens: Annotated[
+        str, typer.Option("--max-thinking-tokens", help="Thinking budgets of the grid, e.g. 64,256,1024 (or auto).")
+    ] = str(BUDGET_DEFAULTS.max_thinking_tokens),
+    num_ignore: Annotated[str, typer.Option("--num-ignore", help="num_ignore values of the grid ('Wait'), e.g. 0,1,3.")] = "0",
+    ignore_str: IgnoreStrOption = BUDGET_DEFAULTS.ignore_str,
+    max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions generated together.")] = 8,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    reasoning_format: ReasoningFormatOption = None,
+    qdrant_url: QdrantUrlOption = None,
+    qdrant_api_key: QdrantKeyOption = None,
+) -> None:
+    """Evaluate retrieval (p@K, recall@K, MRR) and answers over sources x thinking budgets.
+
+    The grid is every k of --k (plus 0 and the gold sources) x every budget x every num_ignore,
+    greedy. Samples, results.json, results.md and plots go to --out; rerun to resume."""
+    from t0s1.cli_support import parse_int_list
+    from t0s1.rag.evaluate import RagEvalSpec, run_rag_eval
+    from t0s1.rag.questions import read_questions
+
+    spec = RagEvalSpec(tuple(parse_int_list(k, "--k")), baselines, retriever, answer_kind, inconclusive_counts,
+                       tuple(parse_int_list(grid_k, "--grid-k")) if grid_k else None)
+    opened = _open(index, qdrant_url, qdrant_api_key)
+    opened.retriever(retriever)  # an unknown or unavailable retriever fails before any work
+    question_file = read_questions(questions, index=opened, need_gold=True, need_answer=not retrieval_only, limit=limit)
+    stderr = Console(stderr=True, highlight=False)
+    if question_file.problems:
+        stderr.print(question_file.report())
+    engine = config = None
+    if not retrieval_only:
+        from t0s1.backends import make_backend
+        from t0s1.evaluation.runner import EvalConfig
+
+        config = EvalConfig(
+            model=model, backend=backend,
+            max_thinking_tokens=parse_int_list(max_thinking_tokens, "--max-thinking-tokens", allow_auto=True),
+            num_ignore=parse_int_list(num_ignore, "--num-ignore"), ignore_str=ignore_str,
+            max_answer_tokens=max_answer_tokens, batch_size=batch_size,
+        )
+        engine = make_backend(backend, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key,
+                              tokenizer=tokenizer, reasoning_format=reasoning_format)
+    results = run_rag_eval(opened, question_file, out, spec, backend=engine, config=config)
+    print_results(results, Console(highlight=False))
+    stderr.print(f"Wrote {out}/results.json, results.md" + ("" if retrieval_only else ", samples/ and plots") + ".")
+
+
+def print_results(results: dict, console: Console) -> None:
+    """The retrieval scores and the k x budget table of ``rag eval`` results."""
+    from rich.table import Table
+
+    from t0s1.rag.evaluate import k_label, setting_label
+
+    retrieval = results["retrieval"]
+    scores = ", ".join(f"{key} {value:.3f}" for key, value in retrieval.items() if key.startswith(("p@", "recall@", "mrr")) and key != "mrr_depth")
+    console.print(f"Retrieval ({retrieval['retriever']}, {retrieval['queries']} questions): {scores}")
+    rows = results.get("accuracy_by_k")
+    if not rows:
+        return
+    settings = list(dict.fromkeys((row["max_thinking_tokens"], row["num_ignore"]) for row in rows))
+    cells = {(row["k"], row["max_thinking_tokens"], row["num_ignore"]): row for row in rows}
+    table = Table(title=f"accuracy % (avg thinking tokens), {results['rag']['questions']} questions, {results['model']}")
+    table.add_column("sources")
+    for budget, ignore in settings:
+        table.add_column(setting_label(budget, ignore), justify="right")
+    for k in dict.fromkeys(row["k"] for row in rows):
+        entries = [cells.get((k, budget, ignore)) for budget, ignore in settings]
+        table.add_row(k_label(int(k) if k.isdigit() else k),
+                      *[f"{e['accuracy']:.0f} ({e['avg_thinking_tokens']:.0f})" if e else "" for e in entries])
+    console.print(table)
+    if results.get("plots"):
+        console.print("Plots: " + ", ".join(results["plots"].values()))
+
+
+@rag_app.command("synth-questions")
+@exit_on_user_error
+def synth_command(
+    source: Annotated[Path, typer.Argument(help="An index folder, or a corpus (.jsonl / .parquet / folder of .txt / .md).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The question file to write (JSONL; rerun to resume).")],
+    teacher: TeacherOption = EMBEDDED_MODEL,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    template: Annotated[
+        Path | None, typer.Option(help="Prompt template ({title}, {text}, {count}, {id}); default: the shipped one.")
+    ] = None,
+    per_document: Annotated[int, typer.Option(help="Questions asked for per document.")] = 3,
+    limit: Annotated[int | None, typer.Option(help="Use the first N documents.")] = None,
+    teacher_max_thinking_tokens: TeacherThinkingOption = None,
+    teacher_max_tokens: TeacherMaxTokensOption = None,
+    teacher_temperature: TeacherTemperatureOption = 0.0,
+    batch_size: BatchOption = 8,
+    id_field: Annotated[str | None, typer.Option(help="Corpus field holding a document's id.")] = None,
+    title_field: Annotated[str | None, typer.Option(help="Corpus field holding the title.")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Corpus field holding the text.")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Have a teacher write questions and answers from documents.
+
+    Each question keeps its document as the gold id. Duplicates are dropped; documents the teacher
+    fails on are counted, named and asked again on a rerun."""
+    from t0s1.rag.corpus import FieldMap
+    from t0s1.rag.synth import load_documents, load_template, synth_questions
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be a positive integer, got {limit}.")
+    text = load_template(template)
+    documents = load_documents(source, FieldMap(id_field, title_field, text_field))[:limit]
+    chosen = _teacher(teacher, base_url, api_key, teacher_max_thinking_tokens, teacher_max_tokens, teacher_temperature, device)
+    report = synth_questions(documents, chosen, out, template=text, per_document=per_document, batch_size=batch_size)
+    Console(stderr=True, highlight=False).print(report.summary())
+
+
+@rag_app.command("traces")
+@exit_on_user_error
+def traces_command(
+    index: IndexOption,
+    questions: QuestionsOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The s1K-schema JSONL to write (rerun to resume).")],
+    teacher: TeacherOption = EMBEDDED_MODEL,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    k: KOption = 5,
+    retriever: RetrieverChoice = None,
+    filter_correct: Annotated[
+        bool, typer.Option("--filter-correct", help="Keep only traces whose answer matches the question's `answer`.")
+    ] = False,
+    answer_kind: AnswerKindOption = "exact",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="The student: its tokenizer and context decide how the sources are packed.")
+    ] = EMBEDDED_MODEL,
+    max_thinking_tokens: Annotated[
+        str, typer.Option("--max-thinking-tokens", help="The student's thinking budget, kept free when packing sources.")
+    ] = str(BUDGET_DEFAULTS.max_thinking_tokens),
+    max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
+    teacher_max_thinking_tokens: TeacherThinkingOption = None,
+    teacher_max_tokens: TeacherMaxTokensOption = None,
+    teacher_temperature: TeacherTemperatureOption = 0.0,
+    limit: Annotated[int | None, typer.Option(help="Use the first N usable questions.")] = None,
+    batch_size: BatchOption = 8,
+    qdrant_url: QdrantUrlOption = None,
+    qdrant_api_key: QdrantKeyOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Write a teacher's reasoning over retrieved sources as s1K training rows.
+
+    The question of each row carries the numbered sources, so `t0s1 prepare` and `t0s1 train` take
+    the file as it is. Failed and (with --filter-correct) incorrect traces are counted and named."""
+    from t0s1.cli_support import parse_thinking_budget
+    from t0s1.data.prepare import load_tokenizer
+    from t0s1.forcing import BudgetForcing
+    from t0s1.rag.prompt import reserve_tokens
+    from t0s1.rag.questions import read_questions
+    from t0s1.rag.traces import model_context_length, write_traces
+
+    _check_k(k)
+    opened = _open(index, qdrant_url, qdrant_api_key)
+    opened.retriever(retriever)
+    question_file = read_questions(questions, index=opened, limit=limit)
+    stderr = Console(stderr=True, highlight=False)
+    if question_file.problems:
+        stderr.print(question_file.report())
+    student = load_tokenizer(model)
+    context_length = model_context_length(model)
+    settings = BudgetForcing(parse_thinking_budget(max_thinking_tokens), max_answer_tokens=max_answer_tokens)
+    chosen = _teacher(teacher, base_url, api_key, teacher_max_thinking_tokens, teacher_max_tokens, teacher_temperature, device)
+    report = write_traces(
+        question_file.questions, opened, chosen, out, tokenizer=student, context_length=context_length,
+        reserved_tokens=reserve_tokens(settings, context_length), k=k, retriever=retriever,
+        filter_correct=filter_correct, answer_kind=answer_kind, batch_size=batch_size,
+    )
+    report.skipped = question_file.problems + report.skipped
+    stderr.print(report.summary())

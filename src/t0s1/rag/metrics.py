@@ -1,16 +1,23 @@
-"""Retrieval quality on queries with one known relevant document, as t0 reports it.
+"""Retrieval quality on questions with known relevant (gold) documents, as t0 reports it.
 
-t0's p@k is the share of queries whose relevant document is among the first k retrieved (with a
-single relevant document, this is also recall@k / hit rate@k); MRR is the mean of 1 / rank of the
-relevant document (0 when it is not retrieved at all within ``depth``).
+Over questions each with one or more gold documents and a ranking of retrieved documents:
+
+- ``p@k`` (t0's precision at k): the share of questions with a gold document among the first k
+  retrieved (the hit rate at k). With one gold document per question it equals ``recall@k``.
+- ``recall@k``: the mean share of a question's gold documents found among the first k (a question
+  that needs two documents and finds one scores 0.5).
+- ``mrr``: the mean of 1 / rank of the first gold document (0 when none is within ``depth``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
 from t0s1.rag.retrievers import Retriever
+
+DEPTH = 30
+"""How many documents are ranked for MRR (a gold document below this rank counts 0)."""
 
 
 @dataclass
@@ -18,25 +25,48 @@ class RetrievalScores:
     queries: int
     precision: dict[int, float]  # k -> p@k
     mrr: float
+    recall: dict[int, float] = field(default_factory=dict)  # k -> recall@k
+    depth: int = DEPTH
 
     def to_dict(self) -> dict:
-        return {"queries": self.queries, **{f"p@{k}": v for k, v in self.precision.items()}, "mrr": self.mrr}
+        return {
+            "queries": self.queries,
+            **{f"p@{k}": v for k, v in self.precision.items()},
+            **{f"recall@{k}": v for k, v in self.recall.items()},
+            "mrr": self.mrr,
+            "mrr_depth": self.depth,
+        }
 
 
-def rank_of(retriever: Retriever, query: str, relevant_id: str, depth: int) -> int | None:
-    """Rank (from 1) of the relevant document in the first ``depth`` hits, or None."""
-    for rank, hit in enumerate(retriever.search(query, depth), start=1):
-        if hit.doc_id == relevant_id:
-            return rank
-    return None
+def score_rankings(
+    rankings: Sequence[Sequence[str]], gold: Sequence[Collection[str]], ks: Sequence[int] = (1, 5), depth: int = DEPTH
+) -> RetrievalScores:
+    """p@k, recall@k for each k and MRR of ``rankings[i]`` (document ids, best first) against
+    ``gold[i]`` (the ids of question i's gold documents)."""
+    if len(rankings) != len(gold):
+        raise ValueError(f"{len(rankings)} rankings for {len(gold)} sets of gold ids")
+    count = max(len(rankings), 1)
+    precision, recall = {}, {}
+    for k in ks:
+        precision[k] = sum(any(doc in wanted for doc in ranking[:k]) for ranking, wanted in zip(rankings, gold)) / count
+        recall[k] = sum(
+            len(set(ranking[:k]) & set(wanted)) / len(wanted) for ranking, wanted in zip(rankings, gold) if wanted
+        ) / count
+    reciprocal = 0.0
+    for ranking, wanted in zip(rankings, gold):
+        rank = next((i for i, doc in enumerate(ranking[:depth], start=1) if doc in wanted), None)
+        reciprocal += 1 / rank if rank else 0.0
+    return RetrievalScores(len(rankings), precision, reciprocal / count, recall, depth)
 
 
 def score_retrieval(
-    retriever: Retriever, queries: Sequence[tuple[str, str]], ks: Sequence[int] = (1, 5), depth: int = 30
+    retriever: Retriever,
+    queries: Sequence[tuple[str, str | Collection[str]]],
+    ks: Sequence[int] = (1, 5),
+    depth: int = DEPTH,
 ) -> RetrievalScores:
-    """p@k for each k and MRR over ``(query, relevant document id)`` pairs."""
+    """p@k, recall@k for each k and MRR over ``(query, relevant id or ids)`` pairs."""
     depth = max(depth, *ks)
-    ranks = [rank_of(retriever, query, relevant, depth) for query, relevant in queries]
-    count = max(len(ranks), 1)
-    precision = {k: sum(rank is not None and rank <= k for rank in ranks) / count for k in ks}
-    return RetrievalScores(len(ranks), precision, sum(1 / rank for rank in ranks if rank) / count)
+    rankings = [[hit.doc_id for hit in retriever.search(query, depth)] for query, _ in queries]
+    gold = [{relevant} if isinstance(relevant, str) else set(relevant) for _, relevant in queries]
+    return score_rankings(rankings, gold, ks, depth)

@@ -378,6 +378,7 @@ class Index:
         self.doc_offsets = np.load(path / "doc_offsets.npy")
         self._qdrant_target = qdrant
         self._bm25 = self._embeddings = self._embedder = self._qdrant = None
+        self._positions: dict[str, int] | None = None
         self._retrievers: dict[str, Retriever] = {}
 
     @classmethod
@@ -421,6 +422,21 @@ class Index:
 
     def document(self, i: int) -> Document:
         return Document(self.documents["id"][i].as_py(), self.documents["title"][i].as_py(), self.documents["text"][i].as_py())
+
+    def position(self, doc_id: str) -> int | None:
+        """The row of the document whose id is ``doc_id`` (None: not in the index)."""
+        if self._positions is None:
+            self._positions = {doc: i for i, doc in enumerate(self.documents["id"].to_pylist())}
+        return self._positions.get(doc_id)
+
+    def document_hits(self, doc_ids: list[str], *, score: float = 1.0, retriever: str = "gold") -> list[Hit]:
+        """The documents ``doc_ids`` as hits, in that order (the "gold sources" of an evaluation);
+        a ``UserError`` naming the ids the index does not hold."""
+        positions = [self.position(doc_id) for doc_id in doc_ids]
+        missing = [doc_id for doc_id, i in zip(doc_ids, positions) if i is None]
+        if missing:
+            raise UserError(f"{self.path} holds no document with the id {', '.join(map(repr, missing))}.")
+        return [self.hit(i, [], score, retriever) for i in positions]
 
     def hit(self, doc: int, chunks: list[tuple[int, float]], score: float, retriever: str) -> Hit:
         document = self.document(doc)

@@ -157,8 +157,6 @@ def to_t0_rows(documents: list[Document]) -> list[dict]:
 # A knowledge base of fictional people, with questions that need one or two facts
 
 
-TRADES = ["potter", "baker", "weaver", "smith", "fisher", "miller", "carpenter", "tailor", "brewer",
-          "mason", "glassblower", "beekeeper", "cooper", "roofer", "dyer", "saddler"]
 TOWN_ENDINGS = ["ra", "ton", "dale", "mere", "by", "wick"]
 QUESTION_KINDS = ("town", "goats", "sum")
 """``town``: where one person lives; ``goats``: how many goats one person keeps; ``sum``: how many
@@ -167,22 +165,15 @@ goats two people keep together (two facts, combined by an addition)."""
 
 @dataclass(frozen=True)
 class Person:
-    """One document of the knowledge base: a made-up person with a town, a trade and some goats."""
+    """One document of the knowledge base: a made-up person with a town and some goats."""
 
     name: str
     town: str
-    trade: str
     goats: int
 
     @property
     def text(self) -> str:
-        return f"{self.name} is a {self.trade} who lives in {self.town}. {self.name} keeps {self.goats} goats."
-
-    def fact(self, kind: str) -> str:
-        """The sentence of the document that answers a ``town`` or ``goats`` question."""
-        if kind == "town":
-            return f"{self.name} lives in {self.town}."
-        return f"{self.name} keeps {self.goats} goats."
+        return f"{self.name} lives in {self.town} and keeps {self.goats} goats."
 
 
 @dataclass(frozen=True)
@@ -217,7 +208,7 @@ class KnowledgeBase:
         pairs = [(first, last) for first in first_names for last in last_names]
         rng.shuffle(pairs)
         self.people = [
-            Person(f"{first} {last}", rng.choice(towns), rng.choice(TRADES), rng.randint(1, 9))
+            Person(f"{first} {last}", rng.choice(towns), rng.randint(1, 9))
             for first, last in pairs[:num_people]
         ]
         self.by_id = {person.name: person for person in self.people}
@@ -249,19 +240,23 @@ class KnowledgeBase:
             result.append(KnowledgeQuestion(f"{prefix}{len(result)}", question, answer, gold, kind))
         return result
 
-    def reasoning(self, question: KnowledgeQuestion, source_ids: list[str]) -> tuple[str, str]:
-        """(thinking, answer) of a reader that knows the facts and cites the sources by number:
-        one line per fact it uses, the sum written out, or "inconclusive" when a document the
-        question needs is not among ``source_ids``."""
+    def reasoning(self, kind: str, gold_ids: list[str], source_ids: list[str]) -> tuple[str, str]:
+        """(thinking, answer) of a reader that knows the facts, for a question of ``kind`` about
+        the people ``gold_ids`` over the sources ``source_ids`` (numbered from 1): one line per
+        fact it uses, citing its source, the sum written out, and the answer with its citations;
+        "inconclusive" when a person the question needs has no source."""
         numbers = {doc_id: number for number, doc_id in enumerate(source_ids, start=1)}
-        people = [self.by_id[doc_id] for doc_id in question.gold_ids]
+        people = [self.by_id[doc_id] for doc_id in gold_ids]
         missing = [person.name for person in people if person.name not in numbers]
         if missing:
-            thinking = f"No source is about {' or '.join(missing)}."
-            return thinking, f"The answer is {INCONCLUSIVE}: no source is about {' or '.join(missing)}."
-        kind = "town" if question.kind == "town" else "goats"
-        lines = [f"[{numbers[person.name]}] {person.fact(kind)}" for person in people]
+            names = " or ".join(missing)
+            return f"No source is about {names}.", f"{INCONCLUSIVE.capitalize()}: no source is about {names}."
+        lines = [f"[{numbers[person.name]}] {person.text}" for person in people]
         citations = "".join(f"[{numbers[person.name]}]" for person in people)
-        if question.kind == "sum":
-            lines.append(f"{people[0].goats} + {people[1].goats} = {people[0].goats + people[1].goats}.")
-        return "\n".join(lines), f"{question.answer} {citations}"
+        if kind == "town":
+            answer = people[0].town
+        else:
+            answer = str(sum(person.goats for person in people))
+            if kind == "sum":
+                lines.append(f"{' + '.join(str(person.goats) for person in people)} = {answer}.")
+        return "\n".join(lines), f"{answer} {citations}"
