@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--max-answer-tokens", type=int, default=16)
     args = parser.parse_args()
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, backend="transformers")  # compared with transformers generate()
     settings = BudgetForcing(
         max_thinking_tokens=args.budget, num_ignore=args.num_ignore, max_answer_tokens=args.max_answer_tokens
     )

@@ -205,7 +205,7 @@ def run_eval(
     """Run (or resume) the evaluation and write every file; returns the results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out / "config.json", config)
+    check_run_key(out / "config.json", config.generation_key(), holds="samples made with other settings")
     loaded = [(task, task.load(data_dir, limit)) for task in tasks]
     total = sum(len(examples) * len(config.settings) * config.samples for _, examples in loaded)
     timings = {}
@@ -417,14 +417,16 @@ def _fmt(value, digits=1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _check_config(path: Path, config: EvalConfig) -> None:
-    key = config.generation_key()
+def check_run_key(path: Path, key: dict, *, holds: str) -> None:
+    """Write ``key`` (what the samples in ``path``'s folder depend on) on the first run; on a rerun,
+    refuse a different one, naming the fields that changed. ``holds`` says what the folder holds
+    ("samples made with other settings")."""
     if path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored != key:
-            changed = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+            changed = sorted(name for name in set(stored) | set(key) if stored.get(name) != key.get(name))
             raise UserError(
-                f"{path.parent} holds samples made with other settings ({', '.join(changed)} differ); "
+                f"{path.parent} holds {holds} ({', '.join(changed)} differ); "
                 "rerun with the same settings to resume, or choose a new --out directory."
             )
     else:

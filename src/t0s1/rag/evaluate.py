@@ -166,7 +166,7 @@ def run_rag_eval(
 ) -> dict:
     """Score retrieval and, given a ``backend`` and an ``EvalConfig``, run (or resume) the grid;
     write every file and return results.json's content."""
-    from t0s1.evaluation.runner import markdown_report, run_eval
+    from t0s1.evaluation.runner import check_run_key, markdown_report, run_eval
     from t0s1.forcing import BudgetForcing
     from t0s1.rag.prompt import reserve_tokens
 
@@ -199,7 +199,7 @@ def run_rag_eval(
     tokenizer, context_length = backend_tokenizer(backend)
     largest = "auto" if "auto" in config.max_thinking_tokens else max(config.max_thinking_tokens)
     reserved = reserve_tokens(BudgetForcing(largest, max_answer_tokens=config.max_answer_tokens), context_length)
-    _check_rag_config(out / RAG_CONFIG, {
+    check_run_key(out / RAG_CONFIG, holds="samples of other prompts (index, questions or packing)", key={
         "index_corpus_sha256": index.manifest.get("corpus_sha256"),
         "retriever": retrieval.retriever,
         "questions_sha256": _file_sha256(questions.path),
@@ -311,19 +311,6 @@ def backend_tokenizer(backend) -> tuple[object, int]:
     if forcing is None:
         raise UserError(f"The {getattr(backend, 'name', 'given')} backend exposes no tokenizer to pack the sources with.")
     return forcing.tokenizer, forcing.context_length or 32_768
-
-
-def _check_rag_config(path: Path, key: dict) -> None:
-    if path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored != key:
-            changed = sorted(name for name in set(stored) | set(key) if stored.get(name) != key.get(name))
-            raise UserError(
-                f"{path.parent} holds samples of other prompts ({', '.join(changed)} differ); rerun with the same index, "
-                "questions and settings to resume, or choose a new --out folder."
-            )
-    else:
-        _write_text_atomic(path, json.dumps(key, indent=2) + "\n")
 
 
 def _file_sha256(path: Path) -> str:
