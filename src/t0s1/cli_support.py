@@ -22,6 +22,21 @@ ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="The embedded default, a model directory, a .gguf file or a hub id.")
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (GPU if any), cpu, cuda, cuda:1, ...")]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="auto (llama.cpp for a .gguf file without a GPU, else transformers) | transformers | llamacpp | vllm | openai.",
+    ),
+]
+ContextLengthOption = Annotated[
+    int | None,
+    typer.Option(
+        "--context-length",
+        help="For --backend openai: the served model's context in tokens, when the server's /v1/models does not "
+        "report it (needed by 'auto' budgets and the budget checks).",
+    ),
+]
 EngineBackendOption = Annotated[
     str,
     typer.Option(

@@ -12,6 +12,8 @@ from rich.text import Text
 
 from t0s1.cli_support import (
     BUDGET_DEFAULTS,
+    BackendOption,
+    ContextLengthOption,
     DeviceOption,
     DtypeOption,
     IgnoreStrOption,
@@ -346,10 +348,11 @@ def eval_command(
     ] = False,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N usable questions.")] = None,
     model: ModelOption = EMBEDDED_MODEL,
-    backend: Annotated[str, typer.Option(help="transformers | vllm | openai.")] = "transformers",
+    backend: BackendOption = "auto",
     base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint for --backend openai.")] = None,
     api_key: ApiKeyOption = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for --backend openai (default: --model).")] = None,
+    context_length: ContextLengthOption = None,
     max_thinking_tokens: Annotated[
         str, typer.Option("--max-thinking-tokens", help="Thinking budgets of the grid, e.g. 64,256,1024 (or auto).")
     ] = str(BUDGET_DEFAULTS.max_thinking_tokens),
@@ -383,15 +386,16 @@ def eval_command(
     if not retrieval_only:
         from t0s1.backends import make_backend
         from t0s1.evaluation.runner import EvalConfig
+        from t0s1.models import choose_backend
 
         config = EvalConfig(
-            model=model, backend=backend,
+            model=model, backend=choose_backend(model, device, backend),  # what ran: auto differs between machines
             max_thinking_tokens=parse_int_list(max_thinking_tokens, "--max-thinking-tokens", allow_auto=True),
             num_ignore=parse_int_list(num_ignore, "--num-ignore"), ignore_str=ignore_str,
             max_answer_tokens=max_answer_tokens, batch_size=batch_size,
         )
         engine = make_backend(backend, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key,
-                              tokenizer=tokenizer, reasoning_format=reasoning_format)
+                              tokenizer=tokenizer, reasoning_format=reasoning_format, context_length=context_length)
     results = run_rag_eval(opened, question_file, out, spec, backend=engine, config=config)
     print_results(results, Console(highlight=False))
     stderr.print(f"Wrote {out}/results.json, results.md" + ("" if retrieval_only else ", samples/ and plots") + ".")
