@@ -34,7 +34,8 @@ def quickstart_command(
         typer.Option(
             "--rag",
             help="The retrieval-augmented demo instead (docs/rag.md): a generated knowledge base, a bm25 index, traces over "
-            "retrieved sources, LoRA SFT, then accuracy over sources x thinking budgets (default --out runs/quickstart-rag).",
+            "retrieved sources, LoRA SFT, then accuracy over sources x thinking budgets (its defaults: --out "
+            "runs/quickstart-rag, --budgets 0,16,32,64, 20 training steps).",
         ),
     ] = False,
 ) -> None:
@@ -44,27 +45,27 @@ def quickstart_command(
     budget for the base and the trained model, the s1 metrics (Control, Scaling, Performance) of
     each curve, what Wait fixed and broke, and the path of the plot.
     """
-    if rag:
-        from t0s1.rag.demo import quickstart_rag
-
-        def given(name: str):  # the demo has its own defaults for the flags left out
-            return None if ctx.get_parameter_source(name).name == "DEFAULT" else ctx.params[name]
-
-        quickstart_rag(out=given("out"), steps=steps, num_test=num_test, budgets=given("budgets"), threads=threads)
-        return
-    from t0s1.quickstart.pipeline import QuickstartSettings, run_quickstart
-
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be a positive integer, got {steps}.")
     if num_test < 1:
         raise UserError(f"--num-test must be a positive integer, got {num_test}.")
-    budget_list = sorted(parse_int_list(budgets, "--budgets"))
+    budget_list = sorted(set(parse_int_list(budgets, "--budgets")))
     if len(budget_list) < 2:
         raise UserError(f"--budgets needs at least 2 different budgets for a curve, got {budgets!r}.")
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    if rag:
+        from t0s1.rag.demo import quickstart_rag
+
+        def given(name: str, value):  # the demo has its own defaults for the flags left out
+            return None if ctx.get_parameter_source(name).name == "DEFAULT" else value
+
+        quickstart_rag(out=given("out", out), steps=steps, num_test=num_test, budgets=given("budgets", budget_list))
+        return
+    from t0s1.quickstart.pipeline import QuickstartSettings, run_quickstart
+
     settings = QuickstartSettings(out=out, steps=steps, num_test=num_test, budgets=budget_list)
     console = Console()
     outcome = run_quickstart(settings, console)

@@ -161,30 +161,15 @@ def write_knowledge_base(data: Path, settings: RagDemoSettings) -> KnowledgeBase
     return knowledge_base
 
 
-def quickstart_rag(*, out: Path | None = None, steps: int | None = None, num_test: int = 100, budgets: str | None = None,
-                   threads: int | None = None, console: Console | None = None) -> dict:
-    """``t0s1 quickstart --rag``: check the flags, run the demo, print the table and the plots."""
-    from t0s1.cli_support import parse_int_list
-    from t0s1.errors import UserError
-
-    settings = RagDemoSettings()
+def quickstart_rag(*, out: Path | None = None, steps: int | None = None, num_test: int = 100, budgets: list[int] | None = None,
+                   console: Console | None = None) -> dict:
+    """``t0s1 quickstart --rag`` (the flags checked by the command): run the demo, print the table
+    and the plots. ``None``: the demo's default."""
+    settings = RagDemoSettings(num_test=num_test, steps=steps)
     if out is not None:
         settings.out = out
-    if steps is not None:
-        if steps < 1:
-            raise UserError(f"--steps must be a positive integer, got {steps}.")
-        settings.steps = steps
-    if num_test < 1:
-        raise UserError(f"--num-test must be a positive integer, got {num_test}.")
-    settings.num_test = num_test
     if budgets is not None:
-        settings.budgets = sorted(parse_int_list(budgets, "--budgets"))
-        if len(settings.budgets) < 2:
-            raise UserError(f"--budgets needs at least 2 different budgets for a curve, got {budgets!r}.")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+        settings.budgets = list(budgets)
     console = console or Console()
     results = run_rag_demo(settings, console)
     print_demo(results, console, settings.out)
