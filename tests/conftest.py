@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_families import TINY_DIMENSIONS
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 CHATML_TEMPLATE = (
@@ -59,14 +61,7 @@ def build_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer) + 37,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        # Wide initialisation: peaked, well-separated logits, so greedy decoding has no near-ties.
-        initializer_range=0.5,
+        **TINY_DIMENSIONS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

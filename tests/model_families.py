@@ -41,6 +41,19 @@ NATURAL_STOPS = {
 }
 
 # The tiny model has the real architecture where that is cheap; gpt-oss (mixture of experts) gets a Llama.
+TINY_DIMENSIONS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    # Wide initialisation: peaked, well-separated logits, so greedy decoding has no near-ties.
+    initializer_range=0.5,
+)
+"""The size of every tiny random test model (the families' and conftest's ChatML one)."""
+
 _ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "gpt_oss": "llama"}
 
 _QWEN_PRETOKENIZE_REGEX = (
@@ -171,15 +184,7 @@ def _build_model(facts: dict, tokenizer, seed: int):
         # Rows beyond the tokenizer's vocabulary, as real models have, so tests can check that
         # generation never samples an id the tokenizer cannot decode.
         vocab_size=len(tokenizer) + 37,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=2048,
-        # Wide initialisation: peaked, well-separated logits, so greedy decoding has no near-ties.
-        initializer_range=0.5,
+        **TINY_DIMENSIONS,
         bos_token_id=model_ids.get("bos_token_id"),
         eos_token_id=model_ids.get("eos_token_id"),
         pad_token_id=model_ids.get("pad_token_id"),
