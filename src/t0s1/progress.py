@@ -7,12 +7,14 @@ from __future__ import annotations
 class ProgressBar:
     """``with ProgressBar(enabled, total, "evaluating", unit="samples") as bar: bar.advance(n)``.
 
-    Nothing is shown when ``enabled`` is false or ``total`` is 0; ``advance`` is then a no-op, so
-    callers never branch on it.
+    Nothing is shown when ``enabled`` is false or ``total`` is 0; ``advance`` and ``update`` are
+    then no-ops, so callers never branch on it. ``completed``: where the count starts (a resumed
+    run); ``fields``: values the ``unit`` text shows as ``{task.fields[NAME]}``, changed by ``update``.
     """
 
-    def __init__(self, enabled: bool, total: int, label: str, unit: str = ""):
+    def __init__(self, enabled: bool, total: int, label: str, unit: str = "", completed: int = 0, **fields):
         self.enabled, self.total, self.label, self.unit = enabled and total > 0, total, label, unit
+        self.completed, self.fields = completed, fields
         self.bar = None
 
     def __enter__(self) -> ProgressBar:
@@ -26,12 +28,16 @@ class ProgressBar:
             columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
             self.bar = Progress(*columns, console=Console(stderr=True))
             self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total)
+            self.task = self.bar.add_task(self.label, total=self.total, completed=self.completed, **self.fields)
         return self
 
     def advance(self, count: int = 1) -> None:
         if self.bar is not None:
             self.bar.advance(self.task, count)
+
+    def update(self, completed: int | None = None, **fields) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=completed, **fields)
 
     def __exit__(self, *exc) -> bool:
         if self.bar is not None:

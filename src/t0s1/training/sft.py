@@ -274,33 +274,27 @@ def _write_generation_config(output_dir: str, source: str, tokenizer, end_token:
 def _progress_bar():
     """A trainer callback that shows a rich progress bar over the optimizer steps with the latest loss
     (the logged numbers stay in trainer_state.json and the model card)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import TrainerCallback
 
+    from t0s1.progress import ProgressBar
+
     class RichProgress(TrainerCallback):
-        bar = None
+        bar = ProgressBar(False, 0, "training")
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                self.bar = Progress(
-                    TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps, loss {task.fields[loss]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                )
-                self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
-                self.bar.start()
+            self.bar = ProgressBar(state.is_world_process_zero, state.max_steps, "training",
+                                   unit="steps, loss {task.fields[loss]}", completed=state.global_step, loss="-")
+            self.bar.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.update(self.task, completed=state.global_step)
+            self.bar.update(completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.bar is not None and logs and "loss" in logs:
-                self.bar.update(self.task, loss=f"{float(logs['loss']):.3f}")
+            if logs and "loss" in logs:
+                self.bar.update(loss=f"{float(logs['loss']):.3f}")
 
         def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.stop()
-                self.bar = None
+            self.bar.__exit__(None, None, None)
 
     return RichProgress()
 
