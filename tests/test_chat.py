@@ -79,3 +79,26 @@ def test_bad_budget_flags_exit_with_code_2(tiny_model_dir):
         result = CliRunner().invoke(app, [command, "--model", str(tiny_model_dir), "--max-thinking-tokens", "-3"])
         assert result.exit_code == 2
         assert "--max-thinking-tokens: -3 is negative" in " ".join(result.output.split())
+
+
+def test_chat_never_shows_a_delimiter_written_in_ordinary_tokens():
+    """SmolLM2 writes ``</think>`` as ``</`` ``think`` ``>.``: the chat shows the thinking before it,
+    never the delimiter, and the conversation keeps the same text."""
+    from scripted_model import ScriptedLM
+    from transformers import AutoTokenizer
+
+    from t0s1.forcing_rules import render_prompt_ids
+    from t0s1.models import embedded_model_dir
+    from t0s1.profiles import profile_by_name
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    lm = ScriptedLM(tokenizer, profile_by_name("think"))
+    budget = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=6)
+    question = "What is 1+1?"
+    pieces = ["Let", " me", " think", "</", "think", ">,", " so", " 2", " is", " right", "</", "think", ">.", "\n\n", "2"]
+    lm.write(render_prompt_ids(tokenizer, lm.profile, [{"role": "user", "content": question}]), budget,
+             [id_ for piece in pieces for id_ in tokenizer(piece, add_special_tokens=False).input_ids])
+    messages, text = chat_with(lm, [question], budget)
+    assert "Let me thinkWait so 2 is right\nanswer\n2\n" in text
+    assert "</" not in text and ">." not in text
+    assert messages[-1] == {"role": "assistant", "content": "2", "reasoning_content": "Let me thinkWait so 2 is right"}

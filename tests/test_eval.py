@@ -146,6 +146,75 @@ def test_rerun_with_other_settings_is_refused(tiny_model, shared_data_dir, tmp_p
         run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], max_answer_tokens=9), tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
 
 
+@pytest.fixture
+def yes_judge():
+    """An OpenAI-compatible chat endpoint on loopback that judges every answer right (a stand-in
+    for a hosted judge such as gpt-4o-mini); yields the judge and the requests it received."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from t0s1.evaluation.judge import LLMJudge
+
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            reply = json.dumps({
+                "id": "judge", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Yes"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield LLMJudge("yes-judge", base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="none"), requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_resumed_run_regrades_logged_rows_with_the_current_grader(tiny_model, shared_data_dir, tmp_path, yes_judge, capfd):
+    judge, requests = yes_judge
+    tasks, backend = [get_task("gsm8k")], EngineBackend(tiny_model)
+    config = _config(max_thinking_tokens=[4], num_ignore=[0], batch_size=2)
+    log = tmp_path / "run" / "samples" / "gsm8k.jsonl"
+    ruled = run_eval(backend, tasks, config, tmp_path / "run", data_dir=shared_data_dir, limit=2, progress=False)
+    assert ruled["tasks"]["gsm8k"]["settings"][0]["accuracy"] == 0.0  # a random model is never right by the rules
+    generations = {row["id"]: row["output"] for row in _rows(log)}
+    capfd.readouterr()
+
+    # Resumed with a judge and more questions: the logged rows are judged too, not left rule-graded.
+    judged = run_eval(backend, tasks, config, tmp_path / "run", data_dir=shared_data_dir, limit=4, progress=False, judge=judge)
+    said = capfd.readouterr().err
+    task = judged["tasks"]["gsm8k"]
+    assert task["settings"][0]["accuracy"] == 100.0  # every row judged, none left rule-graded
+    assert task["grader"] == "LLM judge (yes-judge)"
+    rows = _rows(log)
+    assert len(rows) == 4 and len(requests) == 4
+    assert {row["grader"] for row in rows} == {"LLM judge (yes-judge)"}
+    assert all(row["correct"] and row["rule_correct"] is False for row in rows)
+    assert {row["id"]: row["output"] for row in rows if row["id"] in generations} == generations  # generation reused
+    assert "gsm8k: re-graded 2 logged samples with LLM judge (yes-judge) (graded before 2 by rules (number))" in said
+
+    # Back to the rules: the judge's verdicts go, and the results equal a run graded by rules only.
+    run_eval(backend, tasks, config, tmp_path / "run", data_dir=shared_data_dir, limit=4, progress=False)
+    assert {row["grader"] for row in _rows(log)} == {"rules (number)"} and not any("rule_correct" in row for row in _rows(log))
+    run_eval(backend, tasks, config, tmp_path / "fresh", data_dir=shared_data_dir, limit=4, progress=False)
+    assert (tmp_path / "run" / "results.json").read_bytes() == (tmp_path / "fresh" / "results.json").read_bytes()
+
+
 def test_metrics_definitions():
     points = [(100.0, 10.0), (200.0, 20.0), (400.0, 20.0)]
     # slopes per 1,000 tokens: (10/100, 10/300, 0/200) * 1000 = 100, 33.33, 0 -> mean 44.44

@@ -285,3 +285,133 @@ def test_s1_outputs_on_the_embedded_model_are_unchanged(smollm2, one_torch_threa
                 assert getattr(result, key) == value, (case["settings"], i, key)
             assert streamed.get((i, "thinking"), "") == result.thinking
             assert streamed.get((i, "answer"), "") == result.answer
+
+
+# ---- a failed forward pass ------------------------------------------------------------------------
+
+
+class FailingRunner:
+    """The real runner, except that one forward pass fails: the first ``step`` after a sequence has
+    left the batch (so that one sequence finishes in the step whose forward pass fails)."""
+
+    def __init__(self, runner, *, fail: bool = True):
+        self.runner = runner
+        self.fail = fail  # still to fail once
+        self.armed = False
+        self.failed = False
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def release(self, slot: int) -> None:
+        self.runner.release(slot)
+        self.armed = self.fail
+
+    def step(self, slots, tokens):
+        if self.armed:
+            self.fail = self.armed = False
+            self.failed = True
+            raise RuntimeError("the forward pass failed (injected)")
+        return self.runner.step(slots, tokens)
+
+
+SHORT = BudgetForcing(max_thinking_tokens=0, max_answer_tokens=3)
+LONG = BudgetForcing(max_thinking_tokens=60, max_answer_tokens=20)
+
+
+def test_a_failed_forward_pass_keeps_the_results_finished_in_its_step(tiny_model):
+    from t0s1.forcing import Engine, ForwardPassError
+
+    expected = generate(tiny_model, PROMPTS[:2], [SHORT, LONG])
+    assert expected[1].thinking_tokens + expected[1].answer_tokens > 12  # the long one runs on
+    runner = FailingRunner(tiny_model.new_runner())
+    engine = Engine(tiny_model, runner=runner)
+    engine.add([tiny_model.rules.sequence(i, render_prompt(tiny_model, PROMPTS[i]), s) for i, s in enumerate([SHORT, LONG])])
+    with pytest.raises(ForwardPassError, match="injected") as failure, torch.inference_mode():
+        while engine.active:
+            assert not engine.step()  # nothing finishes before the failing step
+    assert runner.failed and engine.active == 0
+    assert isinstance(failure.value.error, RuntimeError) and failure.value.__cause__ is failure.value.error
+    [finished] = failure.value.finished
+    result = finished.result(0.0)
+    assert finished.index == 0 and result.answer_token_ids == expected[0].answer_token_ids
+    assert result.answer == expected[0].answer
+
+    # generate (Engine.run): the original error, after the finished sequence's text was streamed whole.
+    streamed = {}
+
+    def on_delta(index, channel, text):
+        streamed[(index, channel)] = streamed.get((index, channel), "") + text
+
+    class FailingModel:
+        def __getattr__(self, name):
+            return getattr(tiny_model, name)
+
+        def new_runner(self, **kwargs):
+            return FailingRunner(tiny_model.new_runner(**kwargs))
+
+    with pytest.raises(RuntimeError, match=r"^the forward pass failed \(injected\)$"):
+        generate(FailingModel(), PROMPTS[:2], [SHORT, LONG], on_delta=on_delta)
+    assert streamed[(0, "answer")] == expected[0].answer
+
+
+def test_a_failed_forward_pass_in_the_server_fails_only_the_running_requests(tiny_model):
+    """The server's batcher delivers the request that finished in the failing step, fails the one
+    still running, and serves the next request on a fresh engine."""
+    import asyncio
+    import threading
+
+    from t0s1.serving.batcher import Batcher
+
+    expected = generate(tiny_model, PROMPTS[:2], [SHORT, LONG])
+    both_queued = threading.Event()
+    runners = []
+
+    class FailingModel:
+        def __getattr__(self, name):
+            return getattr(tiny_model, name)
+
+        def new_runner(self, **kwargs):
+            runner = FailingRunner(tiny_model.new_runner(**kwargs), fail=not runners)
+            add = runner.runner.add
+
+            def add_when_both_are_queued(prompts):  # both requests run in the same batch
+                both_queued.wait(30)
+                return add(prompts)
+
+            runner.add = add_when_both_are_queued
+            runners.append(runner)
+            return runner
+
+    async def outcome(job):
+        while True:
+            kind, value = await asyncio.wait_for(job.events.get(), 60)
+            if kind in ("result", "error"):
+                return kind, value
+
+    async def serve():
+        batcher = Batcher(FailingModel(), max_batch=4)
+        batcher.start()
+        try:
+            jobs = [batcher.submit(render_prompt(tiny_model, PROMPTS[i]), s, stream=True) for i, s in enumerate([SHORT, LONG])]
+            both_queued.set()
+            short, long = [await outcome(job) for job in jobs]
+            after = await outcome(batcher.submit(render_prompt(tiny_model, PROMPTS[1]), LONG, stream=False))
+        finally:
+            batcher.stop()
+        return short, long, after
+
+    short, long, after = asyncio.run(serve())
+    assert runners[0].failed
+    assert short[0] == "result" and short[1].answer_token_ids == expected[0].answer_token_ids
+    assert long[0] == "error" and "injected" in str(long[1])
+    assert after[0] == "result" and after[1].thinking_token_ids == expected[1].thinking_token_ids
+
+
+def test_a_prompt_longer_than_the_context_says_so_without_a_negative_budget():
+    from t0s1.errors import UserError
+    from t0s1.forcing_rules import BudgetForcing
+
+    with pytest.raises(UserError, match="leaves no room to think or answer. Shorten the prompt") as error:
+        BudgetForcing(max_thinking_tokens=64).thinking_budget(prompt_length=9000, context_length=8192, forced_end_length=7)
+    assert "-" not in str(error.value).split("context is")[1]

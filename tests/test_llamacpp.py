@@ -9,7 +9,6 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
-from llama_cpp import Llama  # noqa: E402
 from llamacpp_reference import LlamaCppGreedy, reference_llama  # noqa: E402
 
 from t0s1 import UserError  # noqa: E402
@@ -151,14 +150,59 @@ def test_released_slots_are_reused_without_leftovers(make_runner, scratch, promp
     runner = make_runner(max_slots=1)
     (slot,), logits = runner.add([prompts[0]])
     runner.step([slot], [int(logits[0].argmax())])
-    with pytest.raises(RuntimeError, match="slots"):
-        runner.add([prompts[1]])
     runner.release(slot)
     with pytest.raises(ValueError, match="no sequence"):
         runner.step([slot], [1])
     (again,), logits = runner.add([prompts[1]])
-    assert again == slot and runner.free_slots == 0
+    assert again == slot and runner.free_slots == 0 and runner.max_slots == 1
     assert torch.equal(logits[0], from_scratch(scratch, prompts[1], []))
+
+
+def context_cells(runner) -> int:
+    return int(runner._ll.llama_n_ctx(runner._context))
+
+
+def test_cache_is_taken_by_the_forks_that_exist(make_runner, scratch, prompts):
+    """A fork copies the cells its parent holds into a free slot; with none free the context grows
+    (twice the slots) and the sequences move over with their caches, so a runner holds cache for
+    the sequences that exist, not for every fork that might."""
+    runner = make_runner(max_slots=1)
+    assert context_cells(runner) == CONTEXT
+    prompt = prompts[1]
+    (parent,), logits = runner.add([prompt])
+    shared = [int(logits[0].argmax())]
+    runner.step([parent], shared)
+    children = []
+    for expected_slots in (2, 4, 4):
+        children.append(runner.fork(parent))
+        assert runner.max_slots == expected_slots and context_cells(runner) == expected_slots * CONTEXT
+    slots = [parent, *children]
+    assert sorted(slots) == [0, 1, 2, 3] and runner.free_slots == 0
+    branches = {slot: shared + [token] for slot, token in zip(slots, [28, 1202, 13, 1202], strict=True)}
+    # Out of slot order: the runner decodes in slot order and hands the logits back in this one.
+    order = [children[1], parent, children[2], children[0]]
+    logits = runner.step(order, [branches[slot][-1] for slot in order])
+    for _ in range(4):
+        tokens = [int(t) for t in logits.argmax(-1)]
+        for slot, token in zip(order, tokens, strict=True):
+            branches[slot].append(token)
+        logits = runner.step(order, tokens)
+    for b, slot in enumerate(order):
+        assert torch.equal(logits[b], from_scratch(scratch, prompt, branches[slot])), slot
+    assert branches[children[0]] == branches[children[2]] != branches[parent]
+    runner.release(children[0])
+    assert runner.fork(parent) == children[0]  # the lowest free slot: the slots in use stay contiguous
+
+
+def test_more_sequences_than_llama_cpp_holds_are_refused_with_a_hint(make_runner, prompts):
+    runner = make_runner(max_slots=1)
+    runner.slot_limit = 2  # llama.cpp's limit is 256 sequences
+    (parent,), _ = runner.add([prompts[2]])
+    runner.fork(parent)
+    with pytest.raises(RuntimeError, match="waves"):
+        runner.fork(parent)
+    with pytest.raises(RuntimeError, match="waves"):
+        runner.add([prompts[0]])
 
 
 def test_greedy_decoding_equals_llama_cpps_own(make_runner, gguf, prompts):
@@ -299,6 +343,36 @@ def test_backend_sweep_shares_the_thinking_and_equals_separate_runs(gguf_lm, mon
     # feeds a few ids of its own where it leaves the trace).
     assert all_thinking > widest_thinking
     assert swept_tokens < separate_tokens - (all_thinking - widest_thinking) / 2
+
+
+def test_a_sweep_of_more_rows_than_llama_cpp_holds_runs_in_waves(gguf_lm, monkeypatch):
+    """17 prompts x 15 budgets: a trace and 15 forks per prompt, 272 rows where llama.cpp holds 256
+    sequences. The sweep runs the prompts in waves that fit even if every setting forks at once,
+    each runner starts with a row per trace and grows as forks exist, and the results equal
+    separate runs."""
+    from t0s1 import BudgetForcing, generate, generate_sweep
+
+    prompts = [f"What is {i} + {i}?" for i in range(17)]
+    settings = [BudgetForcing(max_thinking_tokens=b, max_answer_tokens=1) for b in range(1, 16)]
+    assert len(prompts) * (1 + len(settings)) > gguf_lm.max_sequences == 256
+    runners = []
+    original = gguf_lm.new_runner
+
+    def recording_runner(**kwargs):
+        runners.append((kwargs, original(**kwargs)))
+        return runners[-1][1]
+
+    monkeypatch.setattr(gguf_lm, "new_runner", recording_runner)
+    swept = generate_sweep(gguf_lm, prompts, settings)
+    # 16 x 16 rows, then the last prompt; a row per trace and one for the forks to start with
+    assert [kwargs["rows"] for kwargs, _ in runners] == [32, 2]
+    assert all(runner.max_slots <= 256 for _, runner in runners)
+    assert runners[0][1].max_slots > 32  # the forks took slots as they came
+    monkeypatch.undo()
+    for j in (0, 7, 14):
+        for i, result in enumerate(generate(gguf_lm, prompts, settings[j])):
+            assert swept[i][j].thinking_token_ids == result.thinking_token_ids, (i, j)
+            assert swept[i][j].answer_token_ids == result.answer_token_ids, (i, j)
 
 
 def test_backend_streams_cancels_and_samples_reproducibly(gguf_lm):

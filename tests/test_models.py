@@ -85,15 +85,29 @@ def test_gguf_file_loads_and_is_no_longer_flagged_quantized():
     assert lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
 
 
-def test_a_transformers_without_the_cache_argument_is_refused(tiny_model):
-    """Older transformers 5.x call it past_key_values and would silently ignore cache=."""
+def test_the_kv_cache_goes_under_the_name_the_model_takes(tiny_model):
+    """transformers 5.24 takes cache=, older 5.x past_key_values=; each ignores the other name
+    silently (**kwargs), so the name is read from the model's own signature."""
+    import inspect
+
     from t0s1.errors import UserError
-    from t0s1.models import check_takes_cache
+    from t0s1.models import cache_argument
 
     class OldModel:
-        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None):
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
             raise AssertionError("never called")
 
-    with pytest.raises(UserError, match=r"transformers>=5\.24"):
-        check_takes_cache(OldModel())
-    check_takes_cache(tiny_model.model)  # the installed transformers passes
+    class NewModel:
+        def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, **kwargs):
+            raise AssertionError("never called")
+
+    class NoCacheModel:
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            raise AssertionError("never called")
+
+    assert cache_argument(OldModel()) == "past_key_values"
+    assert cache_argument(NewModel()) == "cache"
+    with pytest.raises(UserError, match=r"transformers>=5\.16\.1"):
+        cache_argument(NoCacheModel())
+    installed = cache_argument(tiny_model.model)  # whichever the installed transformers takes
+    assert installed in inspect.signature(tiny_model.model.forward).parameters

@@ -8,6 +8,7 @@ import json
 
 import openai
 import pytest
+import torch
 from forcing_reference import reference_generate
 from model_families import build_family_model_dir
 from typer.testing import CliRunner
@@ -197,8 +198,25 @@ def test_engine_equals_the_slow_reference_per_family(family, name, budget, num_i
     for prompt, result in zip(prompts, generate(lm, prompts, settings), strict=True):
         expected = reference_generate(lm, prompt, settings)
         assert result.thinking_token_ids == expected.thinking_token_ids, prompt
-        assert result.answer_token_ids == expected.answer_token_ids, prompt
+        if result.answer_token_ids != expected.answer_token_ids:
+            _assert_diverged_at_a_tie(lm, prompt, result, expected)
+            continue
         assert (result.num_ignored, result.hit_budget) == (expected.num_ignored, expected.hit_budget)
+
+
+def _assert_diverged_at_a_tie(lm, prompt, result, expected, tolerance=1e-3):
+    """A batched run may part from the one-sequence reference only where the random test model's
+    two best logits tie within float error (batch shapes change the last bits): the answers agree up
+    to a step whose two best tokens are the two written and lie within ``tolerance``."""
+    ours, theirs = result.answer_token_ids, expected.answer_token_ids
+    step = next(i for i, (a, b) in enumerate(zip(ours + [None], theirs + [None])) if a != b)
+    ids = render_prompt(lm, prompt).ids + result.thinking_token_ids + lm.rules.end_delimiter + ours[:step]
+    assert not result.hit_budget, f"{prompt}: the answers differ after a forced end"
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids])).logits[0, -1].float()
+    top = logits.topk(2)
+    assert set(top.indices.tolist()) == {ours[step], theirs[step]}, f"{prompt}: answers differ at {step}, not at a tie"
+    assert float(top.values[0] - top.values[1]) < tolerance, f"{prompt}: answers differ at {step}, margin {top.values.tolist()}"
 
 
 def test_split_of_whole_turns_per_profile():

@@ -80,13 +80,18 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2, one_torch_th
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})  # the table on one line per row
     assert result.exit_code == 0, result.output
     for path in ("data/train.jsonl", "data/test.jsonl", "prepared/prepare_report.json", "model/config.json",
-                 "model/README.md", "eval-base/results.json", "eval-trained/results.json", "scaling.png", SUMMARY_FILE):
+                 "model/README.md", "model.f16.gguf", "eval-base/results.json", "eval-trained/results.json",
+                 "scaling.png", SUMMARY_FILE):
         assert (out / path).exists(), path
-    trained = json.loads((out / "eval-trained" / "results.json").read_text())["tasks"]["quickstart-arithmetic"]
+    results = json.loads((out / "eval-trained" / "results.json").read_text())
+    assert json.loads((out / "eval-trained" / "config.json").read_text())["model"] == str(out / "model.f16.gguf")
+    assert json.loads((out / "eval-base" / "config.json").read_text())["backend"] == "llamacpp"
+    trained = results["tasks"]["quickstart-arithmetic"]
     settings = {(s["max_thinking_tokens"], s["num_ignore"]) for s in trained["settings"]}
     assert settings == {(b, k) for b in (8, 16) for k in (0, 1, 2)}
     assert all(s["samples"] == 4 for s in trained["settings"])
     summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["backend"] == "llamacpp" and set(summary["seconds"]) == {"data", "prepare", "train", "export", "base", "trained"}
     assert list(summary["curves"]) == ["no Wait", "1 Wait", "2 Waits"]
     assert {(w["budget"], w["num_ignore"]) for w in summary["wait"]} == {(b, k) for b in (8, 16) for k in (1, 2)}
     text = " ".join(result.output.split())
@@ -100,7 +105,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2, one_torch_th
 
     again = CliRunner().invoke(app, args)  # every step's output exists: nothing is redone
     assert again.exit_code == 0, again.output
-    assert "already prepared" in again.output and "already trained" in again.output
+    assert "already prepared" in again.output and "already trained" in again.output and "already exported" in again.output
 
 
 def test_quickstart_rejects_bad_options(tmp_path):
@@ -110,3 +115,10 @@ def test_quickstart_rejects_bad_options(tmp_path):
     assert result.exit_code == 2 and "--budgets" in result.output
     result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path), "--budgets", "64"])
     assert result.exit_code == 2 and "--budgets" in result.output
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path), "--backend", "vllm"])
+    assert result.exit_code == 2 and "--backend must be llamacpp or transformers" in result.output
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path), "--quant", "q9"])
+    assert result.exit_code == 2 and "Unknown quant type" in result.output
+    result = CliRunner().invoke(app, ["quickstart", "--rag", "--out", str(tmp_path), "--backend", "transformers"])
+    assert result.exit_code == 2 and "--rag" in result.output
+    assert not any(tmp_path.iterdir())

@@ -243,3 +243,81 @@ def test_documents_given_in_python_follow_the_same_rules(tmp_path):
     with pytest.raises(UserError, match="no text"):
         build_index([Document("a", "A", " ")], tmp_path / "index", progress=False)
     assert not (tmp_path / "index").exists()
+
+
+# -- damaged index folders: detected when opened, named, rebuilt with --overwrite
+
+
+def _truncate_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path) -> None:  # same size, other content
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _fewer_chunks(path: Path) -> None:
+    import numpy as np
+
+    np.save(path, np.load(path)[:-1])
+
+
+@pytest.mark.parametrize(
+    "name, damage, fragment",
+    [
+        ("bm25/vocab.index.json", _truncate_half, "bytes, the manifest records"),
+        ("bm25/params.index.json", _flip_a_byte, "SHA-256"),
+        ("bm25/data.csc.index.npy", Path.unlink, "is missing"),
+        ("chunks.npy", _fewer_chunks, "bytes, the manifest records"),
+        ("documents.arrow", _truncate_half, "bytes, the manifest records"),
+    ],
+    ids=["half-written bm25 vocabulary", "changed bm25 parameters", "missing bm25 array", "fewer chunks", "half-written documents"],
+)
+def test_a_damaged_index_is_refused_when_opened_naming_the_file(tmp_path, corpus, name, damage, fragment):
+    documents, queries = corpus
+    out = tmp_path / "index"
+    build_index(documents[:30], out, progress=False)
+    damage(out / name)
+    with pytest.raises(UserError) as refused:
+        open_index(out).search(queries[0].text, 3)
+    message = str(refused.value)
+    assert str(out / name) in message and fragment in message and "--overwrite" in message
+    result = runner.invoke(app, ["rag", "search", "fever", "--index", str(out)])
+    assert_refused(result, "damaged", "--overwrite")
+    assert name in "".join(result.output.split())  # rich may wrap inside a long path
+
+
+def test_overwrite_rebuilds_a_damaged_index_which_a_plain_build_names(tmp_path, corpus):
+    documents, queries = corpus
+    out = tmp_path / "index"
+    first = build_index(documents[:30], out, progress=False).index
+    expected = [hit.doc_id for hit in first.search(queries[0].text, 3)]
+    (out / "bm25" / "params.index.json").write_text("{")
+    with pytest.raises(UserError, match=r"holds this index, damaged: .*params.index.json.*--overwrite"):
+        build_index(documents[:30], out, progress=False)
+    rebuilt = build_index(documents[:30], out, overwrite=True, progress=False)
+    assert not rebuilt.reused
+    assert [hit.doc_id for hit in open_index(out).search(queries[0].text, 3)] == expected
+    (out / "manifest.json").write_text("{")  # even an unreadable manifest
+    with pytest.raises(UserError, match="not a readable index manifest.*--overwrite"):
+        build_index(documents[:30], out, progress=False)
+    rebuilt = build_index(documents[:30], out, overwrite=True, progress=False)
+    again = build_index(documents[:30], out, overwrite=True, progress=False)  # --overwrite always rebuilds
+    assert not again.reused and again.index.manifest["build_id"] != rebuilt.index.manifest["build_id"]
+    assert build_index(documents[:30], out, progress=False).reused  # intact: reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporary folders left
+
+
+def test_index_info_verify_hashes_every_file(tmp_path, corpus):
+    documents, _ = corpus
+    out = tmp_path / "index"
+    build_index(documents[:30], out, progress=False)
+    assert runner.invoke(app, ["index", "info", str(out), "--verify"]).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["chunks"] == 30 and set(manifest["files"]) >= {"documents.arrow", "chunks.npy", "bm25/params.index.json"}
+    _flip_a_byte(out / "documents.arrow")  # larger than nothing: hashed by --verify
+    result = runner.invoke(app, ["index", "info", str(out), "--verify"])
+    assert_refused(result, "SHA-256", "--overwrite")
+    assert "documents.arrow" in "".join(result.output.split())

@@ -180,3 +180,25 @@ def test_grid_runs_and_a_killed_run_resumes_to_the_same_results(index, tmp_path,
     write_questions(questions, QUESTIONS[:4])
     changed = runner.invoke(app, _eval_args(index, questions, tmp_path / "killed", tiny_model_dir))
     assert changed.exit_code == 2 and "questions_sha256" in " ".join(changed.output.split())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_rerun_with_other_grading_rules_regrades_the_logged_rows(index, tmp_path, tiny_model_dir):
+    questions = write_questions(tmp_path / "questions.jsonl", QUESTIONS)
+
+    def args(out, *grading):
+        return ["rag", "eval", "--index", str(index.path), "--questions", str(questions), "--out", str(out), "--k", "1",
+                "--no-baselines", "--model", str(tiny_model_dir), "--device", "cpu", "--max-thinking-tokens", "4",
+                "--max-answer-tokens", "6", "--batch-size", "5", *grading]
+
+    first = runner.invoke(app, args(tmp_path / "run"))
+    assert first.exit_code == 0, first.output
+    regraded = runner.invoke(app, args(tmp_path / "run", "--answer-kind", "choice", "--inconclusive-counts"))
+    assert regraded.exit_code == 0, regraded.output
+    grader = "rules (choice, inconclusive counts without a gold source)"
+    assert f"rag-k1: re-graded 5 logged samples with {grader}" in " ".join(regraded.output.split())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "rag-k1.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and {row["grader"] for row in rows} == {grader}
+    fresh = runner.invoke(app, args(tmp_path / "fresh", "--answer-kind", "choice", "--inconclusive-counts"))
+    assert fresh.exit_code == 0, fresh.output
+    assert (tmp_path / "run" / "results.json").read_text() == (tmp_path / "fresh" / "results.json").read_text()

@@ -188,6 +188,58 @@ def test_the_embedded_model_loads_with_no_network(monkeypatch, embedder):
     assert np.allclose(offline.encode(sentence), embedder.encode(sentence), atol=1e-5)
 
 
+@pytest.mark.parametrize("change", ["fewer", "more", "half-written"])
+def test_vectors_that_do_not_match_the_chunks_are_refused_naming_the_file(tmp_path, hybrid_index, corpus, embedder, change):
+    _, queries = corpus
+    folder = tmp_path / "copy"
+    shutil.copytree(hybrid_index.path, folder)
+    vectors_file = folder / "dense" / "embeddings.npy"
+    vectors = np.load(vectors_file)
+    if change == "fewer":
+        np.save(vectors_file, vectors[:-1])
+    elif change == "more":
+        np.save(vectors_file, np.vstack([vectors, vectors[:1]]))
+    else:
+        vectors_file.write_bytes(vectors_file.read_bytes()[: vectors_file.stat().st_size // 2])
+    with pytest.raises(UserError) as refused:
+        index = open_index(folder)
+        index.use_embedder(embedder)
+        index.search(queries[0].text, 5, "dense")
+    message = str(refused.value)
+    assert str(vectors_file) in message and "damaged" in message and "--overwrite" in message
+
+
+def test_a_qdrant_collection_of_another_build_is_refused_not_searched(tmp_path, corpus, embedder):
+    documents, queries = corpus
+    target = QdrantTarget(path=str(tmp_path / "qdrant"), collection="shared")
+    build_index(documents[:20], tmp_path / "first", retriever="dense", embedder=embedder, qdrant=target, progress=False)
+    # Another index of as many chunks takes over the collection name.
+    build_index(documents[20:40], tmp_path / "second", retriever="dense", embedder=embedder, qdrant=target, overwrite=True,
+                progress=False)
+    first = open_index(tmp_path / "first")
+    first.use_embedder(embedder)
+    try:
+        with pytest.raises(UserError, match="holds the vectors of another build"):
+            first.search(queries[0].text, 3)
+    finally:
+        first.close()
+
+
+def test_an_embedder_with_the_same_weights_but_other_model_files_is_refused(tmp_path, hybrid_index):
+    import json
+
+    folder = tmp_path / "model"
+    source = embedders.embedded_embedder_dir()
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    settings = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**settings, "max_seq_length": 64}))
+    other = load_embedder(str(folder))
+    assert other.weights_sha256 == PUBLISHED_WEIGHTS["model.safetensors"]  # the very same weights
+    with pytest.raises(UserError, match="other tokenizer, pooling or settings"):
+        open_index(hybrid_index.path).use_embedder(other)
+
+
 class ByTitle(Reranker):
     """A stand-in re-ranker: prefers titles late in the alphabet."""
 

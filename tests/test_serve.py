@@ -364,7 +364,7 @@ def test_disconnect_stops_the_generation(server):
         ({"model": "tiny", "messages": QUESTION, "max_tokens": 0}, "max_tokens"),
         ({"model": "tiny", "messages": QUESTION, "temperature": "hot"}, "temperature"),
         ({"model": "tiny", "messages": QUESTION, "stream": "yes"}, "stream"),
-        ({"model": "tiny", "messages": QUESTION, "n": 2}, "n"),
+        ({"model": "tiny", "messages": QUESTION, "n": 65}, "n"),
         ({"model": "tiny", "messages": QUESTION, "stop": ["."]}, "stop"),
         ({"model": "tiny", "messages": QUESTION, "max_thinking_tokens": 5000}, "max_thinking_tokens"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
@@ -645,3 +645,104 @@ def test_openai_backend_reads_the_context_length_from_the_server(server, tiny_mo
     assert OpenAIBackend.connect(f"{server}/v1", "tiny", tokenizer=str(tiny_model_dir), context_length=512).context_length == 512
     with pytest.raises(UserError, match="context length"):
         OpenAIBackend.connect(f"{server}/v1", "tiny", tokenizer=str(tiny_model_dir), context_length=0)
+
+
+# ---- plain continuations as vLLM answers them -------------------------------------------------------
+
+CONTINUED = "How many r are in raspberry? Let me count"
+
+
+def continuation(server, **body) -> dict:
+    response = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": CONTINUED, **body}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_stop_strings_are_found_in_the_raw_text_as_each_token_arrives(server):
+    """vLLM's rule: the text ends before the first stop string, found as soon as the token that
+    completes it arrives (leading and trailing whitespace included); usage counts up to that token."""
+    # The greedy continuation token by token, without stop strings (only the end of turn stops it).
+    texts = [continuation(server, max_tokens=k, stop_token_ids=[])["choices"][0]["text"] for k in range(1, 21)]
+    stops = {texts[0][0], " ", "\n", texts[-1][-3:], texts[5][2:6]}
+    assert texts[0][0].isspace() or " " in texts[-1]  # whitespace is among the stops tried
+    for stop in stops:
+        if not stop or stop not in texts[-1]:
+            continue
+        tokens = next(k for k, text in enumerate(texts, 1) if stop in text)  # the token that completes it
+        reply = continuation(server, max_tokens=20, stop=[stop, "never written"], stop_token_ids=[])
+        assert reply["choices"][0]["text"] == texts[-1][: texts[-1].index(stop)], stop
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert reply["usage"]["completion_tokens"] == tokens, stop
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_a_400(server, tiny_model):
+    for ids in ([tiny_model.vocab_size], [3, tiny_model.vocab_size + 30], [2**40]):
+        response = httpx.post(f"{server}/v1/completions", json={"prompt": CONTINUED, "stop_token_ids": ids}, timeout=30)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "stop_token_ids" and "vocabulary" in response.json()["error"]["message"]
+
+
+def test_plain_continuations_fit_when_prompt_and_max_tokens_fit_the_context(server, tiny_model):
+    """vLLM's rule, prompt + max_tokens <= context; a refusal names the field the client sent."""
+    prompt_length = len(tiny_model.tokenizer(CONTINUED).input_ids)
+    room = tiny_model.context_length - prompt_length
+    stop = {"stop": ["<|im_start|>", "<|im_end|>"]}
+    assert continuation(server, max_tokens=room, **stop)["choices"][0]["finish_reason"] in ("stop", "length")
+    for name in ("max_tokens", "max_completion_tokens"):
+        response = httpx.post(f"{server}/v1/completions", json={"prompt": CONTINUED, name: room + 1, **stop}, timeout=30)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == name and error["code"] == "context_length_exceeded" and str(room) in error["message"]
+        assert "max_thinking_tokens" not in error["message"]
+
+
+def test_explicit_stop_token_ids_do_not_stop_at_a_written_end_of_thinking(tiny_model_dir):
+    """With ``stop_token_ids`` only those ids and the end of turn stop a plain continuation (vLLM);
+    ``</think>`` written in ordinary tokens is text like any other."""
+    from t0s1.forcing import RenderedPrompt
+    from t0s1.models import load_model
+    from t0s1.serving.batcher import Batcher, Continuation
+
+    lm = load_model(str(tiny_model_dir), device="cpu", reasoning_format="think")
+    assert lm.rules.written_end == "</think>"  # ordinary tokens for this tokenizer
+    prompt = RenderedPrompt(lm.tokenizer("Count: ").input_ids)
+    settings = BudgetForcing(max_thinking_tokens=50, max_answer_tokens=1)
+    for stop_ids, ends in (((), False), (None, True)):  # explicit ids; none: the model's end of thinking stops it
+        sequence = Batcher(lm)._continuation_sequence(0, prompt, settings, Continuation(stop_token_ids=stop_ids, max_tokens=50))
+        for token in lm.tokenizer("one </think> two", add_special_tokens=False).input_ids:
+            if sequence.thinking:
+                sequence.accept(token)
+        assert sequence.thinking != ends
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("end_phrase", "x" * 4097), ("answer_prefix", "y" * 4097), ("ignore_str", "z" * 4097), ("model", "m" * 257),
+     ("stop", ["s" * 1025]), ("stop", [str(i) for i in range(17)]), ("stop_token_ids", list(range(257)))],
+)
+def test_request_strings_longer_than_their_limit_are_a_400(server, field, value):
+    endpoint = "completions" if field.startswith("stop") else "chat/completions"
+    body = {"prompt": CONTINUED} if endpoint == "completions" else {"messages": QUESTION}
+    response = httpx.post(f"{server}/v1/{endpoint}", json={**body, field: value}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+    schema = httpx.get(f"{server}/openapi.json").json()["components"]["schemas"]
+    declared = json.dumps(schema["CompletionRequest" if endpoint == "completions" else "ChatCompletionRequest"]["properties"][field])
+    assert "maxLength" in declared or "maxItems" in declared
+
+
+def test_openai_backend_loses_no_stop_when_the_server_takes_stop_ids(tiny_model):
+    """Stop ids go as ids to a server that takes them (no 4-string cap to cut them); to one that
+    does not, as at most 4 strings, those that end the thinking before the end-of-turn ones."""
+    from t0s1.backends.client_forcing import Request
+    from t0s1.backends.openai_compat import OpenAIBackend, stop_strings
+
+    tokenizer = tiny_model.tokenizer
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    others = [tokenizer.convert_tokens_to_ids(t) for t in ("a", "b", "c", "d")]
+    request = Request([1, 2], 5, sorted([*others, end, start]), 0, BudgetForcing(), None, stop_text="</think>")
+    assert stop_strings(tokenizer, request, {end}, ids_sent=True) == ["</think>"]
+    assert stop_strings(tokenizer, request, {end}, ids_sent=False) == ["</think>", "<|im_start|>", "a", "b"]
+    client = CompletionsDouble([("Let me count", "stop"), (" 82", "stop")])
+    backend = OpenAIBackend(client, "m", tokenizer, concurrency=1, sampling_fields=True)
+    backend.generate(["What is 12 + 35 * 2?"], BudgetForcing(max_thinking_tokens=100, max_answer_tokens=9))
+    assert all(r["stop"] == [] and r["extra_body"]["stop_token_ids"] for r in client.requests)

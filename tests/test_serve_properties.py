@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import httpx
@@ -152,3 +155,18 @@ def test_the_fuzzed_server_still_serves(keyed_server, api_schema):
     for path, operations in paths.items():  # every route but the open ones declares the key
         for operation in operations.values():
             assert ("security" in operation) == (path not in OPEN_PATHS), path
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(keyed_server, short_generations, tmp_path):
+    """``schemathesis run`` over /openapi.json, as a user would run it (over 500 generated requests):
+    no 5xx, and no "schema validation mismatch" (the declared schema no looser than what the server
+    takes: every operation serves some of the requests generated as valid)."""
+    command = [sys.executable, "-m", "schemathesis.cli", "run", f"{keyed_server}/openapi.json", "--max-examples", "60",
+               "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {API_KEY}", "--seed", "22",
+               "--generation-database", "none", "--no-color", "--request-timeout", "60"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said[-3000:]
+    assert "validation mismatch" not in said.lower() and "WARNINGS" not in said, said[-3000:]
+    generated = int(re.search(r"(\d+) generated", said).group(1))
+    assert generated >= 500, said[-3000:]

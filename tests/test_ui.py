@@ -184,9 +184,14 @@ def test_no_ui_turns_the_page_off(tiny_model, tiny_server, monkeypatch):
 
     served = []
     monkeypatch.setattr(t0s1.models, "load_model", lambda *args, **kwargs: tiny_model)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    def run(server, *args, **kwargs):  # what `t0s1 serve` would serve, without serving it
+        served.append(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     for flags in ([], ["--no-ui"]):
         result = CliRunner().invoke(cli, ["serve", *flags])
+        served[-1].state.batcher.stop()  # `t0s1 serve` starts the engine before it listens
         assert result.exit_code == 0, result.output
     paths = [{route.path for route in app.routes} for app in served]
     assert "/" in paths[0] and "/ui/info" in paths[0]

@@ -1,3 +1,4 @@
 from t0s1.cli import main
 
-main()
+if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which imports this module again
+    main()

@@ -26,6 +26,7 @@ STAGES = (
     "t0s1.generation_cli",
     "t0s1.data.cli",
     "t0s1.training.cli",
+    "t0s1.export.cli",
     "t0s1.evaluation.cli",
     "t0s1.lm_eval.cli",
     "t0s1.serving.cli",

@@ -93,6 +93,21 @@ MaxAnswerOption = Annotated[int, typer.Option("--max-answer-tokens", help="At mo
 TemperatureOption = Annotated[float, typer.Option(help="0 = greedy (the default).")]
 TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature > 0).")]
 SeedOption = Annotated[int, typer.Option(help="Seed for sampling.")]
+PolicyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--policy",
+        help="A test-time policy over budget forcing: budget (one trace), vote (majority of --n traces), deepconf "
+        "(confidence-filtered vote; --policy-arg mode=online stops weak traces early), early-exit (DEER: a trial "
+        "answer at each end / Wait), probe (Dynasor: a probe answer every 64 thinking tokens), short-m-of-k (stop "
+        "when the first m of --n traces finish). Parameters: docs/policies.md.",
+    ),
+]
+NOption = Annotated[int | None, typer.Option("--n", help="Traces per prompt for vote, deepconf, short-m-of-k (default 8).")]
+PolicyArgOption = Annotated[
+    list[str] | None,
+    typer.Option("--policy-arg", help="A policy parameter KEY=VALUE with the paper's name, e.g. window=64 (repeatable)."),
+]
 
 
 def exit_on_user_error(command):

@@ -38,11 +38,13 @@ from t0s1.forcing_rules import (
     render_prompt_ids,
 )
 from t0s1.forcing_rules import Sequence as ForcedSequence
+from t0s1.transformers_compat import cache_argument
 
 __all__ = [
     "AUTO_RESERVE_TOKENS",
     "BudgetForcing",
     "Engine",
+    "ForwardPassError",
     "Prompt",
     "RenderedPrompt",
     "Result",
@@ -80,6 +82,7 @@ def generate(
     prompt (each with its own seed). ``chat_template_kwargs`` go to the chat template (e.g.
     ``{"enable_thinking": False}`` for Qwen3). ``on_delta`` streams the text as it is generated;
     ``is_cancelled(i)`` stops prompt ``i`` early (finish_reason "cancelled").
+    ``t0s1.generate`` is this function, with a test-time ``policy`` on top (``t0s1.generation``).
     """
     if isinstance(prompts, str):
         raise UserError("generate takes a list of prompts; wrap a single prompt in a list.")
@@ -118,6 +121,8 @@ def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForci
     Greedy only. The settings may differ in ``max_thinking_tokens`` and ``num_ignore``; each prompt
     is thought through once with the largest of both, and every setting's answer is generated from
     the point where its thinking ends. The results equal separate ``generate`` calls per setting.
+    A model that holds a limited number of sequences at once (llama.cpp: 256) runs the prompts in
+    waves, each within the limit even if every setting forks at once.
     """
     settings = list(settings)
     if not settings:
@@ -129,17 +134,22 @@ def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForci
         if replace(setting, max_thinking_tokens=0, num_ignore=0) != replace(first, max_thinking_tokens=0, num_ignore=0):
             raise UserError("Sweep settings may differ only in max_thinking_tokens and num_ignore.")
     rules = lm.rules
-    sequences = []
+    groups = []  # the sequences of each prompt
     for i, prompt in enumerate(prompts):
         rendered = _render_numbered(lm, prompt, i, chat_template_kwargs)
         limits = [_budget_numbered(rules, s, rendered, i) for s in settings]
         widest = replace(first, max_thinking_tokens=max(limits), num_ignore=max(s.num_ignore for s in settings))
         riders = [Rider(i * len(settings) + j, s, limits[j]) for j, s in enumerate(settings) if limits[j] > 0]
-        trace = rules.sequence(None, rendered, widest, riders=riders)
-        sequences.append(trace)
+        group = [rules.sequence(None, rendered, widest, riders=riders)] if riders else []
         # Settings with a zero budget never share any thinking: sequences of their own.
-        sequences += [rules.sequence(i * len(settings) + j, rendered, s) for j, s in enumerate(settings) if limits[j] == 0]
-    flat = Engine(lm, runner=_runner_for(lm, sequences)).run(sequences, len(prompts) * len(settings), progress=progress)
+        group += [rules.sequence(i * len(settings) + j, rendered, s) for j, s in enumerate(settings) if limits[j] == 0]
+        groups.append(group)
+    flat: list[Result | None] = [None] * (len(prompts) * len(settings))
+    for wave in _waves(groups, getattr(lm, "max_sequences", None)):
+        results = Engine(lm, runner=_runner_for(lm, wave)).run(wave, len(flat), progress=progress)
+        for k, result in enumerate(results):
+            if result is not None:
+                flat[k] = result
     return [flat[i * len(settings) : (i + 1) * len(settings)] for i in range(len(prompts))]
 
 
@@ -151,6 +161,17 @@ def resolve_budget(lm, settings: BudgetForcing, prompt_length: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # The engine
+
+
+class ForwardPassError(RuntimeError):
+    """The batched forward pass of ``Engine.step`` failed (``error``, also the cause): every sequence
+    still running is lost; ``finished`` holds those that finished in that step, whose results are
+    whole and should be delivered."""
+
+    def __init__(self, error: Exception, finished: list[ForcedSequence]):
+        super().__init__(f"The batched forward pass failed: {type(error).__name__}: {error}")
+        self.error = error
+        self.finished = finished
 
 
 @dataclass
@@ -174,7 +195,8 @@ class Engine:
         """``on_error(sequence, error)``: a sequence whose own step raised (its sampling, its
         decisions, its text callback) leaves the batch and is handed over here while the others go
         on; without it the error propagates. A failure of the batched forward pass is no one
-        sequence's and always propagates."""
+        sequence's: ``step`` raises ``ForwardPassError``, which holds the sequences that finished
+        in that step (whole) while every running one is lost."""
         self.lm = lm
         self.runner = runner or lm.new_runner()
         self.is_cancelled = is_cancelled
@@ -192,7 +214,19 @@ class Engine:
         """Prefill the prompts of new sequences; they take part from the next ``step``."""
         if not sequences:
             return
-        slots, logits = self.runner.add([s.prompt_ids for s in sequences])
+        # One prefill per distinct prompt: the other sequences of that prompt (a policy's n samples)
+        # fork its KV cache.
+        first: dict[tuple[int, ...], int] = {}
+        for sequence in sequences:
+            first.setdefault(tuple(sequence.prompt_ids), len(first))
+        prefilled, logits = self.runner.add([list(ids) for ids in first])
+        owners = [first[tuple(s.prompt_ids)] for s in sequences]
+        slots, taken = [], set()
+        for owner in owners:
+            slots.append(prefilled[owner] if owner not in taken else self.runner.fork(prefilled[owner]))
+            taken.add(owner)
+        if len(first) < len(sequences):
+            logits = logits[torch.tensor(owners, device=logits.device)]
         for sequence, slot in zip(sequences, slots, strict=True):
             row = _Row(sequence, slot, fed=len(sequence.prompt_ids))
             if not sequence.settings.greedy:
@@ -204,7 +238,9 @@ class Engine:
 
     def step(self) -> list[ForcedSequence]:
         """One token for every sequence (sampled, or the next id it has to feed). Returns the
-        sequences that finished in this step."""
+        sequences that finished in this step. If the forward pass that follows fails, raises
+        ``ForwardPassError`` with those sequences (their results are whole); the running ones leave
+        the engine, their cache is lost: close the runner."""
         if not self.rows:
             return []
         logits = self._mask_logits(self.logits)
@@ -233,7 +269,11 @@ class Engine:
                 current.fed += 1
                 kept.append(current)
         self.rows = kept
-        self.logits = self.runner.step([row.slot for row in kept], feeds) if kept else None
+        try:
+            self.logits = self.runner.step([row.slot for row in kept], feeds) if kept else None
+        except Exception as error:
+            self.rows, self.logits = [], None
+            raise ForwardPassError(error, finished) from error
         return finished
 
     def run(self, sequences: list[ForcedSequence], num_results: int, *, progress: bool = False) -> list[Result]:
@@ -245,7 +285,14 @@ class Engine:
             with torch.inference_mode():
                 self.add(sequences)
                 while self.rows:
-                    for sequence in self.step():
+                    try:
+                        finished = self.step()
+                    except ForwardPassError as failure:
+                        for sequence in failure.finished:  # their streamed text ends before the error
+                            if sequence.index is not None:
+                                sequence.result(time.perf_counter() - started)
+                        raise failure.error from None
+                    for sequence in finished:
                         if sequence.index is not None:
                             results[sequence.index] = sequence.result(time.perf_counter() - started)
                     bar.advance(len(self.rows))
@@ -262,9 +309,12 @@ class Engine:
             sequence.cancel()
         forks = []
         while not sequence.done and row.fed >= len(sequence.ids):  # nothing left to feed: sample
+            if sequence.keep_logprobs:  # a test-time policy reads the model's confidence
+                top = torch.log_softmax(logits.float(), dim=-1).topk(sequence.keep_logprobs)
+                sequence.note_logprobs(top.values.tolist())
             forks += sequence.accept(self._sample(row, logits, argmax))
             self._rewind(row)
-        return [row, *(self._fork(row, fork) for fork in forks)]
+        return self._forks(row, forks)
 
     def _rewind(self, row: _Row) -> None:
         """Cut the cache back where the sequence cut its ids (a written end delimiter)."""
@@ -276,6 +326,18 @@ class Engine:
             drop += 1
         self.runner.rollback(row.slot, drop)
         row.fed -= drop
+
+    def _forks(self, row: _Row, forks: list[ForcedSequence]) -> list[_Row]:
+        """``row`` and a row for each sweep setting that forked off it. A trace whose last
+        settings leave now hands its slot (its cache) to the last of them instead of copying it."""
+        sequence = row.sequence
+        if forks and sequence.index is None and not sequence.thinking and not sequence.riders and not sequence.done:
+            *copied, last = forks
+            rows = [self._fork(row, fork) for fork in copied]
+            heir = _Row(last, row.slot, row.fed)
+            self._rewind(heir)
+            return [*rows, heir]
+        return [row, *(self._fork(row, fork) for fork in forks)]
 
     def _fork(self, row: _Row, sequence: ForcedSequence) -> _Row:
         fork = _Row(sequence, self.runner.fork(row.slot), row.fed)
@@ -452,7 +514,7 @@ class TorchRunner:
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache_position=cache_position,
-            cache=cache,
+            **{cache_argument(self.model): cache},  # `cache` from transformers 5.24, `past_key_values` before
             use_cache=True,
             logits_to_keep=1,
         )
@@ -485,11 +547,30 @@ class _Progress:
 
 
 def _runner_for(lm, sequences: list[ForcedSequence]):
-    """A runner sized for ``sequences`` (a llama.cpp runner allocates its KV cache up front): a row
-    for each, and for each sweep setting that may fork off it, as long as the longest may grow."""
-    rows = sum(1 + len(sequence.riders) for sequence in sequences)
+    """A runner sized for ``sequences``, as long as the longest may grow (a fork is never longer
+    than its trace): a row for each, and one for a trace with two or more sweep settings (when its
+    thinking ends, the last setting to leave takes over its row; another one forks off it, earlier
+    or at the same token). A llama.cpp runner allocates its KV cache by rows: more forks at once
+    take theirs when they exist (the runner grows)."""
+    rows = sum(1 + (len(sequence.riders) >= 2) for sequence in sequences)
     length = max((sequence.max_length for sequence in sequences), default=1)
     return lm.new_runner(rows=max(rows, 1), length=length)
+
+
+def _waves(groups: list[list[ForcedSequence]], limit: int | None) -> list[list[ForcedSequence]]:
+    """The prompts' sequences in consecutive waves of at most ``limit`` rows at once, counting
+    every sweep setting that may fork off a trace (all may fork at the same token, while the
+    trace still holds its row). No limit: one wave."""
+    waves: list[list[ForcedSequence]] = []
+    rows = 0
+    for group in groups:
+        need = sum(1 + len(sequence.riders) for sequence in group)
+        if not waves or limit is not None and rows + need > limit:
+            waves.append([])
+            rows = 0
+        waves[-1] += group
+        rows += need
+    return [wave for wave in waves if wave]
 
 
 def _render_numbered(lm, prompt: Prompt, index: int, chat_template_kwargs: dict | None = None) -> RenderedPrompt:

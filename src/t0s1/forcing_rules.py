@@ -20,6 +20,7 @@ servers) feed it the tokens of each continuation they get back. The rules (docs/
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from collections.abc import Callable
@@ -111,6 +112,11 @@ class BudgetForcing:
         budget = self.max_thinking_tokens
         if context_length and prompt_length + budget + forced_end_length + 1 > context_length:
             room = context_length - prompt_length - forced_end_length - 1
+            if room < 0:
+                raise UserError(
+                    f"The prompt has {prompt_length} tokens and the model's context is {context_length}: it leaves no "
+                    f"room to think or answer. Shorten the prompt."
+                )
             raise UserError(
                 f"max_thinking_tokens={budget} does not fit the model's context of {context_length} tokens with a "
                 f"{prompt_length}-token prompt; use at most {room} or 'auto'."
@@ -149,6 +155,9 @@ class Result:
     thinking_token_ids: list[int] = field(repr=False)
     answer_token_ids: list[int] = field(repr=False)
     seed: int | None = None
+    top_logprobs: list[list[float]] | None = field(default=None, repr=False)
+    """With ``keep_logprobs`` (test-time policies): the top-k log-probabilities of every sampled
+    token's step, largest first (thinking and answer, in order)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -160,6 +169,8 @@ class Result:
         if not with_token_ids:
             data.pop("thinking_token_ids")
             data.pop("answer_token_ids")
+        if data.get("top_logprobs") is None:
+            data.pop("top_logprobs")
         return data
 
 
@@ -265,6 +276,9 @@ def per_prompt_settings(budget, count: int) -> list[BudgetForcing]:
 # --------------------------------------------------------------------------------------------
 # The ids the rules write and watch for
 
+ENCODED_CACHE_SIZE, ENCODED_CACHE_CHARS = 256, 256
+"""``ForcingRules.ids`` keeps the ids of the last 256 texts of up to 256 characters."""
+
 
 class ForcingRules:
     """The delimiters of one tokenizer and profile as ids, and the s1 decisions over them.
@@ -290,12 +304,12 @@ class ForcingRules:
         else:
             self.stop_ids = self.end_of_turn
             self.written_end = profile.thinking_end
-        self._encoded: dict[str, list[int]] = {}
+        # Texts come from requests too (ignore_str, end_phrase, ...): a bounded cache, of short texts only.
+        self._encoded = functools.lru_cache(maxsize=ENCODED_CACHE_SIZE)(functools.partial(encode, tokenizer))
 
     def ids(self, text: str) -> list[int]:
-        if text not in self._encoded:
-            self._encoded[text] = encode(self.tokenizer, text)
-        return self._encoded[text]
+        """The ids of ``text`` (shared: not to be changed by the caller)."""
+        return self._encoded(text) if len(text) <= ENCODED_CACHE_CHARS else encode(self.tokenizer, text)
 
     def ignore_ids(self, settings: BudgetForcing) -> list[int]:
         return self.ids(settings.ignore_str)
@@ -342,7 +356,8 @@ class ForcingRules:
     def written_end_at(self, thinking_ids: list[int]) -> tuple[int, str] | None:
         """Whether the thinking now ends with the end delimiter written in ordinary tokens:
         (how many trailing ids hold it, the text before it in those ids), else None."""
-        window = len(self.end_delimiter) + 4
+        # Written one byte a token at worst, the delimiter spans this many ids (plus slack).
+        window = len(self.written_end.encode("utf-8")) + 4
         tail = self.tokenizer.decode(thinking_ids[-window:], skip_special_tokens=False)
         if self.written_end not in tail:
             return None
@@ -394,6 +409,13 @@ class Sequence:
         self.finish_reason: str | None = None
         self.rewound_to: int | None = None
         self.on_text = on_text
+        # Test-time policies (t0s1.policies): the top-k log-probabilities of each sampled token when
+        # ``keep_logprobs`` = k > 0, how many tokens this sequence sampled, and a watcher of its
+        # thinking that may branch it (``on_thinking(sequence, event, written) -> branches``).
+        self.keep_logprobs = 0
+        self.top_logprobs: list[list[float]] = []
+        self.sampled = 0
+        self.on_thinking: Callable | None = None
         self.streams = None
         if on_text is not None and index is not None:
             self.streams = {
@@ -444,8 +466,10 @@ class Sequence:
     # ---- one sampled token --------------------------------------------------------------------
 
     def accept(self, token: int) -> list[Sequence]:
-        """The model produced ``token``: decide. Returns sweep settings forked off here."""
+        """The model produced ``token``: decide. Returns sweep settings (and policy branches)
+        forked off here."""
         self.ban_stop = False
+        self.sampled += 1
         if self.thinking:
             return self._think(token)
         self._answer(token)
@@ -459,19 +483,24 @@ class Sequence:
         forks: list[Sequence] = []
         if token in self.rules.stop_ids:
             return self._end_of_thinking()
-        self._append_thinking([token])
+        self._append_thinking([token], stream=False)  # sent once it is known not to end the thinking
         if self.rules.written_end is not None:
             written = self.rules.written_end_at(self.thinking_ids)
             if written is not None:
                 count, before = written
                 # Cut the written delimiter from the thinking (and the cache); keep the text before it.
+                # What followed it in its last token (the "." of ">.") goes with it.
                 self._truncate_thinking(len(self.thinking_ids) - count)
                 self._append_thinking(self.rules.ids(before) if before else [])
                 return self._end_of_thinking()
+        self._stream("thinking")
         thinking_tokens = len(self.thinking_ids)
         for rider in list(self.riders):
             if rider.max_thinking == thinking_tokens:
                 forks.append(self._fork(rider, forced=True))
+        if self.on_thinking is not None and thinking_tokens < self.max_thinking:
+            written = self._written_ignore()
+            forks += self.on_thinking(self, "ignore" if written else "token", written)
         if thinking_tokens >= self.max_thinking:
             self._force_end()
         return forks
@@ -484,6 +513,8 @@ class Sequence:
             if not self.rules.may_ignore(rider.settings, rider.max_thinking, len(self.thinking_ids), self.num_ignored):
                 forks.append(self._fork(rider, forced=False))
         if self.rules.may_ignore(self.settings, self.max_thinking, len(self.thinking_ids), self.num_ignored):
+            if self.on_thinking is not None:
+                forks += self.on_thinking(self, "end", 0)
             self.num_ignored += 1
             self._append_thinking(self.rules.ignore_ids(self.settings))
             self.ban_stop = True
@@ -517,10 +548,11 @@ class Sequence:
         if self.answer_generated >= self.settings.max_answer_tokens:
             self.finish_reason = "length"
 
-    def _append_thinking(self, ids: list[int]) -> None:
+    def _append_thinking(self, ids: list[int], *, stream: bool = True) -> None:
         self.thinking_ids += ids
         self.ids += ids
-        self._stream("thinking")
+        if stream:
+            self._stream("thinking")
 
     def _truncate_thinking(self, keep: int) -> None:
         drop = len(self.thinking_ids) - keep
@@ -530,7 +562,43 @@ class Sequence:
         del self.ids[len(self.ids) - drop :]
         self.rewound_to = len(self.ids) if self.rewound_to is None else min(self.rewound_to, len(self.ids))
         if self.streams:
-            self.streams["thinking"].rewind(self.thinking_ids)
+            self.streams["thinking"].rewind()
+
+    def note_logprobs(self, top_logprobs: list[float]) -> None:
+        """The top-k log-probabilities (largest first) of the step whose token comes next."""
+        self.top_logprobs.append(top_logprobs)
+
+    def _written_ignore(self) -> int:
+        """How many trailing thinking ids hold the ignore string the model just wrote itself (a
+        re-check such as "Wait", as a word of its own), else 0."""
+        ignore = self.settings.ignore_str.strip()
+        if not ignore or not self.thinking_ids:
+            return 0
+        decode = self.rules.tokenizer.decode
+        if ignore[-1] not in decode(self.thinking_ids[-1:], skip_special_tokens=False):
+            return 0  # the last token did not complete it (e.g. a space after an injected "Wait")
+        window = self.thinking_ids[-(len(ignore) + 2):]
+        if re.search(r"(?:^|\W)" + re.escape(ignore) + r"\s*$", decode(window, skip_special_tokens=False)) is None:
+            return 0
+        for count in range(1, len(window) + 1):
+            if ignore in decode(self.thinking_ids[-count:], skip_special_tokens=False):
+                return count
+        return 0
+
+    def branch(self, settings: BudgetForcing, *, drop_last: int = 0) -> Sequence:
+        """A copy of this sequence whose thinking stops here (less its last ``drop_last`` ids) with
+        the forced end, answering under ``settings``: a policy's trial answer or probe. The copy
+        neither changes this sequence nor counts its tokens (``sampled`` starts at 0)."""
+        fork = Sequence.__new__(Sequence)
+        fork.__dict__.update(self.__dict__)
+        fork.settings, fork.riders, fork.streams, fork.ban_stop = settings, [], None, False
+        fork.ids, fork.thinking_ids, fork.answer_ids = list(self.ids), list(self.thinking_ids), []
+        fork.on_thinking, fork.top_logprobs, fork.sampled = None, [], 0
+        if drop_last:
+            fork._truncate_thinking(len(fork.thinking_ids) - drop_last)
+        fork._force_end()
+        fork.hit_budget = False  # the policy ended this thinking, not the budget
+        return fork
 
     def _fork(self, rider: Rider, *, forced: bool) -> Sequence:
         """A copy of this sequence that stops thinking here and answers under ``rider``'s settings."""
@@ -541,6 +609,7 @@ class Sequence:
         fork.ids, fork.thinking_ids, fork.answer_ids = list(self.ids), list(self.thinking_ids), []
         fork.streams = None
         fork.ban_stop = False
+        fork.on_thinking, fork.top_logprobs, fork.sampled = None, [], 0
         if forced:
             fork._force_end()
         else:
@@ -558,10 +627,12 @@ class Sequence:
             self.on_text(self.index, channel, text)
 
     def result(self, seconds: float) -> Result:
+        """The result; a streamed sequence sends what it held back first. The text is the decoded
+        ids either way: streaming never changes a result (the streamed pieces add up to it)."""
         if self.streams is not None:
             self._stream("thinking", final=True)
             self._stream("answer", final=True)
-            thinking, answer = self.streams["thinking"].text, self.streams["answer"].text
+            thinking, answer = self.streams["thinking"].final, self.streams["answer"].final
         else:
             decode = self.rules.tokenizer.decode
             thinking = decode(self.thinking_ids, skip_special_tokens=False).strip()
@@ -579,6 +650,7 @@ class Sequence:
             thinking_token_ids=list(self.thinking_ids),
             answer_token_ids=list(self.answer_ids),
             seed=None if self.settings.greedy else self.settings.seed,
+            top_logprobs=[list(step) for step in self.top_logprobs] if self.keep_logprobs else None,
         )
 
 
@@ -588,8 +660,10 @@ class Sequence:
 
 class TextStream:
     """The text of a growing list of ids, sent in pieces whose concatenation is exactly the final
-    ``decode(ids).strip()``: leading whitespace is skipped, trailing whitespace and (with ``hold``)
-    any end that could be the start of ``hold`` wait until more text shows what they are. Decoding
+    ``decode(ids).strip()``: leading whitespace is skipped, trailing whitespace waits until more
+    text shows what it is. With ``hold`` (an end delimiter written in ordinary tokens, which the
+    owner cuts out of the ids once it is whole), ``hold`` and what follows it are never sent, and
+    an end that more text could still make into ``hold`` (``</thi``) waits. Decoding
     is incremental (the tokenizers library's ``DecodeStream``): the cost per token does not grow
     with the text.
     """
@@ -600,6 +674,8 @@ class TextStream:
         self.decoded = 0  # ids decoded so far
         self.sent: list[str] = []
         self.pending = ""  # decoded text not sent yet
+        self.final: str | None = None  # decode(ids).strip() once the ids are complete
+        self.stale = False  # the ids were shortened since the last update
         self.started = False  # non-whitespace text seen (leading whitespace is dropped)
         self._decoder = _IncrementalDecoder(tokenizer)
 
@@ -613,44 +689,65 @@ class TextStream:
         UTF-8 character at the very end included, as the decoder writes it)."""
         if final:
             return self._finish(ids)
+        if self.stale:
+            self._resync(ids)
         for token in ids[self.decoded :]:
             self.pending += self._decoder.step(token)
         self.decoded = len(ids)
         if not self.started:
             self.pending = self.pending.lstrip()
             self.started = bool(self.pending)
-        cut = len(self.pending.rstrip())
-        if self.hold:
-            cut = len(self.pending[: _before_partial(self.pending, cut, self.hold)].rstrip())
+        end = _sendable(self.pending, self.hold) if self.hold else len(self.pending)
+        cut = len(self.pending[:end].rstrip())
         piece, self.pending = self.pending[:cut], self.pending[cut:]
         if piece:
             self.sent.append(piece)
         return piece
 
     def _finish(self, ids: list[int]) -> str:
-        full = self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+        if self.final is not None and self.decoded == len(ids):
+            return ""  # finished already
+        self.final = self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+        self.stale = False
         sent = self.text
-        piece = full[len(sent) :] if full.startswith(sent) else ""
+        piece = self.final[len(sent) :] if self.final.startswith(sent) else ""
         self.decoded, self.pending = len(ids), ""
         if piece:
             self.sent.append(piece)
         return piece
 
-    def rewind(self, ids: list[int]) -> None:
-        """``ids`` were shortened (a written delimiter cut out): text not sent yet is derived again."""
-        sent = self.text
-        full = self.tokenizer.decode(ids, skip_special_tokens=False).lstrip()
-        self.pending = full[len(sent) :] if full.startswith(sent) else ""
+    def rewind(self) -> None:
+        """The ids were shortened (a written delimiter cut out, the text before it in its tokens
+        to be encoded again): the next ``update`` derives the text not sent yet from its ids."""
+        self.stale = True
+
+    def _resync(self, ids: list[int]) -> None:
+        """After a rewind: the text not sent yet, decoded from ``ids`` again (the text sent may
+        reach into the ids that were cut and encoded again). Half a character left at the end stays
+        half (what follows a cut is injected text), as the final decode writes it."""
+        self.stale = False
+        text, sent = self.tokenizer.decode(ids, skip_special_tokens=False).lstrip(), self.text
+        self.pending = text[len(sent) :] if text.startswith(sent) else ""
+        self.started = bool(sent or self.pending)  # what was cut may have been all the text so far
         self.decoded = len(ids)
-        self._decoder = _IncrementalDecoder(self.tokenizer, ids[-4:])
+        # The decoder continues after a few ids of context; not after half a character, which it
+        # would take for text still to come.
+        context = ids[-4:]
+        while context and self.tokenizer.decode(context, skip_special_tokens=False).endswith("\ufffd"):
+            context = context[:-1]
+        self._decoder = _IncrementalDecoder(self.tokenizer, context)
 
 
-def _before_partial(text: str, cut: int, hold: str) -> int:
-    """``cut``, moved back so that no suffix of ``text[:cut]`` that starts ``hold`` is sent."""
-    for size in range(min(len(hold), cut), 0, -1):
-        if text[cut - size : cut] == hold[:size]:
-            return cut - size
-    return cut
+def _sendable(text: str, hold: str) -> int:
+    """How much of ``text`` may be sent: the text before ``hold`` if it is written in it, else the
+    text before the longest suffix that more text could still make into ``hold``."""
+    found = text.find(hold)
+    if found >= 0:
+        return found
+    for size in range(min(len(hold) - 1, len(text)), 0, -1):
+        if text.endswith(hold[:size]):
+            return len(text) - size
+    return len(text)
 
 
 class _IncrementalDecoder:

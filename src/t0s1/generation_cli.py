@@ -18,12 +18,14 @@ from t0s1.cli_support import (
     DeviceOption,
     DtypeOption,
     EndPhraseOption,
-    EngineBackendOption,
     IgnoreStrOption,
     MaxAnswerOption,
     MaxThinkingOption,
     ModelOption,
+    NOption,
     NumIgnoreOption,
+    PolicyArgOption,
+    PolicyOption,
     ReasoningFormatOption,
     StreamPrinter,
     TemperatureOption,
@@ -63,7 +65,15 @@ def generate_command(
     batch_size: Annotated[int, typer.Option(help="With --file: prompts per batch.")] = 8,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    backend: EngineBackendOption = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="auto (llama.cpp for a .gguf file or the embedded default when there is no GPU, else transformers), "
+            "transformers (PyTorch), llamacpp (a .gguf file on llama.cpp), or vllm (vLLM offline inference; the "
+            "text is printed when the generation is complete).",
+        ),
+    ] = "auto",
     reasoning_format: ReasoningFormatOption = None,
     end_phrase: EndPhraseOption = None,
     answer_prefix: AnswerPrefixOption = None,
@@ -73,11 +83,16 @@ def generate_command(
         bool, typer.Option("--explain-format", help="Print the model profile detected (delimiters, forced end) and why, then exit.")
     ] = False,
     trust_remote_code: TrustRemoteCodeOption = False,
+    policy: PolicyOption = None,
+    n: NOption = None,
+    policy_arg: PolicyArgOption = None,
 ) -> None:
-    """Answer a question with budget forcing: cap the thinking, or extend it with "Wait"."""
+    """Answer a question with budget forcing: cap the thinking, or extend it with "Wait".
+    With --policy, run a test-time policy (several traces, early exit, votes) over it."""
     if explain_format:
+        # The profile is the tokenizer's (vLLM's too): read here without starting vLLM.
         lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
-                    backend=backend)
+                        backend="auto" if backend == "vllm" else backend)
         print(lm.detection.explain())
         return
     if (prompt is None) == (file is None):
@@ -90,14 +105,41 @@ def generate_command(
     prompts = [prompt] if file is None else read_prompts(file)
     if prompt is not None and not prompt.strip():
         raise UserError("The prompt is empty: give the question to answer.")
-    lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
-                    backend=backend)
-    if file is not None:
-        _generate_file(lm, prompts, settings, out, batch_size, template_kwargs)
-    elif json_output:
-        print(json.dumps(generate(lm, prompts, settings, chat_template_kwargs=template_kwargs)[0].to_dict(), ensure_ascii=False))
+    if policy is not None or n is not None or policy_arg:
+        from t0s1.policies import make_policy, parse_policy_args
+
+        chosen = make_policy(policy or "vote", parse_policy_args(policy_arg), n=n)
+        if backend == "vllm":
+            raise UserError("--policy runs on the engine backends (transformers, llama.cpp), which give the log-probabilities "
+                            "and forks policies need; vLLM serves budget forcing through its plugin (docs/vllm.md).")
+        lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
+                        backend=backend)
+        _generate_with_policy(lm, prompts, settings, chosen, template_kwargs, json_output=json_output or file is not None, out=out)
+        return
+    if backend == "vllm":
+        from t0s1.backends import make_backend
+
+        engine = make_backend("vllm", model, dtype=dtype, reasoning_format=reasoning_format, trust_remote_code=trust_remote_code,
+                              chat_template_kwargs=template_kwargs)
+
+        def run(batch, batch_settings, on_delta=None):
+            results = engine.generate(batch, batch_settings)
+            if on_delta is not None:  # vLLM returns whole continuations: the text comes when it is complete
+                on_delta(0, "thinking", results[0].thinking)
+                on_delta(0, "answer", results[0].answer)
+            return results
     else:
-        _generate_streaming(lm, prompt, settings, template_kwargs)
+        lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
+                        backend=backend)
+
+        def run(batch, batch_settings, on_delta=None):
+            return generate(lm, batch, batch_settings, chat_template_kwargs=template_kwargs, on_delta=on_delta)
+    if file is not None:
+        _generate_file(run, prompts, settings, out, batch_size)
+    elif json_output:
+        print(json.dumps(run(prompts, settings)[0].to_dict(), ensure_ascii=False))
+    else:
+        _generate_streaming(run, prompt, settings)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -112,7 +154,7 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _generate_file(lm, prompts: list[str], settings: BudgetForcing, out: Path | None, batch_size: int, template_kwargs: dict | None) -> None:
+def _generate_file(run, prompts: list[str], settings: BudgetForcing, out: Path | None, batch_size: int) -> None:
     from rich.progress import Progress
 
     sink = out.open("w", encoding="utf-8") if out else sys.stdout
@@ -121,7 +163,7 @@ def _generate_file(lm, prompts: list[str], settings: BudgetForcing, out: Path | 
             task = progress.add_task("prompts", total=len(prompts))
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
-                results = generate(lm, batch, _with_seed(settings, start), chat_template_kwargs=template_kwargs)
+                results = run(batch, _with_seed(settings, start))
                 for offset, result in enumerate(results):
                     row = {"index": start + offset, "prompt": batch[offset], **result.to_dict()}
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -139,13 +181,38 @@ def _with_seed(settings: BudgetForcing, offset: int) -> BudgetForcing:
     return settings if settings.seed is None else replace(settings, seed=settings.seed + offset)
 
 
-def _generate_streaming(lm, prompt: str, settings: BudgetForcing, template_kwargs: dict | None) -> None:
+def _generate_streaming(run, prompt: str, settings: BudgetForcing) -> None:
     console = Console(highlight=False)
     on_delta = StreamPrinter(console)
-    result = generate(lm, [prompt], settings, chat_template_kwargs=template_kwargs, on_delta=on_delta)[0]
+    result = run([prompt], settings, on_delta=on_delta)[0]
     ending = "forced by the budget" if result.hit_budget else "ended by itself"
     console.print(
         f"\n\n[dim]{result.thinking_tokens} thinking tokens ({ending}, {result.num_ignored} x "
         f"{settings.ignore_str!r}), {result.answer_tokens} answer tokens, "
         f"{result.seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, finish: {result.finish_reason}[/]"
     )
+
+
+def _generate_with_policy(lm, prompts: list[str], settings: BudgetForcing, policy, template_kwargs: dict | None, *,
+                          json_output: bool, out: Path | None) -> None:
+    from t0s1.policies.run import generate_with_policy
+
+    results = generate_with_policy(lm, prompts, settings, policy, chat_template_kwargs=template_kwargs, progress=True)
+    if json_output:
+        lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]
+        if out is not None:
+            out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        else:
+            print("\n".join(lines))
+        return
+    console = Console(highlight=False)
+    result = results[0]
+    console.print(Text(result.result.thinking, style="dim"))
+    console.print(Text(result.answer))
+    console.print(f"\n[bold]voted:[/] {result.voted!r} ({result.policy}, {len(result.traces)} traces, {result.total_tokens} tokens "
+                  f"generated, {result.probes} branches, {result.seconds:.1f} s)")
+    for j, trace in enumerate(result.traces):
+        flags = ", stopped early" if trace.stopped_early else ""
+        score = "" if trace.confidence is None else f", confidence {trace.confidence:.3f}"
+        vote = "" if trace.voted else ", not voting"
+        console.print(f"[dim]  trace {j}: {trace.answer!r}, {trace.result.thinking_tokens} thinking tokens{score}{flags}{vote}[/]")

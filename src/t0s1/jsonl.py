@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def read_jsonl(path: str | Path, *, limit: int | None = None) -> list[tuple[int,
 def drop_partial_last_line(path: Path) -> str:
     """The complete lines of a JSONL file that a run may have been killed while appending to; a
     partial last line is removed from the file too, so appended rows start on a line of their own."""
-    text = path.read_text(encoding="utf-8")
-    complete = text[: text.rfind("\n") + 1]
-    if complete != text:
-        path.write_text(complete, encoding="utf-8")
-    return complete
+    data = path.read_bytes()  # bytes: a kill may have cut a multi-byte character in two
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        os.truncate(path, len(complete))  # in place: a kill now cannot lose the complete lines
+    return complete.decode("utf-8")

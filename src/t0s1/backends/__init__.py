@@ -14,40 +14,13 @@ the decisions are the engine's own (``t0s1.forcing_rules``), driven by ``t0s1.ba
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-
+from t0s1.backends.base import Backend
 from t0s1.errors import UserError
-from t0s1.forcing import BudgetForcing, Prompt, Result
 
 ENGINE_BACKENDS = ("auto", "transformers", "llamacpp")
 """Backends that run the project's engine in this process (``auto``: llama.cpp for a GGUF file
 without a GPU, else transformers; see ``t0s1.models.choose_backend``)."""
 BACKENDS = (*ENGINE_BACKENDS, "vllm", "openai")
-
-
-class Backend(ABC):
-    """Generate with budget forcing. Subclasses implement ``generate``; ``sweep`` defaults to one
-    ``generate`` call per setting (the transformers backend shares the thinking prefix instead)."""
-
-    name: str = "backend"
-    model_name: str = ""
-    chat_template_kwargs: dict | None = None
-    """Passed to the chat template of every prompt (e.g. ``{"enable_thinking": False}``)."""
-
-    @abstractmethod
-    def generate(self, prompts: Sequence[Prompt], budgets: BudgetForcing | Sequence[BudgetForcing]) -> list[Result]:
-        """One result per prompt; ``budgets`` is one setting, or one per prompt."""
-
-    def sweep(self, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing]) -> list[list[Result]]:
-        """``results[prompt][setting]`` for greedy settings that differ in budget or num_ignore."""
-        per_setting = [self.generate(prompts, setting) for setting in settings]
-        return [[per_setting[j][i] for j in range(len(settings))] for i in range(len(prompts))]
-
-    @property
-    def shares_prefix(self) -> bool:
-        """Whether ``sweep`` costs about as much as its largest setting alone."""
-        return False
 
 
 def make_backend(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from t0s1.backends import Backend
+from t0s1.backends.base import Backend
 from t0s1.forcing import BudgetForcing, Prompt, Result, generate, generate_sweep
 from t0s1.models import LoadedModel, load_model
 

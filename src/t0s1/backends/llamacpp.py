@@ -8,7 +8,8 @@ sweeps share the thinking), drops its last tokens, and frees it. Logits come bac
 tensors so the engine's sampling and masking serve every runner.
 
 Built on the low-level ctypes API of ``llama-cpp-python`` (``llama_cpp.llama_cpp``:
-``llama_batch_init``, ``llama_decode``, ``llama_get_logits``, ``llama_memory_seq_rm`` / ``_cp``).
+``llama_batch_init``, ``llama_decode``, ``llama_get_logits``, ``llama_memory_seq_rm``,
+``llama_state_seq_get_data`` / ``_set_data``).
 
 Numerics. llama.cpp's CPU kernels round differently for different batch shapes: a prompt
 evaluated as one block and the same ids fed one by one give logits up to about 1 apart on
@@ -23,8 +24,11 @@ sequences per batch: their logits then differ from batch 1 by up to about 1.4.)
 
 from __future__ import annotations
 
+import ctypes
+import heapq
 import logging
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,9 @@ import torch
 from t0s1.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
+
+GGUF_PROFILE_KEY = "t0s1.reasoning_profile"
+"""GGUF metadata key of the reasoning profile ``t0s1 train`` recorded (``t0s1 export`` writes it)."""
 
 
 def require_gguf(path: str | os.PathLike) -> Path:
@@ -65,6 +72,14 @@ def _bindings():
     return bindings
 
 
+def amx_in_use(bindings) -> bool:
+    """Whether this llama.cpp build runs its Intel AMX kernels (a CPU with AMX, a build for it).
+    Those kernels, reached through llama.cpp's extra weight buffer types, crash (a general
+    protection fault in ``ggml_backend_amx_mul_mat``) on the embedded Q4_1 model, so the models
+    are loaded without the extra buffer types there; elsewhere nothing changes."""
+    return b"AMX_INT8 = 1" in bindings.llama_print_system_info()
+
+
 def default_threads() -> int:
     """As many threads as PyTorch uses (the cores, unless set otherwise, e.g. by ``t0s1 quickstart
     --threads``): llama.cpp's threads spin while they wait, so two thread pools that oversubscribe
@@ -81,6 +96,7 @@ class LlamaCppModel:
         self._ll = ll = _bindings()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = 0  # a CPU runner: on a GPU the transformers and vLLM backends serve
+        params.use_extra_bufts = not amx_in_use(ll)
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise UserError(
@@ -96,6 +112,12 @@ class LlamaCppModel:
         vocab = ll.llama_model_get_vocab(self.pointer)
         ids = [int(ll.llama_vocab_eos(vocab)), int(ll.llama_vocab_eot(vocab))]
         return sorted({token for token in ids if token >= 0})
+
+    def metadata(self, key: str) -> str | None:
+        """A metadata value of the GGUF file, as text; None if the file has no such key."""
+        buffer = ctypes.create_string_buffer(4096)
+        length = self._ll.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
+        return buffer.value.decode() if length >= 0 else None
 
     @property
     def pointer(self):
@@ -125,9 +147,13 @@ class LlamaCppRunner:
     included; None: the model's training context. Each slot has a KV cache stream of its own
     (llama.cpp's non-unified cache): a sequence attends over its own tokens only, so a batch of
     long unrelated sequences costs no more attention than each alone, and a fork copies the
-    stream. Memory: ``max_slots x context_length`` cache cells. ``n_threads``: CPU threads
-    (default: the cores available). ``n_batch``: tokens per ``llama_decode`` call (longer prefills
-    are split). There is no seed: the engine samples from the logits.
+    cells its parent holds. ``max_slots``: the slots the context starts with; when a fork or a new
+    prompt finds none free, the context grows (twice the slots, up to llama.cpp's limit of
+    ``slot_limit`` sequences, 256): a new context takes over the sequences' cells, so cache is
+    taken for the sequences that exist, not for every one that might. Memory: ``max_slots x
+    context_length`` cache cells. ``n_threads``: CPU threads (default: the cores available).
+    ``n_batch``: tokens per ``llama_decode`` call (longer prefills are split). There is no seed:
+    the engine samples from the logits.
     """
 
     def __init__(
@@ -164,27 +190,12 @@ class LlamaCppRunner:
         if isinstance(max_slots, bool) or not isinstance(max_slots, int) or not 1 <= max_slots <= most:
             raise UserError(f"The number of concurrent sequences must be between 1 and {most}, got {max_slots!r}.")
         self.context_length = context_length
-        self.max_slots = max_slots
+        self.slot_limit = most
         self.vocab_size = self.model.vocab_size
         self.n_threads = n_threads or default_threads()
         self.n_batch = max(1, min(n_batch, context_length * max_slots))
-
-        params = ll.llama_context_default_params()
-        params.n_ctx = context_length * max_slots  # llama.cpp splits it evenly between the streams
-        params.n_seq_max = max_slots
-        params.kv_unified = False
-        params.n_batch = params.n_ubatch = self.n_batch
-        params.n_threads = params.n_threads_batch = self.n_threads
-        params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED  # see the module docstring
-        params.no_perf = True
-        self._context = ll.llama_init_from_model(self.model.pointer, params)
-        if not self._context:
-            raise UserError(
-                f"llama.cpp could not create a context of {max_slots} x {context_length} tokens for "
-                f"{self.model.path.name} (out of memory?): lower the context length or the number of "
-                "concurrent sequences."
-            )
-        self._memory = ll.llama_get_memory(self._context)
+        self._context, self._memory = self._new_context(max_slots)
+        self.max_slots = max_slots
         # A batch of single tokens, each in exactly one sequence; numpy views fill it without a
         # Python loop per field.
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
@@ -193,7 +204,28 @@ class LlamaCppRunner:
         self._wants_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))[:] = 1
         self._lengths: dict[int, int] = {}  # tokens in the cache of each slot in use
-        self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out the lowest slot first
+        self._free = list(range(max_slots))  # a heap: the lowest free slot first, so the slots in use stay contiguous
+        self._state = bytearray()  # a sequence's cells in transit (forks, growth)
+
+    def _new_context(self, slots: int):
+        """A llama.cpp context of ``slots`` KV cache streams of ``context_length`` cells each."""
+        ll = self._ll
+        params = ll.llama_context_default_params()
+        params.n_ctx = self.context_length * slots  # llama.cpp splits it evenly between the streams
+        params.n_seq_max = slots
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED  # see the module docstring
+        params.no_perf = True
+        context = ll.llama_init_from_model(self.model.pointer, params)
+        if not context:
+            raise UserError(
+                f"llama.cpp could not create a context of {slots} x {self.context_length} tokens for "
+                f"{self.model.path.name} (out of memory?): lower the context length or the number of "
+                "concurrent sequences."
+            )
+        return context, ll.llama_get_memory(context)
 
     # ---- the interface the engine drives ------------------------------------------------
 
@@ -209,9 +241,7 @@ class LlamaCppRunner:
                     f"The prompt has {len(ids)} tokens but the llama.cpp context holds {self.context_length} per "
                     "sequence: shorten the prompt or raise the context length."
                 )
-        if len(prompts) > len(self._free):
-            raise RuntimeError(f"{len(prompts)} new sequences, but only {len(self._free)} of {self.max_slots} slots are free.")
-        slots = [self._free.pop() for _ in prompts]
+        slots = self._take(len(prompts))
         logits = []
         try:
             for slot, ids in zip(slots, prompts, strict=True):  # one call per prompt: see the module docstring
@@ -236,19 +266,26 @@ class LlamaCppRunner:
                     f"A sequence filled the llama.cpp context of {self.context_length} tokens: raise the context "
                     "length or lower the thinking and answer budgets."
                 )
-        logits = self._decode([(slot, self._lengths[slot], int(token), True) for slot, token in zip(slots, tokens)])
+        # llama.cpp decodes the tokens of a non-unified cache in runs of consecutive sequence ids
+        # (one pass over the weights per run): feed them in slot order, hand the logits back in the
+        # caller's.
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        logits = self._decode([(slots[i], self._lengths[slots[i]], int(tokens[i]), True) for i in order])
         for slot in slots:
             self._lengths[slot] += 1
+        if any(i != b for b, i in enumerate(order)):
+            back = torch.empty(len(order), dtype=torch.long)
+            back[order] = torch.arange(len(order))
+            logits = logits[back]
         return logits
 
     def fork(self, slot: int) -> int:
         """A new slot whose cache is a copy of ``slot``'s; the two then continue independently."""
         length = self._length(slot)
-        if not self._free:
-            raise RuntimeError(f"Cannot fork: all {self.max_slots} slots are in use.")
-        new = self._free.pop()
-        # Between streams llama.cpp copies the whole stream buffer, at the next llama_decode.
-        self._ll.llama_memory_seq_cp(self._memory, slot, new, -1, -1)
+        (new,) = self._take(1)
+        # llama_memory_seq_cp between streams would copy the whole stream buffer (and re-plan the
+        # compute graph at the next decode); the sequence's state copies the cells it holds.
+        self._copy_state(self._context, slot, self._context, new)
         self._lengths[new] = length
         return new
 
@@ -273,6 +310,7 @@ class LlamaCppRunner:
 
     @property
     def free_slots(self) -> int:
+        """Slots free without growing the context."""
         return len(self._free)
 
     def close(self) -> None:
@@ -312,7 +350,55 @@ class LlamaCppRunner:
     def _drop(self, slot: int) -> None:
         self._ll.llama_memory_seq_rm(self._memory, slot, -1, -1)
         self._lengths.pop(slot, None)
-        self._free.append(slot)
+        if slot not in self._free:
+            heapq.heappush(self._free, slot)
+
+    def _take(self, count: int) -> list[int]:
+        """``count`` free slots, the lowest first; the context grows if too few are free."""
+        if count > len(self._free):
+            self._grow(count - len(self._free))
+        return [heapq.heappop(self._free) for _ in range(count)]
+
+    def _grow(self, missing: int) -> None:
+        """Move every sequence to a context with more slots (twice as many, or as many more as
+        are missing), up to llama.cpp's limit."""
+        slots = min(self.slot_limit, max(2 * self.max_slots, self.max_slots + missing))
+        if slots - self.max_slots < missing:
+            raise RuntimeError(
+                f"{missing} more sequences than the {self.max_slots} slots in use; llama.cpp holds at most "
+                f"{self.slot_limit} at once (run them in waves)."
+            )
+        context, memory = self._new_context(slots)
+        try:
+            for slot in self._lengths:
+                self._copy_state(self._context, slot, context, slot, streams=(self.max_slots, slots))
+        except BaseException:
+            self._ll.llama_free(context)
+            raise
+        self._ll.llama_free(self._context)
+        self._context, self._memory = context, memory
+        for slot in range(self.max_slots, slots):
+            heapq.heappush(self._free, slot)
+        self.max_slots = slots
+
+    def _copy_state(self, source, slot: int, target, new: int, *, streams: tuple[int, int] | None = None) -> None:
+        """Copy ``slot``'s cells (positions, keys, values: the bytes, so the copy computes what the
+        original would) from context ``source`` to sequence ``new`` of context ``target``.
+        ``streams``: the two contexts' numbers of streams, where they differ."""
+        ll = self._ll
+        size = ll.llama_state_seq_get_size(source, slot)
+        if len(self._state) < size:
+            self._state = bytearray(size)
+        buffer = (ctypes.c_uint8 * size).from_buffer(self._state)
+        if ll.llama_state_seq_get_data(source, buffer, size, slot) != size:
+            raise RuntimeError("llama.cpp could not save a sequence's cache.")
+        data = buffer
+        if streams is not None and streams[0] != streams[1]:
+            data = _restream(bytes(buffer), slot, *streams)
+            size = len(data)
+            data = (ctypes.c_uint8 * size).from_buffer_copy(data)
+        if ll.llama_state_seq_set_data(target, data, size, new) != size:
+            raise RuntimeError("llama.cpp could not restore a sequence's cache.")
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> torch.Tensor:
         """Decode ``(slot, position, token, wants_logits)`` rows, ``n_batch`` per call: the logits
@@ -341,6 +427,21 @@ class LlamaCppRunner:
         if not out:
             return torch.empty((0, self.vocab_size))
         return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _restream(state: bytes, slot: int, streams: int, new_streams: int) -> bytes:
+    """A sequence's saved cache (``llama_state_seq_get_data`` of a non-unified cache) for a
+    context with ``new_streams`` streams instead of ``streams``. The saved form: a magic number and
+    the sequence id, the number of streams, then per stream a cell count and, when not zero, those
+    cells. A sequence's cells are all in its own stream and llama.cpp restores them into the
+    target sequence's stream, so they go first and the other streams say zero cells."""
+    word = struct.calcsize("<I")
+    head, before, after = 2 * word, word * slot, word * (streams - 1 - slot)
+    cells = state[head + word + before : len(state) - after]
+    if struct.unpack_from("<I", state, head)[0] != streams or any(state[head + word : head + word + before]) \
+            or any(state[len(state) - after :]) or len(cells) < word:
+        raise RuntimeError("Unexpected layout of a llama.cpp sequence state: this llama-cpp-python is not supported.")
+    return state[:head] + struct.pack("<I", new_streams) + cells + bytes(word * (new_streams - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,9 +492,14 @@ class LlamaCppLoadedModel:
                                        context_length=self.context_length)
         return self._rules
 
+    @property
+    def max_sequences(self) -> int:
+        """The most sequences a runner holds at once (llama.cpp's limit); sweeps run in waves."""
+        return int(self.weights._ll.llama_max_parallel_sequences())
+
     def new_runner(self, rows: int | None = None, length: int | None = None) -> LlamaCppRunner:
-        """A llama.cpp context for ``rows`` sequences at once of up to ``length`` tokens each
-        (llama.cpp sizes its KV cache up front; default: 8 rows of the whole context)."""
+        """A llama.cpp context for ``rows`` sequences of up to ``length`` tokens each, to start with
+        (it grows when more exist at once; default: 8 rows of the whole context)."""
         # llama.cpp gives each stream a multiple of 256 cells: ask for that, not less.
         length = min(-(-(length or self.context_length) // 256) * 256, self.context_length)
         return LlamaCppRunner(self.weights, context_length=length, max_slots=rows or 8, n_threads=self.n_threads)
@@ -404,8 +510,8 @@ def load_llamacpp(name_or_path: str, *, trust_remote_code: bool = False, reasoni
     """A GGUF file (or the embedded default) on llama.cpp, with its tokenizer and model profile."""
     from transformers import AutoTokenizer
 
-    from t0s1.models import EMBEDDED_MODEL, embedded_cache_path, embedded_gguf_path
-    from t0s1.profiles import detect_profile
+    from t0s1.embedded import EMBEDDED_MODEL, embedded_cache_path, embedded_gguf_path
+    from t0s1.profiles import PROFILE_KEY, detect_profile
 
     path = embedded_gguf_path() if name_or_path == EMBEDDED_MODEL else Path(name_or_path).expanduser()
     if path.is_dir() or not path.exists() and not path.name.endswith(".gguf"):
@@ -429,5 +535,8 @@ def load_llamacpp(name_or_path: str, *, trust_remote_code: bool = False, reasoni
     if len(tokenizer) > weights.vocab_size:
         weights.close()
         raise UserError(f"The tokenizer of {path.name} has {len(tokenizer)} tokens but llama.cpp's vocabulary has {weights.vocab_size}.")
+    recorded = weights.metadata(GGUF_PROFILE_KEY)  # the profile t0s1 train recorded, carried by t0s1 export
+    if recorded and PROFILE_KEY not in tokenizer.init_kwargs:
+        tokenizer.init_kwargs[PROFILE_KEY] = recorded
     detection = detect_profile(tokenizer, reasoning_format)
     return LlamaCppLoadedModel(weights, tokenizer, detection, name_or_path, context_length=context_length, n_threads=n_threads)

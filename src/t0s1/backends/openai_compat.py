@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from t0s1.backends import Backend
+from t0s1.backends.base import Backend
 from t0s1.backends.client_forcing import ClientForcing, Completion, Request
 from t0s1.errors import UserError
 from t0s1.forcing_rules import BudgetForcing, Prompt, Result, encode, per_prompt_settings
@@ -36,6 +36,9 @@ SAMPLING_FIELDS = ("stop_token_ids", "min_tokens", "skip_special_tokens")
 
 SERVERS_WITH_SAMPLING_FIELDS = ("vllm", "sglang", "t0s1")
 """``owned_by`` of ``/v1/models`` for servers known to take ``SAMPLING_FIELDS``."""
+
+MAX_STOP_STRINGS = 4
+"""The OpenAI API takes at most 4 stop strings."""
 
 
 class OpenAIBackend(Backend):
@@ -97,9 +100,7 @@ class OpenAIBackend(Backend):
         import openai
 
         decode = self.tokenizer.decode
-        stop = [decode([token]) for token in request.stop_ids]
-        if request.stop_text:
-            stop.insert(0, request.stop_text)
+        stop = stop_strings(self.tokenizer, request, self.forcing.rules.end_of_turn, ids_sent=self.sampling_fields is True)
         fields = {
             "model": self.model_name,
             "prompt": decode(request.ids, skip_special_tokens=False),
@@ -107,7 +108,7 @@ class OpenAIBackend(Backend):
             "temperature": request.settings.temperature,
             "top_p": request.settings.top_p,
             "seed": request.seed,
-            "stop": stop[:4],  # the OpenAI API takes at most 4 stop strings
+            "stop": stop,
         }
         sampling = {"stop_token_ids": list(request.stop_ids), "min_tokens": request.min_tokens, "skip_special_tokens": False}
         try:
@@ -128,6 +129,20 @@ class OpenAIBackend(Backend):
         choice = response.choices[0]
         ids = encode(self.tokenizer, choice.text)[: request.max_tokens]
         return Completion(ids, stopped=choice.finish_reason == "stop")
+
+
+def stop_strings(tokenizer, request: Request, end_of_turn, *, ids_sent: bool) -> list[str]:
+    """The ``stop`` strings of a request. A server that takes ``stop_token_ids`` gets the stop ids
+    as ids, so only a delimiter written in ordinary tokens goes as a string: nothing is dropped.
+    Otherwise the stop ids go as strings too, at most ``MAX_STOP_STRINGS`` (the OpenAI API's limit):
+    the written delimiter, then the ids that end the thinking, then the end-of-turn ids (which the
+    server stops at by itself, so those are the ones left out when there are more than 4)."""
+    stop = [request.stop_text] if request.stop_text else []
+    if ids_sent:
+        return stop
+    ordered = sorted(request.stop_ids, key=lambda token: (token in end_of_turn, token))
+    stop += [text for text in (tokenizer.decode([token]) for token in ordered) if text and text not in stop]
+    return stop[:MAX_STOP_STRINGS]
 
 
 def served_model_card(client, model: str) -> tuple[int | None, str | None]:

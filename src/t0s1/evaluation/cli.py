@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from t0s1.cli_support import (
@@ -16,6 +18,8 @@ from t0s1.cli_support import (
     ChatTemplateKwargsOption,
     ContextLengthOption,
     EndPhraseOption,
+    NOption,
+    PolicyArgOption,
     ReasoningFormatOption,
     ThinkingOption,
     exit_on_user_error,
@@ -28,6 +32,28 @@ from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL
 
 console = Console()
+
+EvalPolicyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--policy",
+        help="Test-time policies to compare, comma-separated: budget, vote, deepconf, early-exit, probe, short-m-of-k "
+        "(docs/policies.md). Each is a sweep dimension beside the budgets and num_ignore; --policy-arg values "
+        "separated by commas (keep_percent=10,90) are swept too. Default: plain budget forcing.",
+    ),
+]
+
+
+def parse_policies(policy: str | None, n: int | None, policy_arg: list[str] | None) -> list:
+    """The policies of ``--policy a,b --n N --policy-arg K=V1,V2`` (none without --policy)."""
+    if policy is None:
+        if n is not None or policy_arg:
+            raise UserError("--n and --policy-arg set a policy's parameters; give the policies with --policy, e.g. --policy vote,deepconf.")
+        return []
+    from t0s1.evaluation.runner import expand_policies
+    from t0s1.policies import parse_policy_args
+
+    return expand_policies(policy.split(","), parse_policy_args(policy_arg), n)
 
 
 def register(app: typer.Typer) -> None:
@@ -71,6 +97,9 @@ def eval_command(
     answer_prefix: AnswerPrefixOption = None,
     thinking: ThinkingOption = None,
     chat_template_kwargs: ChatTemplateKwargsOption = None,
+    policy: EvalPolicyOption = None,
+    n: NOption = None,
+    policy_arg: PolicyArgOption = None,
     judge_model: str = typer.Option(None, "--judge-model", help="Grade with an LLM judge (s1: gpt-4o-mini) instead of the rules."),
     judge_base_url: str = typer.Option(None, "--judge-base-url", help="OpenAI-compatible endpoint of the judge (default: OpenAI)."),
     list_tasks: bool = typer.Option(False, "--list-tasks", help="List the tasks and exit."),
@@ -106,6 +135,7 @@ def eval_command(
         end_phrase=end_phrase,
         answer_prefix=answer_prefix,
         chat_template_kwargs=parse_chat_template_kwargs(chat_template_kwargs, thinking),
+        policies=parse_policies(policy, n, policy_arg),
     )
     for task in chosen:  # fail on missing data before loading a model
         task.load(data_dir, limit=1)
@@ -189,12 +219,24 @@ def _print_tasks() -> None:
 def _print_results(results: dict) -> None:
     for name, task in results["tasks"].items():
         table = Table(title=f"{name} ({task['examples']} questions)")
-        for column in ("budget", "num_ignore", "accuracy %", "avg thinking tokens", "hit budget %"):
-            table.add_column(column, justify="right")
+        policies = any("policy" in s for s in task["settings"])
+        columns = ["budget", "num_ignore", "accuracy %", "avg thinking tokens", "hit budget %"]
+        if policies:
+            columns = ["policy", *columns, "avg total tokens", "tokens per correct"]
+        for column in columns:
+            if column == "policy":
+                table.add_column(column, overflow="fold")  # labels are long: wrap them, never cut them
+            else:
+                table.add_column(column, justify="right")
         for s in task["settings"]:
-            table.add_row(str(s["max_thinking_tokens"]), str(s["num_ignore"]), f"{s['accuracy']:.1f}", f"{s['avg_thinking_tokens']:.1f}", f"{s['hit_budget']:.0f}")
+            cells = [str(s["max_thinking_tokens"]), str(s["num_ignore"]), f"{s['accuracy']:.1f}", f"{s['avg_thinking_tokens']:.1f}", f"{s['hit_budget']:.0f}"]
+            if policies:
+                per_correct = "n/a" if s["tokens_per_correct"] is None else f"{s['tokens_per_correct']:.0f}"
+                cells = [escape(s["policy"]), *cells, f"{s['avg_total_tokens']:.1f}", per_correct]
+            table.add_row(*cells)
         console.print(table)
+        unit = "total generated tokens" if policies else "thinking tokens"
         for method, m in task["methods"].items():
             scaling = "n/a" if m["scaling"] is None else f"{m['scaling']:.2f}"
             control = "n/a" if m["control"] is None else f"{m['control']:.0f}%"
-            console.print(f"  {method}: Control {control}, Scaling {scaling} (accuracy points per 1,000 thinking tokens), Performance {m['performance']:.1f}%", highlight=False)
+            console.print(f"  {escape(method)}: Control {control}, Scaling {scaling} (accuracy points per 1,000 {unit}), Performance {m['performance']:.1f}%", highlight=False)

@@ -16,6 +16,8 @@ from itertools import combinations
 from math import comb
 
 SCALING_UNIT = "accuracy points (%) per 1,000 average thinking tokens"
+TOTAL_SCALING_UNIT = "accuracy points (%) per 1,000 average total generated tokens (every trace and probe)"
+"""The unit when test-time policies are compared: their runs are placed by every token they generate."""
 
 
 def control(samples: list[tuple[int, int | None]]) -> float | None:

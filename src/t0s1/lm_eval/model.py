@@ -79,6 +79,9 @@ class T0S1LM(LM):
     ``num_ignore`` / ``thinking_n_ignore``, ``ignore_str`` / ``thinking_n_ignore_str``,
     ``max_answer_tokens`` / ``max_gen_toks``, ``temperature``, ``top_p``, ``seed``; each request's
     gen_kwargs override them.
+    policy, n, policy_KEY: a test-time policy over budget forcing (``t0s1.policies``, e.g.
+        ``policy=deepconf,n=8,policy_window=64,temperature=0.6``): the reply is that of the trace
+        carrying the vote. Engine backends (transformers, llama.cpp) only.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class T0S1LM(LM):
         **generation,
     ) -> None:
         super().__init__()
+        self.policy = _policy_from_model_args(generation)
         self.defaults = check_model_args(generation)
         if isinstance(chat_template_kwargs, dict):
             chat_template_kwargs = json.dumps(chat_template_kwargs)
@@ -118,6 +122,8 @@ class T0S1LM(LM):
         self.batch_size = _batch_size(batch_size, max_batch_size, self.backend)
         self.progress = bool(progress)
         self.tokenizer, self.profile = _tokenizer_and_profile(self.backend)
+        if self.policy is not None and not isinstance(self.backend, EngineBackend):
+            raise UserError(f"policy={self.policy.name} runs on the engine backends (transformers, llamacpp), not {self.backend.name}.")
         self._conversations: dict[str, list[dict]] = {}  # rendered chat template -> its messages
         self._scorer = None
 
@@ -176,6 +182,8 @@ class T0S1LM(LM):
     def _generate(self, prompts: list, budgets: list[BudgetForcing], untils: list[list[str]]) -> list[tuple[Result, str]]:
         """Results and their answers cut at the first ``until`` string. On the engine, a row
         stops as soon as its answer holds one (``is_cancelled``); other backends finish it."""
+        if self.policy is not None:
+            return self._generate_with_policy(prompts, budgets, untils)
         if isinstance(self.backend, EngineBackend) and any(untils):
             answers = [""] * len(prompts)
             stopped = [False] * len(prompts)
@@ -192,6 +200,19 @@ class T0S1LM(LM):
         else:
             results = self.backend.generate(prompts, budgets)
         return [(result, cut_at_stop(result.answer, until)) for result, until in zip(results, untils, strict=True)]
+
+    def _generate_with_policy(self, prompts: list, budgets: list[BudgetForcing], untils: list[list[str]]) -> list[tuple[Result, str]]:
+        """Each request's reply under the policy (requests that share settings run together)."""
+        from t0s1.policies.run import generate_with_policy
+
+        out: list = [None] * len(prompts)
+        for budget in dict.fromkeys(budgets):
+            chosen = [i for i, b in enumerate(budgets) if b == budget]
+            results = generate_with_policy(self.backend.lm, [prompts[i] for i in chosen], budget, self.policy,
+                                           chat_template_kwargs=self.backend.chat_template_kwargs)
+            for i, result in zip(chosen, results, strict=True):
+                out[i] = (result.result, cut_at_stop(result.answer, untils[i]))
+        return out
 
     # ---- chat template ----------------------------------------------------------------------
 
@@ -229,7 +250,8 @@ class T0S1LM(LM):
 
     def get_model_info(self) -> dict:
         """Recorded in the harness's results: what generated the responses."""
-        return {"t0s1_backend": self.backend.name, "t0s1_model": self.backend.model_name, "budget_forcing": asdict(self.defaults), "batch_size": self.batch_size}
+        return {"t0s1_backend": self.backend.name, "t0s1_model": self.backend.model_name, "budget_forcing": asdict(self.defaults),
+                "batch_size": self.batch_size, "policy": None if self.policy is None else self.policy.label()}
 
     # ---- scoring ----------------------------------------------------------------------------
 
@@ -254,6 +276,25 @@ class T0S1LM(LM):
             self._scorer = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
         self._scorer.cache_hook = self.cache_hook
         return self._scorer
+
+
+def _policy_from_model_args(generation: dict):
+    """The policy named by ``policy``, ``n`` and ``policy_KEY`` model_args (taken out of
+    ``generation``), or None."""
+    name = generation.pop("policy", None)
+    n = generation.pop("n", None)
+    args = {key.removeprefix("policy_"): str(generation.pop(key)) for key in [k for k in generation if k.startswith("policy_")]}
+    if name is None:
+        if n is not None or args:
+            raise UserError("--model_args: n and policy_* arguments need policy=NAME (e.g. policy=vote).")
+        return None
+    from t0s1.policies import make_policy
+
+    try:
+        count = None if n is None else int(n)
+    except (TypeError, ValueError):
+        raise UserError(f"--model_args: n must be a positive integer, got {n!r}.") from None
+    return make_policy(str(name), args, n=count)
 
 
 @dataclass

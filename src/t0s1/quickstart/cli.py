@@ -28,7 +28,18 @@ def quickstart_command(
     budgets: Annotated[
         str, typer.Option(help="Thinking budgets of the sweeps, at least 2; the largest should leave room for the Waits.")
     ] = ",".join(map(str, BUDGETS)),
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: PyTorch's; 1 helps on a busy machine).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads of torch and llama.cpp (default: PyTorch's; 1 helps on a busy machine).")
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="Where the sweeps run: llamacpp (the trained model exported to GGUF, several times faster on a CPU) "
+            "or transformers (PyTorch, no export).",
+        ),
+    ] = "llamacpp",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF type of the exported model (t0s1 export --quant).")] = "f16",
     rag: Annotated[
         bool,
         typer.Option(
@@ -39,7 +50,8 @@ def quickstart_command(
         ),
     ] = False,
 ) -> None:
-    """Generate problems, prepare them, LoRA-fine-tune SmolLM2-135M and sweep thinking budgets.
+    """Generate problems, prepare them, LoRA-fine-tune SmolLM2-135M, export it to GGUF and sweep
+    thinking budgets on llama.cpp.
 
     Every budget runs without "Wait" and with 1 and 2 Waits (num_ignore). Prints accuracy per
     budget for the base and the trained model, the s1 metrics (Control, Scaling, Performance) of
@@ -50,6 +62,12 @@ def quickstart_command(
     if num_test < 1:
         raise UserError(f"--num-test must be a positive integer, got {num_test}.")
     budget_list = sorted(set(parse_int_list(budgets, "--budgets")))
+    from t0s1.export.quantize import check_quant
+    from t0s1.quickstart.pipeline import BACKENDS
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be {' or '.join(BACKENDS)}, got {backend!r}.")
+    quant = check_quant(quant)
     if len(budget_list) < 2:
         raise UserError(f"--budgets needs at least 2 different budgets for a curve, got {budgets!r}.")
     if threads is not None:
@@ -62,11 +80,14 @@ def quickstart_command(
         def given(name: str, value):  # the demo has its own defaults for the flags left out
             return None if ctx.get_parameter_source(name).name == "DEFAULT" else value
 
+        if given("backend", backend) or given("quant", quant):
+            raise UserError("--backend and --quant are options of the arithmetic quickstart; --rag runs on the transformers engine.")
+
         quickstart_rag(out=given("out", out), steps=steps, num_test=num_test, budgets=given("budgets", budget_list))
         return
     from t0s1.quickstart.pipeline import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(out=out, steps=steps, num_test=num_test, budgets=budget_list)
+    settings = QuickstartSettings(out=out, steps=steps, num_test=num_test, budgets=budget_list, backend=backend, quant=quant)
     console = Console()
     outcome = run_quickstart(settings, console)
     print_summary(outcome, console)
@@ -83,7 +104,7 @@ def print_summary(outcome: dict, console: Console) -> None:
 
     table = Table(
         title=f"Accuracy % on {trained['examples']} held-out problems (average thinking tokens), greedy",
-        caption="base: SmolLM2-135M-Instruct; the Wait columns: the trained model, num_ignore 0, 1, 2",
+        caption=f"base: SmolLM2-135M-Instruct; the Wait columns: the trained model, num_ignore 0, 1, 2; on {outcome['engine']}",
     )
     table.add_column("thinking budget", justify="right")
     table.add_column("base", justify="right")

@@ -1,8 +1,11 @@
-"""The whole s1 loop on a CPU: generate problems -> prepare -> LoRA SFT -> budget sweeps.
+"""The whole s1 loop on a CPU: generate problems -> prepare -> LoRA SFT -> GGUF export -> budget sweeps.
 
-Each step calls the stage's own public function (the same code as ``t0s1 prepare``, ``t0s1 train``
-and ``t0s1 eval``); this module only chains them, compares the base model with the trained one and
-measures what "Wait" changes: the budget curve without Wait and with ``num_ignore`` 1 and 2.
+Each step calls the stage's own public function (the same code as ``t0s1 prepare``, ``t0s1 train``,
+``t0s1 export`` and ``t0s1 eval``); this module only chains them, compares the base model with the
+trained one and measures what "Wait" changes: the budget curve without Wait and with ``num_ignore``
+1 and 2. The sweeps run on llama.cpp (the trained model exported to GGUF, the base model from its
+shipped GGUF), several times faster than on PyTorch; ``backend="transformers"`` runs both on the
+transformers engine instead and skips the export.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from rich.console import Console
 
 from t0s1.backends import make_backend
 from t0s1.data.prepare import prepare
+from t0s1.errors import UserError
 from t0s1.evaluation import metrics
 from t0s1.evaluation.plots import plot_task
 from t0s1.evaluation.runner import EvalConfig, Setting, run_eval
@@ -41,6 +45,9 @@ RECIPE = "quickstart"
 
 SUMMARY_FILE = "summary.json"
 
+BACKENDS = ("llamacpp", "transformers")
+"""The engines the quickstart sweeps on: llama.cpp (the default: GGUF files) or PyTorch."""
+
 
 @dataclass
 class QuickstartSettings:
@@ -53,6 +60,8 @@ class QuickstartSettings:
     max_answer_tokens: int = 10
     batch_size: int = 20
     seed: int = 0
+    backend: str = "llamacpp"  # the sweeps' engine: "llamacpp" (GGUF files) or "transformers"
+    quant: str = "f16"  # the trained model's GGUF type (llamacpp): t0s1 export --quant
 
 
 @dataclass(frozen=True)
@@ -80,18 +89,22 @@ class WaitEffect:
 
 def run_quickstart(settings: QuickstartSettings, console: Console | None = None) -> dict:
     """Run every step (each one resumes or is skipped if its output exists) and return
-    ``{"trained", "base", "curves", "wait", "plot", "seconds"}``; also writes ``summary.json``."""
+    ``{"trained", "base", "curves", "wait", "plot", "seconds", "engine"}``; also writes ``summary.json``."""
     console = console or Console()
     out = settings.out
+    if settings.backend not in BACKENDS:
+        raise UserError(f"The quickstart runs its sweeps on {' or '.join(BACKENDS)}, not {settings.backend!r}.")
+    on_llamacpp = settings.backend == "llamacpp"
+    count = 6 if on_llamacpp else 5
     stages = Stages(console)
     with library_progress_bars_off():
-        stages.start("data", "1/5  Problems: arithmetic chains, seeded train/test split (s1K schema)")
+        stages.start("data", f"1/{count}  Problems: arithmetic chains, seeded train/test split (s1K schema)")
         data_dir = out / "data"
         train_file, _ = write_problems(data_dir, settings.num_train, settings.num_test, seed=settings.seed)
         console.print(f"{settings.num_train} training and {settings.num_test} held-out problems in {data_dir}")
         stages.stop("data")
 
-        stages.start("prepare", "2/5  Prepare: chat template + thinking delimiters (t0s1 prepare)")
+        stages.start("prepare", f"2/{count}  Prepare: chat template + thinking delimiters (t0s1 prepare)")
         prepared = out / "prepared"
         if not (prepared / "prepare_report.json").exists():
             report = prepare(str(train_file), EMBEDDED_MODEL, prepared, block_size=recipe_max_length(RECIPE))
@@ -100,21 +113,28 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
             console.print(f"already prepared: {prepared}")
         stages.stop("prepare")
 
-        stages.start("train", "3/5  LoRA SFT of the embedded SmolLM2-135M (t0s1 train quickstart)")
+        stages.start("train", f"3/{count}  LoRA SFT of the embedded SmolLM2-135M (t0s1 train quickstart)")
         model_dir = out / "model"
         train_unless_done(RECIPE, prepared, model_dir, settings.steps, console)
         stages.stop("train")
 
-        stages.start("base", "4/5  Base model: budget sweep on the held-out problems")
-        base = _sweep(EMBEDDED_MODEL, settings, out / "eval-base", data_dir, num_ignore=[0])
+        trained_model = str(model_dir)
+        if on_llamacpp:
+            stages.start("export", f"4/{count}  Export the trained model to GGUF for llama.cpp (t0s1 export --quant {settings.quant})")
+            trained_model = str(export_unless_done(model_dir, settings.quant, console))
+            stages.stop("export")
+
+        engine = "llama.cpp" if on_llamacpp else "transformers"
+        stages.start("base", f"{count - 1}/{count}  Base model: budget sweep on the held-out problems ({engine})")
+        base = _sweep(EMBEDDED_MODEL, settings, out / _eval_dir("base", settings), data_dir, num_ignore=[0])
         stages.stop("base")
 
-        stages.start("trained", "5/5  Trained model: budget sweep without Wait and with 1 and 2 Waits")
-        trained = _sweep(str(model_dir), settings, out / "eval-trained", data_dir, num_ignore=settings.num_ignore)
+        stages.start("trained", f"{count}/{count}  Trained model: budget sweep without Wait and with 1 and 2 Waits ({engine})")
+        trained = _sweep(trained_model, settings, out / _eval_dir("trained", settings), data_dir, num_ignore=settings.num_ignore)
         stages.stop("trained")
 
     seconds = stages.seconds
-    rows = [row for _, row in read_jsonl(out / "eval-trained" / "samples" / f"{TASK.name}.jsonl")]
+    rows = [row for _, row in read_jsonl(out / _eval_dir("trained", settings) / "samples" / f"{TASK.name}.jsonl")]
     curves = budget_curves(trained["tasks"][TASK.name], rows, settings.budgets, settings.num_ignore)
     wait = wait_effects(rows, settings.budgets, settings.num_ignore)
     base_points = base["tasks"][TASK.name]["methods"].get("budget")
@@ -122,9 +142,31 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
     if base_points:
         plotted["base model, no Wait"] = base_points
     plot = plot_task(TASK.name, plotted, out / "scaling.png", model="SmolLM2-135M-Instruct + t0s1 LoRA SFT")
-    summary = {"curves": curves, "wait": [asdict(effect) for effect in wait], "seconds": seconds}
+    summary = {"backend": settings.backend, "curves": curves, "wait": [asdict(effect) for effect in wait], "seconds": seconds}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return {"trained": trained, "base": base, "curves": curves, "wait": wait, "plot": plot, "seconds": seconds}
+    engine = f"llama.cpp (the trained model as {settings.quant} GGUF)" if on_llamacpp else "the transformers engine"
+    return {"trained": trained, "base": base, "curves": curves, "wait": wait, "plot": plot, "seconds": seconds,
+            "engine": engine}
+
+
+def export_unless_done(model_dir: Path, quant: str, console: Console) -> Path:
+    """``t0s1 export MODEL_DIR --quant QUANT`` (to ``MODEL_DIR.QUANT.gguf``, e.g. ``runs/quickstart/model.f16.gguf``), skipped when
+    that file exists (an export writes it whole or not at all)."""
+    from t0s1.export import default_gguf_path, export_gguf
+
+    path = default_gguf_path(model_dir, quant)
+    if path.exists():
+        console.print(f"already exported: {path}")
+        return path
+    result = export_gguf(model_dir, path, quant, log=lambda message: console.print(message, highlight=False))
+    console.print(result.summary(), highlight=False)
+    return path
+
+
+def _eval_dir(model: str, settings: QuickstartSettings) -> str:
+    """``eval-base`` / ``eval-trained`` (llama.cpp); ``eval-base-transformers`` and so on otherwise,
+    so that the two engines' samples never mix in one folder."""
+    return f"eval-{model}" if settings.backend == "llamacpp" else f"eval-{model}-{settings.backend}"
 
 
 def curve_name(num_ignore: int) -> str:
@@ -177,9 +219,10 @@ def _percent(flags) -> float | None:
 def _sweep(model: str, settings: QuickstartSettings, out: Path, data_dir: Path, *, num_ignore: list) -> dict:
     config = EvalConfig(
         model=model,
+        backend=settings.backend,
         max_thinking_tokens=list(settings.budgets),
         num_ignore=list(num_ignore),
         max_answer_tokens=settings.max_answer_tokens,
         batch_size=settings.batch_size,
     )
-    return run_eval(make_backend("transformers", model), [TASK], config, out, data_dir=data_dir)
+    return run_eval(make_backend(settings.backend, model), [TASK], config, out, data_dir=data_dir)

@@ -20,7 +20,9 @@ from t0s1.cli_support import (
     MaxAnswerOption,
     MaxThinkingOption,
     ModelOption,
+    NOption,
     NumIgnoreOption,
+    PolicyArgOption,
     ReasoningFormatOption,
     SeedOption,
     StreamPrinter,
@@ -31,6 +33,7 @@ from t0s1.cli_support import (
     exit_on_user_error,
 )
 from t0s1.errors import UserError
+from t0s1.evaluation.cli import EvalPolicyOption
 from t0s1.models import EMBEDDED_MODEL
 from t0s1.rag.embedders import EMBEDDED_EMBEDDER
 
@@ -120,10 +123,17 @@ def build_command(
 def info_command(
     index: Annotated[Path, typer.Argument(help="The index folder.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Hash every file (and check the Qdrant collection) against the manifest.")
+    ] = False,
 ) -> None:
-    """Show what an index holds: corpus, chunker, retrievers, embedder and its weights' hash."""
-    from t0s1.rag.store import open_index
+    """Show what an index holds: corpus, chunker, retrievers, embedder and its weights' hash.
 
+    Opening an index checks every file's size and the small files' SHA-256; --verify hashes them all."""
+    from t0s1.rag.store import open_index, verify_index
+
+    if verify:
+        verify_index(index)
     info = open_index(index).info()
     if json_output:
         print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -143,6 +153,7 @@ def info_command(
         console.print(f"dense       {embedder['name']} ({embedder['dimension']} dimensions), vectors in {where}")
         console.print(f"            weights {embedder['weights_file']} SHA-256 {embedder['weights_sha256']}")
     console.print(f"retrievers  {', '.join(['bm25', 'dense', 'hybrid'] if dense else ['bm25'])} (default {info['retriever']})")
+    console.print(f"files       {len(info['files'])}, " + ("every SHA-256 verified" if verify else "sizes checked (--verify hashes them all)"))
 
 
 def _open(index: Path, qdrant_url, qdrant_api_key):
@@ -360,6 +371,14 @@ def eval_command(
     ignore_str: IgnoreStrOption = BUDGET_DEFAULTS.ignore_str,
     max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Questions generated together.")] = 8,
+    policy: EvalPolicyOption = None,
+    n: NOption = None,
+    policy_arg: PolicyArgOption = None,
+    temperature: Annotated[
+        float, typer.Option(help="0: greedy (the default); the parallel policies (vote, deepconf, short-m-of-k) need > 0.")
+    ] = 0.0,
+    top_p: TopPOption = BUDGET_DEFAULTS.top_p,
+    seed: Annotated[int, typer.Option(help="Base seed of sampling (trace j of a policy uses seed + j).")] = BUDGET_DEFAULTS.seed,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     reasoning_format: ReasoningFormatOption = None,
@@ -368,9 +387,11 @@ def eval_command(
 ) -> None:
     """Evaluate retrieval (p@K, recall@K, MRR) and answers over sources x thinking budgets.
 
-    The grid is every k of --k (plus 0 and the gold sources) x every budget x every num_ignore,
-    greedy. Samples, results.json, results.md and plots go to --out; rerun to resume."""
+    The grid is every k of --k (plus 0 and the gold sources) x every budget x every num_ignore
+    (x every --policy), greedy unless --temperature. Samples, results.json, results.md and plots go
+    to --out; rerun to resume."""
     from t0s1.cli_support import parse_int_list
+    from t0s1.evaluation.cli import parse_policies
     from t0s1.rag.evaluate import RagEvalSpec, run_rag_eval
     from t0s1.rag.questions import read_questions
 
@@ -392,7 +413,8 @@ def eval_command(
             model=model, backend=choose_backend(model, device, backend),  # what ran: auto differs between machines
             max_thinking_tokens=parse_int_list(max_thinking_tokens, "--max-thinking-tokens", allow_auto=True),
             num_ignore=parse_int_list(num_ignore, "--num-ignore"), ignore_str=ignore_str,
-            max_answer_tokens=max_answer_tokens, batch_size=batch_size,
+            max_answer_tokens=max_answer_tokens, batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed,
+            policies=parse_policies(policy, n, policy_arg),
         )
         engine = make_backend(backend, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key,
                               tokenizer=tokenizer, reasoning_format=reasoning_format, context_length=context_length)
@@ -405,7 +427,9 @@ def print_results(results: dict, console: Console) -> None:
     """The retrieval scores and the k x budget table of ``rag eval`` results."""
     from rich.table import Table
 
-    from t0s1.rag.evaluate import k_label, setting_label
+    from rich.markup import escape
+
+    from t0s1.rag.evaluate import k_label, row_setting, setting_label
 
     retrieval = results["retrieval"]
     scores = ", ".join(f"{key} {value:.3f}" for key, value in retrieval.items() if key.startswith(("p@", "recall@", "mrr")) and key != "mrr_depth")
@@ -413,16 +437,19 @@ def print_results(results: dict, console: Console) -> None:
     rows = results.get("accuracy_by_k")
     if not rows:
         return
-    settings = list(dict.fromkeys((row["max_thinking_tokens"], row["num_ignore"]) for row in rows))
-    cells = {(row["k"], row["max_thinking_tokens"], row["num_ignore"]): row for row in rows}
-    table = Table(title=f"accuracy % (avg thinking tokens), {results['rag']['questions']} questions, {results['model']}")
+    settings = list(dict.fromkeys(row_setting(row) for row in rows))
+    cells = {(row["k"], *row_setting(row)): row for row in rows}
+    policies = any("policy" in row for row in rows)
+    tokens = "avg_total_tokens" if policies else "avg_thinking_tokens"
+    table = Table(title=f"accuracy % (avg {'total' if policies else 'thinking'} tokens), {results['rag']['questions']} questions, "
+                        f"{escape(results['model'])}")
     table.add_column("sources")
-    for budget, ignore in settings:
-        table.add_column(setting_label(budget, ignore), justify="right")
+    for setting in settings:
+        table.add_column(escape(setting_label(*setting)), justify="right")
     for k in dict.fromkeys(row["k"] for row in rows):
-        entries = [cells.get((k, budget, ignore)) for budget, ignore in settings]
+        entries = [cells.get((k, *setting)) for setting in settings]
         table.add_row(k_label(int(k) if k.isdigit() else k),
-                      *[f"{e['accuracy']:.0f} ({e['avg_thinking_tokens']:.0f})" if e else "" for e in entries])
+                      *[f"{e['accuracy']:.0f} ({e[tokens]:.0f})" if e else "" for e in entries])
     console.print(table)
     if results.get("plots"):
         console.print("Plots: " + ", ".join(results["plots"].values()))

@@ -8,8 +8,9 @@ page shows under "Git LFS Details" (``PUBLISHED_WEIGHTS``; model.safetensors was
 46605de, "Adding `safetensors` variant of this model (#53)", 90.9 MB). Anything else is refused
 (a ``UserError``: exit code 2).
 
-Every embedder's weights are hashed too, and the index manifest records the hash, so an index is
-only ever searched with the weights that embedded it.
+Every embedder's weights are hashed too, and so are the other files that define what it computes
+(``MODEL_FILE_SUFFIXES``: the configuration, tokenizer, pooling and normalisation modules); the index
+manifest records both hashes, so an index is only ever searched with the model that embedded it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ file's hash serves copies of the repository that carry that file instead."""
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
+MODEL_FILE_SUFFIXES = (".json", ".txt", ".model")
+"""Besides the weights, the files of a sentence-transformers folder that define the vectors:
+``config.json``, ``modules.json``, ``sentence_bert_config.json`` (sequence length), the tokenizer
+(``tokenizer.json``, ``vocab.txt``, ``*.model``), ``1_Pooling/config.json``... Exports for other
+runtimes (``onnx/``, ``openvino/``) and documents are not read, so not hashed."""
+SKIPPED_MODEL_FOLDERS = ("onnx", "openvino")
+
 _hash_cache: dict[tuple, str] = {}
 
 
@@ -53,6 +61,8 @@ class Embedder:
     model: object  # sentence_transformers.SentenceTransformer
     weights_file: str
     weights_sha256: str
+    files_sha256: str = ""
+    """One SHA-256 over the other files that define the model (``model_files_sha256``)."""
 
     @property
     def tokenizer(self):
@@ -72,6 +82,7 @@ class Embedder:
             "name": self.name,
             "weights_file": self.weights_file,
             "weights_sha256": self.weights_sha256,
+            "files_sha256": self.files_sha256,
             "dimension": self.dimension,
             "max_seq_length": self.max_seq_length,
         }
@@ -133,7 +144,20 @@ def load_embedder(name_or_path: str = EMBEDDED_EMBEDDER, device: str = "cpu") ->
         ) from None
     if name_or_path != EMBEDDED_EMBEDDER:
         weights = _find_weights(folder if local_only else None, name_or_path)
-    return Embedder(name_or_path, model, weights.name, sha256_file(weights))
+    return Embedder(name_or_path, model, weights.name, sha256_file(weights), model_files_sha256(weights.parent))
+
+
+def model_files_sha256(folder: Path) -> str:
+    """SHA-256 over the relative path and SHA-256 of each file of ``folder`` that defines the
+    model besides its weights (``MODEL_FILE_SUFFIXES``), in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if (not path.is_file() or path.suffix not in MODEL_FILE_SUFFIXES or relative.parts[0] in SKIPPED_MODEL_FOLDERS
+                or any(part.startswith(".") for part in relative.parts)):
+            continue
+        digest.update(f"{relative.as_posix()}\t{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def verify_embedded_weights(folder: Path) -> Path:

@@ -20,19 +20,24 @@ Files in the output folder, besides the runner's (``samples/rag-k<k>.jsonl``, ``
 it), ``retrieval.jsonl``, ``accuracy_vs_k.png`` (one curve per budget) and
 ``accuracy_vs_thinking.png`` (one curve per k). results.json adds ``retrieval`` (``p@K``,
 ``recall@K``, ``mrr``), ``rag`` (grid, skipped rows) and ``accuracy_by_k``.
+
+With test-time policies (``EvalConfig.policies``, ``--policy``) every policy is one more dimension
+of the grid: ``accuracy_by_k`` rows carry the ``policy`` label and ``total_tokens``, the tables have
+a column per (policy, budget, num_ignore), and ``accuracy_vs_thinking.png`` becomes accuracy
+against average total generated tokens, one curve per (k, policy).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from t0s1.errors import UserError
 from t0s1.evaluation import grading
 from t0s1.evaluation.tasks import Example
+from t0s1.files import atomic_path, write_text_atomic
 from t0s1.rag.metrics import DEPTH, RetrievalScores, score_rankings
 from t0s1.rag.prompt import build_rag_messages, is_inconclusive
 from t0s1.rag.questions import QuestionFile, RagQuestion
@@ -96,6 +101,12 @@ class RagTask:
 
     def load(self, data_dir=None, limit: int | None = None) -> list[Example]:
         return self.examples if limit is None else self.examples[:limit]
+
+    @property
+    def grader(self) -> str:
+        """How the samples are graded (recorded per row: a rerun with other rules re-grades them)."""
+        rule = ", inconclusive counts without a gold source" if self.inconclusive_counts else ""
+        return f"rules ({self.answer_kind}{rule})"
 
     def grade(self, output: str, gold: str) -> grading.Verdict:
         return grading.grade(output, gold, self.answer_kind)
@@ -199,14 +210,14 @@ def run_rag_eval(
     tokenizer, context_length = backend_tokenizer(backend)
     largest = "auto" if "auto" in config.max_thinking_tokens else max(config.max_thinking_tokens)
     reserved = reserve_tokens(BudgetForcing(largest, max_answer_tokens=config.max_answer_tokens), context_length)
+    # The grading rules (answer kind, inconclusive rule) are not part of the key: the runner
+    # re-grades logged rows that other rules graded.
     check_run_key(out / RAG_CONFIG, holds="samples of other prompts (index, questions or packing)", key={
         "index_corpus_sha256": index.manifest.get("corpus_sha256"),
         "retriever": retrieval.retriever,
         "questions_sha256": _file_sha256(questions.path),
-        "answer_kind": spec.answer_kind,
-        "inconclusive_counts": spec.inconclusive_counts,
         "reserved_tokens": reserved,
-    })
+    }, retired=("answer_kind", "inconclusive_counts"))
     tasks = build_tasks(index, chosen, retrieval, spec, tokenizer=tokenizer, context_length=context_length, reserved_tokens=reserved)
     results = run_eval(backend, tasks, config, out, progress=progress)
     for task in tasks:
@@ -229,14 +240,23 @@ def accuracy_by_k(results: dict, grid: list) -> list[dict]:
     rows = []
     for k in grid:
         for setting in results["tasks"][task_name(k)]["settings"]:
-            rows.append({"k": str(k), "max_thinking_tokens": setting["max_thinking_tokens"], "num_ignore": setting["num_ignore"],
-                         "accuracy": setting["accuracy"], "avg_thinking_tokens": setting["avg_thinking_tokens"]})
+            row = {"k": str(k), "max_thinking_tokens": setting["max_thinking_tokens"], "num_ignore": setting["num_ignore"],
+                   "accuracy": setting["accuracy"], "avg_thinking_tokens": setting["avg_thinking_tokens"]}
+            if "policy" in setting:
+                row.update(policy=setting["policy"], total_tokens=setting["total_tokens"], avg_total_tokens=setting["avg_total_tokens"])
+            rows.append(row)
     return rows
 
 
-def setting_label(budget, num_ignore: int) -> str:
+def setting_label(budget, num_ignore: int, policy: str | None = None) -> str:
     label = f"budget {budget}"
-    return label + (f", {num_ignore} Wait{'s' if num_ignore > 1 else ''}" if num_ignore else "")
+    label += f", {num_ignore} Wait{'s' if num_ignore > 1 else ''}" if num_ignore else ""
+    return label if policy is None else f"{policy}, {label}"
+
+
+def row_setting(row: dict) -> tuple:
+    """(budget, num_ignore, policy or None): the column of an ``accuracy_by_k`` row."""
+    return row["max_thinking_tokens"], row["num_ignore"], row.get("policy")
 
 
 def plot_grid(results: dict, out: Path) -> dict:
@@ -251,11 +271,11 @@ def plot_grid(results: dict, out: Path) -> dict:
 
     rows = results["accuracy_by_k"]
     grid = list(dict.fromkeys(row["k"] for row in rows))
-    settings = list(dict.fromkeys((row["max_thinking_tokens"], row["num_ignore"]) for row in rows))
+    settings = list(dict.fromkeys(row_setting(row) for row in rows))
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for budget, ignore in settings:
-        points = {row["k"]: row["accuracy"] for row in rows if (row["max_thinking_tokens"], row["num_ignore"]) == (budget, ignore)}
-        axes.plot(range(len(grid)), [points.get(k) for k in grid], marker="o", label=setting_label(budget, ignore))
+    for setting in settings:
+        points = {row["k"]: row["accuracy"] for row in rows if row_setting(row) == setting}
+        axes.plot(range(len(grid)), [points.get(k) for k in grid], marker="o", label=setting_label(*setting))
     axes.set_xticks(range(len(grid)), [k_label(int(k) if k.isdigit() else k) for k in grid])
     axes.set_xlabel("sources in the prompt")
     axes.set_ylabel("accuracy (%)")
@@ -264,15 +284,28 @@ def plot_grid(results: dict, out: Path) -> dict:
     axes.legend(fontsize=7)
     figure.tight_layout()
     by_k_path = out / "accuracy_vs_k.png"
-    figure.savefig(by_k_path)
+    with atomic_path(by_k_path) as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
 
-    base_ignore = min(ignore for _, ignore in settings)
+    base_ignore = min(ignore for _, ignore, _ in settings)
+    policies = list(dict.fromkeys(policy for _, _, policy in settings))
     curves = {}
     for k in grid:
-        points = [(row["avg_thinking_tokens"], row["accuracy"]) for row in rows if row["k"] == k and row["num_ignore"] == base_ignore]
-        curves[k_label(int(k) if k.isdigit() else k)] = {"points": sorted(points)}
-    thinking_path = plot_task("accuracy vs thinking tokens", curves, out / "accuracy_vs_thinking.png", model=results["model"])
+        for policy in policies:
+            points = [(row["avg_total_tokens" if policy else "avg_thinking_tokens"], row["accuracy"]) for row in rows
+                      if row["k"] == k and row["num_ignore"] == base_ignore and row.get("policy") == policy]
+            name = k_label(int(k) if k.isdigit() else k)
+            curves[name if policy is None else f"{name}, {policy}"] = {"points": sorted(points)}
+    thinking_path = out / "accuracy_vs_thinking.png"
+    with atomic_path(thinking_path) as temporary:
+        if policies != [None]:
+            from t0s1.evaluation.plots import TOTAL_TOKENS_LABEL
+
+            plot_task("accuracy vs total tokens", curves, temporary, model=results["model"], x_label=TOTAL_TOKENS_LABEL,
+                      labels={})
+        else:
+            plot_task("accuracy vs thinking tokens", curves, temporary, model=results["model"])
     return {"accuracy_vs_k": by_k_path.name, "accuracy_vs_thinking": thinking_path.name}
 
 
@@ -288,15 +321,18 @@ def markdown_tables(results: dict) -> str:
         lines += [f"{len(skipped)} question rows skipped: " + "; ".join(f"line {s['line']}: {s['reason']}" for s in skipped[:5]), ""]
     rows = results.get("accuracy_by_k")
     if rows:
-        settings = list(dict.fromkeys((row["max_thinking_tokens"], row["num_ignore"]) for row in rows))
-        cells = {(row["k"], row["max_thinking_tokens"], row["num_ignore"]): row for row in rows}
-        lines += ["## Accuracy (%) by sources and thinking budget (average thinking tokens)", "",
-                  "| sources | " + " | ".join(setting_label(b, n) for b, n in settings) + " |",
+        settings = list(dict.fromkeys(row_setting(row) for row in rows))
+        cells = {(row["k"], *row_setting(row)): row for row in rows}
+        policies = any("policy" in row for row in rows)
+        tokens = "avg_total_tokens" if policies else "avg_thinking_tokens"
+        lines += [f"## Accuracy (%) by sources and {'policy and ' if policies else ''}thinking budget "
+                  f"(average {'total generated' if policies else 'thinking'} tokens)", "",
+                  "| sources | " + " | ".join(setting_label(*setting) for setting in settings) + " |",
                   "| --- |" + " --- |" * len(settings)]
         for k in dict.fromkeys(row["k"] for row in rows):
-            row_cells = [cells.get((k, b, n)) for b, n in settings]
+            row_cells = [cells.get((k, *setting)) for setting in settings]
             lines.append(f"| {k_label(int(k) if k.isdigit() else k)} | "
-                         + " | ".join(f"{c['accuracy']:.1f} ({c['avg_thinking_tokens']:.0f})" if c else "" for c in row_cells) + " |")
+                         + " | ".join(f"{c['accuracy']:.1f} ({c[tokens]:.0f})" if c else "" for c in row_cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -318,18 +354,12 @@ def _file_sha256(path: Path) -> str:
 
 
 def _write_results(out: Path, results: dict, runner_markdown: str) -> None:
-    _write_text_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     model = f" of {results['model']}" if "model" in results else ""
     title = f"# Retrieval-augmented evaluation{model}\n\n"
     runner_body = runner_markdown.split("\n", 2)[2] if runner_markdown.count("\n") >= 2 else ""
-    _write_text_atomic(out / "results.md", title + markdown_tables(results) + "\n" + runner_body)
+    write_text_atomic(out / "results.md", title + markdown_tables(results) + "\n" + runner_body)
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    _write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from t0s1.errors import UserError
-
-if TYPE_CHECKING:
-    from t0s1.rag.store import Index
+from t0s1.rag.chunking import Chunks
 
 RETRIEVERS = ("bm25", "dense", "hybrid")
 
@@ -82,6 +80,28 @@ class Hit:
         return data
 
 
+class SearchableIndex(Protocol):
+    """What a retriever reads of an index. ``t0s1.rag.store.Index`` (the index folder) is one; the
+    store builds retrievers over itself, so the arrow points from the store to the retrievers."""
+
+    chunks: Chunks
+    doc_offsets: np.ndarray
+    """Document i owns chunks doc_offsets[i] .. doc_offsets[i+1]-1."""
+
+    @property
+    def bm25(self) -> Any: ...  # a bm25s.BM25 over the chunks
+
+    @property
+    def embeddings(self) -> np.ndarray: ...  # unit vectors of the chunks, one row each
+
+    @property
+    def qdrant(self) -> Any: ...  # the chunk vectors in Qdrant: query(vector, limit) -> [(chunk, score)]
+
+    def embed_query(self, query: str) -> np.ndarray: ...
+
+    def hit(self, doc: int, chunks: list[tuple[int, float]], score: float, retriever: str) -> Hit: ...
+
+
 def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
         raise UserError(f"k (the number of sources) must be an integer >= 0, got {k!r}.")
@@ -93,7 +113,7 @@ class Retriever(ABC):
 
     name: str
 
-    def __init__(self, index: Index):
+    def __init__(self, index: SearchableIndex):
         self.index = index
 
     def search(self, query: str, k: int) -> list[Hit]:
@@ -209,7 +229,7 @@ class HybridRetriever(Retriever):
 
     name = "hybrid"
 
-    def __init__(self, index: Index, retrievers: list[Retriever], *, rrf_k: int = RRF_K, depth: int = FUSION_DEPTH):
+    def __init__(self, index: SearchableIndex, retrievers: list[Retriever], *, rrf_k: int = RRF_K, depth: int = FUSION_DEPTH):
         super().__init__(index)
         self.retrievers, self.rrf_k, self.depth = retrievers, rrf_k, depth
 

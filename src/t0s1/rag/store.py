@@ -3,7 +3,9 @@
 Layout of an index folder::
 
     manifest.json        what the index holds: corpus SHA-256, chunker, bm25 analysis, embedder
-                         (name, weights SHA-256, dimension) and where the vectors are
+                         (name, weights and model files SHA-256, dimension), where the vectors are,
+                         the counts (documents, chunks, vectors), a build id, and the size and
+                         SHA-256 of every other file in the folder
     documents.arrow      the parent documents (id, title, text), Arrow IPC, memory-mapped
     chunks.npy           int64 [chunk, (document, start, end)]: chunk spans in the document text
     doc_offsets.npy      document i owns chunks doc_offsets[i] .. doc_offsets[i+1]-1
@@ -11,18 +13,34 @@ Layout of an index folder::
     dense/embeddings.npy float32 unit vectors of the chunks (dense / hybrid, embedded store)
 
 With a Qdrant target the vectors go to a Qdrant collection instead of ``dense/`` and the rest
-stays in the folder. A build writes a temporary folder beside ``--out`` and renames it into place
-when everything is written, so a failed build leaves nothing behind; rebuilding the same corpus
-with the same settings reuses the index without embedding anything.
+stays in the folder; every point's payload carries the build id, so a collection is matched to its
+folder by identity, not only by name and size.
+
+A build writes a temporary folder beside ``--out`` (``.<name>.building-<pid>-*``) and swaps it
+into place when everything is written (one atomic exchange of the two folders on Linux), so a
+failed or killed build leaves the previous index as it was; the next build removes what a killed
+one left. Rebuilding the same corpus with the same settings reuses the index without embedding
+anything; ``overwrite`` always rebuilds.
+
+Opening an index checks every file against the manifest: the size of each (a half-written or
+truncated file, more or fewer vectors than chunks), the SHA-256 of the small ones (up to
+``HASHED_AT_OPEN`` bytes: the bm25 parameters and vocabulary, the chunk spans), and the counts of
+documents, chunks and vectors. Large files are hashed by ``verify_index(full=True)`` (``t0s1 index
+info --verify``, and before an index is reused by a build): hashing gigabytes of vectors on every
+open would make opening slow.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from t0s1.errors import UserError
+from t0s1.files import is_storage_full, storage_full_error, write_text_atomic
 from t0s1.rag.chunking import ChunkerSettings, Chunks, WORDS, chunk_documents, indexed_text, tokenizer_spans, word_spans
 from t0s1.rag.corpus import Document, FieldMap, check_documents, corpus_sha256, load_corpus
 from t0s1.rag.embedders import EMBEDDED_EMBEDDER, Embedder, load_embedder
@@ -50,8 +69,10 @@ from t0s1.rag.retrievers import (
 
 MANIFEST_FILE = "manifest.json"
 INDEX_FORMAT = "t0s1-rag-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: counts, build id and file checksums in the manifest
 BM25_PARAMETERS = {"method": "lucene", "k1": 1.5, "b": 0.75}
+HASHED_AT_OPEN = 1 << 20
+"""Files up to this many bytes are hashed each time an index is opened; larger ones are checked by size."""
 
 
 @dataclass(frozen=True)
@@ -91,16 +112,33 @@ class QdrantVectors:
         points = self.client.query_points(self.collection, query=vector.tolist(), limit=limit, with_payload=False).points
         return [(int(point.id), float(point.score)) for point in points]
 
-    def upload(self, vectors: np.ndarray, documents: list[str], *, batch_size: int = 256) -> None:
+    def upload(self, vectors: np.ndarray, documents: list[str], build_id: str, *, batch_size: int = 256) -> None:
         from qdrant_client import models
 
         self.client.create_collection(
             self.collection, vectors_config=models.VectorParams(size=vectors.shape[1], distance=models.Distance.COSINE)
         )
         self.client.upload_collection(
-            self.collection, vectors=vectors, ids=range(len(vectors)), payload=({"doc": doc} for doc in documents),
-            batch_size=batch_size, wait=True,
+            self.collection, vectors=vectors, ids=range(len(vectors)),
+            payload=({"doc": doc, "build": build_id} for doc in documents), batch_size=batch_size, wait=True,
         )
+
+    def problem(self, manifest: dict) -> str | None:
+        """What makes the collection not the one the manifest's build uploaded (None: it is):
+        missing, another point count, or points of another build (the id in every payload)."""
+        if not self.client.collection_exists(self.collection):
+            return f"the Qdrant collection {self.collection!r} does not exist"
+        count = self.client.count(self.collection, exact=True).count
+        if count != manifest["vectors"]:
+            return f"the Qdrant collection {self.collection!r} holds {count} vectors, the manifest records {manifest['vectors']}"
+        for point in self.client.retrieve(self.collection, ids=sorted({0, count - 1}), with_payload=True):
+            build = (point.payload or {}).get("build")
+            if build != manifest["build_id"]:
+                return (
+                    f"the Qdrant collection {self.collection!r} holds the vectors of another build "
+                    f"(build id {build}, the manifest records {manifest['build_id']})"
+                )
+        return None
 
 
 @dataclass
@@ -129,13 +167,15 @@ def build_index(
 
     ``retriever`` is the index's default retriever: ``bm25`` needs no model; ``dense`` and
     ``hybrid`` embed every chunk with ``embedder``. An ``out`` that already holds this index
-    (same corpus, chunker, bm25 analysis and embedder weights) is reused as it is; one that holds
-    another index is refused unless ``overwrite``.
+    (same corpus, chunker, bm25 analysis and embedder) is reused as it is once every file checks
+    against the manifest; one that holds another index, or this one damaged, is refused unless
+    ``overwrite``, which always rebuilds.
     """
     started = time.perf_counter()
     if retriever not in RETRIEVERS:
         raise UserError(f"Unknown retriever {retriever!r}: use one of {', '.join(RETRIEVERS)}.")
     out = Path(out)
+    _recover(out)
     if isinstance(corpus, str | Path):
         source = str(corpus)
         documents = load_corpus(corpus, fields)
@@ -169,32 +209,44 @@ def build_index(
             if dense else None
         ),
     }
-    existing = _read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
-    if existing is not None:
+    has_index = (out / MANIFEST_FILE).is_file()
+    if has_index and not overwrite:  # with overwrite, not even the manifest needs to be readable
+        existing = _read_manifest(out)
         differences = manifest_differences(existing, manifest)
-        if not differences:
-            if existing.get("retriever") != retriever:
-                _write_json_atomic(out / MANIFEST_FILE, {**existing, "retriever": retriever})
-            return BuildResult(Index.open(out), reused=True, seconds=time.perf_counter() - started)
-        if not overwrite:
+        if differences:
             raise UserError(
                 f"{out} holds another index: " + "; ".join(differences)
                 + ". Pass --overwrite to replace it, or choose another --out."
             )
+        problem = index_problem(out, existing, full=True, qdrant=qdrant)
+        if problem is not None:
+            raise UserError(f"{out} holds this index, damaged: {problem}. Pass --overwrite to rebuild it.")
+        if existing.get("retriever") != retriever:
+            _write_json_atomic(out / MANIFEST_FILE, {**existing, "retriever": retriever})
+        return BuildResult(Index.open(out), reused=True, seconds=time.perf_counter() - started)
     out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    building = Path(tempfile.mkdtemp(prefix=f"{_debris_prefix(out, 'building')}{os.getpid()}-", dir=out.parent))
     building.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the index gets the usual mode
     created: list[QdrantVectors] = []  # a collection this build made, dropped if the build fails
+    manifest["build_id"] = uuid.uuid4().hex
     try:
         with _progress(progress) as bar:
-            counts = _write_index(building, documents, settings, embedder if dense else None, bar, batch_size, qdrant, created, overwrite)
-        manifest.update(counts, created=datetime.now(UTC).isoformat(timespec="seconds"), t0s1_version=_version())
-        _write_json_atomic(building / MANIFEST_FILE, manifest)
+            counts = _write_index(
+                building, documents, settings, embedder if dense else None, bar, batch_size, qdrant, created, overwrite,
+                manifest["build_id"],
+            )
+        manifest.update(
+            counts, files=_file_entries(building), created=datetime.now(UTC).isoformat(timespec="seconds"), t0s1_version=_version()
+        )
+        (building / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _replace(building, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(building, ignore_errors=True)
         for store in created:
             store.client.delete_collection(store.collection)
+        if is_storage_full(error):
+            kept = f"The previous index in {out} is kept as it was." if has_index else "Nothing was left behind."
+            raise storage_full_error(f"the index beside {out}", error, kept) from None
         raise
     finally:
         for store in created:
@@ -202,7 +254,9 @@ def build_index(
     return BuildResult(Index.open(out), reused=False, seconds=time.perf_counter() - started)
 
 
-def _write_index(folder: Path, documents, settings: ChunkerSettings, embedder: Embedder | None, bar, batch_size, qdrant, created, overwrite) -> dict:
+def _write_index(
+    folder: Path, documents, settings: ChunkerSettings, embedder: Embedder | None, bar, batch_size, qdrant, created, overwrite, build_id
+) -> dict:
     import bm25s
     import pyarrow as pa
 
@@ -244,8 +298,76 @@ def _write_index(folder: Path, documents, settings: ChunkerSettings, embedder: E
             (folder / "dense").mkdir()
             np.save(folder / "dense" / "embeddings.npy", vectors)
         else:
-            store.upload(vectors, [documents[d].id for d in chunks.doc.tolist()])
+            store.upload(vectors, [documents[d].id for d in chunks.doc.tolist()], build_id)
+        counts["vectors"] = len(vectors)
     return counts
+
+
+def _file_entries(folder: Path) -> dict:
+    """Size and SHA-256 of every file of an index folder but the manifest, by relative path."""
+    return {
+        path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def index_problem(path: Path, manifest: dict, *, full: bool = False, qdrant: QdrantTarget | None = None) -> str | None:
+    """What is wrong with the files of the index in ``path`` against its manifest (None: nothing).
+
+    Always: every file is there with the recorded size, and files up to ``HASHED_AT_OPEN`` bytes
+    have the recorded SHA-256; ``full``: every file's SHA-256, and the Qdrant collection (when the
+    vectors are there) is the one this build uploaded."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{path / MANIFEST_FILE} records no files"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            return f"{file} has {size:,} bytes, the manifest records {entry['bytes']:,} (half-written, or from another build)"
+        if (full or size <= HASHED_AT_OPEN) and _sha256(file) != entry["sha256"]:
+            return f"{file} does not have the SHA-256 the manifest records (its content changed)"
+    store = (manifest.get("dense") or {}).get("store", {})
+    if full and store.get("kind") == "qdrant":
+        target = qdrant or QdrantTarget(url=store.get("url"), path=store.get("path"), collection=store["collection"])
+        client = target.connect()
+        try:
+            return QdrantVectors(client, target.collection).problem(manifest)
+        finally:
+            client.close()
+    return None
+
+
+def verify_index(path: str | Path, *, full: bool = True) -> None:
+    """Check an index folder against its manifest (see ``index_problem``); a ``UserError`` naming
+    the file and how to rebuild when something is wrong."""
+    index = Index.open(path)
+    try:
+        problem = index_problem(index.path, index.manifest, full=full, qdrant=index._qdrant_target)
+    finally:
+        index.close()
+    if problem is not None:
+        raise _damaged(index.path, index.manifest, problem)
+
+
+def _damaged(path: Path, manifest: dict, problem: str) -> UserError:
+    source = manifest.get("corpus_source")
+    corpus = source if isinstance(source, str) and not source.startswith("(") else "CORPUS"
+    return UserError(
+        f"{path}: the index is damaged: {problem}. Rebuild it with the same settings: "
+        f"t0s1 index build {corpus} --out {path} --overwrite."
+    )
 
 
 def manifest_differences(existing: dict, wanted: dict) -> list[str]:
@@ -274,7 +396,8 @@ def manifest_differences(existing: dict, wanted: dict) -> list[str]:
 
 
 def _describe_embedder(entry: dict) -> str:
-    return f"{entry.get('name')} (weights SHA-256 {str(entry.get('weights_sha256'))[:12]}…)"
+    return (f"{entry.get('name')} (weights SHA-256 {str(entry.get('weights_sha256'))[:12]}…, "
+            f"other files {str(entry.get('files_sha256'))[:12]}…)")
 
 
 def _compact(value) -> str:
@@ -290,30 +413,87 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out} is a folder that holds no index; give a new or empty folder.")
 
 
+def _debris_prefix(out: Path, kind: str) -> str:
+    """The name prefix of a build's temporary folders beside ``out`` ("building" or "replaced"),
+    followed by the building process's id."""
+    return f".{out.name}.{kind}-"
+
+
 def _replace(building: Path, out: Path) -> None:
     """Put the finished folder in place; an index it replaces goes only once the new one is in."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.replaced-{time.time_ns()}")
+    if not out.exists():
+        building.rename(out)
+    elif _exchange(building, out):  # one atomic step: ``out`` is the old index or the new one
+        shutil.rmtree(building, ignore_errors=True)  # now the previous index
+    else:  # no atomic exchange here: a kill between the renames is repaired by ``_recover``
+        old = out.with_name(f"{_debris_prefix(out, 'replaced')}{os.getpid()}-{time.time_ns()}")
         out.rename(old)
         building.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        building.rename(out)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _recover(out: Path) -> None:
+    """Repair what a killed build left beside ``out``: put back an index that was moved aside when
+    the build died between its two renames, and remove the temporary folders of builds whose
+    process is gone (a running build's are left alone)."""
+    if not out.parent.is_dir():
+        return
+    debris = []
+    for kind in ("building", "replaced"):
+        prefix = _debris_prefix(out, kind)
+        for folder in out.parent.glob(prefix + "*"):
+            pid = folder.name[len(prefix):].split("-", 1)[0]
+            if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+                debris.append((kind, folder))
+    moved_aside = sorted((f for kind, f in debris if kind == "replaced" and (f / MANIFEST_FILE).is_file()), key=lambda f: f.name.rsplit("-", 1)[-1].zfill(24))
+    if moved_aside and not out.exists():
+        moved_aside[-1].rename(out)
+    for _, folder in debris:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{folder / MANIFEST_FILE} is not a readable index manifest ({error}); rebuild the index.") from None
+        raise UserError(
+            f"{folder / MANIFEST_FILE} is not a readable index manifest ({error}); rebuild the index: "
+            f"t0s1 index build CORPUS --out {folder} --overwrite."
+        ) from None
     if not isinstance(manifest, dict):
-        raise UserError(f"{folder / MANIFEST_FILE} is not an index manifest; rebuild the index.")
+        raise UserError(f"{folder / MANIFEST_FILE} is not an index manifest; rebuild the index: t0s1 index build CORPUS --out {folder} --overwrite.")
     return manifest
 
 
@@ -374,8 +554,18 @@ class Index:
         self.path, self.manifest = path, manifest
         self.documents = pa.ipc.open_file(pa.memory_map(str(path / "documents.arrow"))).read_all()
         spans = np.load(path / "chunks.npy", mmap_mode="r")
-        self.chunks = Chunks(spans[:, 0], spans[:, 1], spans[:, 2])
         self.doc_offsets = np.load(path / "doc_offsets.npy")
+        documents, chunks = manifest["documents"], manifest["chunks"]
+        for name, shape, expected in (
+            ("documents.arrow", (self.documents.num_rows,), (documents,)),
+            ("chunks.npy", spans.shape, (chunks, 3)),
+            ("doc_offsets.npy", self.doc_offsets.shape, (documents + 1,)),
+        ):
+            if shape != expected:
+                raise _damaged(path, manifest, f"{path / name} holds shape {shape}, the manifest's counts give {expected}")
+        if int(self.doc_offsets[-1]) != chunks:
+            raise _damaged(path, manifest, f"{path / 'doc_offsets.npy'} ends at chunk {int(self.doc_offsets[-1])}, not {chunks}")
+        self.chunks = Chunks(spans[:, 0], spans[:, 1], spans[:, 2])
         self._qdrant_target = qdrant
         self._bm25 = self._embeddings = self._embedder = self._qdrant = None
         self._positions: dict[str, int] | None = None
@@ -393,8 +583,11 @@ class Index:
         if manifest.get("format") != INDEX_FORMAT or manifest.get("version") != INDEX_VERSION:
             raise UserError(
                 f"{path} holds index format {manifest.get('format')} v{manifest.get('version')}; this t0s1 reads "
-                f"{INDEX_FORMAT} v{INDEX_VERSION}. Rebuild it with t0s1 index build."
+                f"{INDEX_FORMAT} v{INDEX_VERSION}. Rebuild it with t0s1 index build --overwrite."
             )
+        problem = index_problem(path, manifest)
+        if problem is not None:
+            raise _damaged(path, manifest, problem)
         store = (manifest.get("dense") or {}).get("store", {})
         qdrant = None
         if store.get("kind") == "qdrant":
@@ -404,8 +597,8 @@ class Index:
             )
         try:
             return cls(path, manifest, qdrant=qdrant)
-        except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"{path}: the index is incomplete or damaged ({error}); rebuild it.") from None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise _damaged(path, manifest, f"{type(error).__name__}: {error}") from None
 
     # -- what it holds
 
@@ -454,29 +647,37 @@ class Index:
         if self._bm25 is None:
             import bm25s
 
-            self._bm25 = bm25s.BM25.load(str(self.path / "bm25"), mmap=True, show_progress=False)
+            folder = self.path / "bm25"
+            try:
+                self._bm25 = bm25s.BM25.load(str(folder), mmap=True, show_progress=False)
+            except (OSError, ValueError, KeyError, TypeError) as error:  # a file changed after the index was opened
+                raise _damaged(self.path, self.manifest, f"{folder} cannot be read ({type(error).__name__}: {error})") from None
         return self._bm25
 
     @property
     def embeddings(self) -> np.ndarray:
         if self._embeddings is None:
-            self._embeddings = np.load(self.path / "dense" / "embeddings.npy", mmap_mode="r")
+            file = self.path / "dense" / "embeddings.npy"
+            try:
+                vectors = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise _damaged(self.path, self.manifest, f"{file} cannot be read ({type(error).__name__}: {error})") from None
+            expected = (self.manifest.get("vectors"), self._dense_entry("dense")["embedder"]["dimension"])
+            if vectors.shape != expected:
+                raise _damaged(self.path, self.manifest, f"{file} holds shape {vectors.shape}, the manifest gives {expected}")
+            self._embeddings = vectors
         return self._embeddings
 
     @property
     def qdrant(self) -> QdrantVectors:
         if self._qdrant is None:
             client = self._qdrant_target.connect()
-            collection = self._qdrant_target.collection
-            if not client.collection_exists(collection):
-                raise UserError(f"The Qdrant collection {collection!r} of {self.path} does not exist; rebuild the index.")
-            count = client.count(collection, exact=True).count
-            if count != len(self.chunks):
-                raise UserError(
-                    f"The Qdrant collection {collection!r} holds {count} vectors but {self.path} has {len(self.chunks)} "
-                    "chunks: they belong to different builds. Rebuild the index."
-                )
-            self._qdrant = QdrantVectors(client, collection)
+            vectors = QdrantVectors(client, self._qdrant_target.collection)
+            problem = vectors.problem(self.manifest)
+            if problem is not None:
+                client.close()
+                raise _damaged(self.path, self.manifest, problem)
+            self._qdrant = vectors
         return self._qdrant
 
     def close(self) -> None:
@@ -501,6 +702,13 @@ class Index:
                 f"{self.path} was embedded with {recorded['name']} (weights SHA-256 {recorded['weights_sha256']}); "
                 f"the embedder {embedder.name!r} has weights {embedder.weights_sha256}. Vectors of different weights "
                 "cannot be compared: search with the same embedder or build another index."
+            )
+        if embedder.files_sha256 != recorded.get("files_sha256"):
+            raise UserError(
+                f"{self.path} was embedded with {recorded['name']} whose configuration and tokenizer files hash to "
+                f"{recorded.get('files_sha256')}; those of the embedder {embedder.name!r} hash to {embedder.files_sha256} "
+                "(same weights, other tokenizer, pooling or settings). Vectors of different models cannot be compared: "
+                "search with the same embedder or build another index."
             )
         self._embedder = embedder
 

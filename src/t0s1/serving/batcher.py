@@ -10,8 +10,19 @@ request gets its events on an asyncio queue of the event loop that submitted it.
 
 Failures stay with their request: a prompt that cannot be prefilled, or a sequence whose own step
 raises, fails alone. A failure of the batched forward pass has no single culprit: every running
-request gets the error and the worker goes on with a fresh cache. ``shutdown`` stops the running
-work within one decode step; everything running or queued is answered with ``ServerShuttingDown``.
+request gets the error and the worker goes on with a fresh cache. If no engine can be built (at
+``start``, which raises the reason, or when a fresh cache is needed) or the worker itself fails,
+the worker is dead: every request, queued or new, is answered with ``EngineFailed``, ``failure``
+says why and ``on_failure`` is called (``t0s1 serve`` then exits non-zero for a supervisor to
+restart it). ``shutdown`` stops the running work within one decode step; everything running or
+queued is answered with ``ServerShuttingDown``.
+
+A request with a test-time policy (``t0s1.policies``: n traces, side branches, a vote) is decided
+over all its traces together, so it does not join the batch: when the worker takes it from the
+queue it admits nothing more, lets the running requests finish, then runs the policy alone
+(``generate_with_policy``, its traces batched on their own runner) and goes back to continuous
+batching. Requests queued behind it wait for it (first come, first served); requests already
+running are not slowed. A client that leaves, or a shutdown, stops it within one decode step.
 """
 
 from __future__ import annotations
@@ -19,20 +30,28 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from t0s1.forcing import BudgetForcing, Engine, RenderedPrompt
+from t0s1.errors import UserError
+from t0s1.forcing import BudgetForcing, Engine, ForwardPassError, RenderedPrompt
 from t0s1.forcing_rules import Sequence
 from t0s1.models import LoadedModel
+from t0s1.policies import Policy
 
 
 class ServerShuttingDown(Exception):
     """The request was queued or running when the server began to shut down."""
+
+
+class EngineFailed(Exception):
+    """The worker is dead (no engine could be built, or the worker itself failed): no request can
+    be served until the server is restarted."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,58 @@ class Continuation:
     stop_token_ids: tuple[int, ...] | None = None  # with the end of turn; None: the model's end of thinking
     min_tokens: int = 0  # 1: the first token may not be a stop id
     skip_special_tokens: bool = False
+    max_tokens: int = 16
+
+
+CONTEXT_IDS = 4
+"""Ids decoded before a continuation's new ones, so that a token's text is what it is in context
+(a leading space of SentencePiece tokens survives), as vLLM detokenizes."""
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], ids: list[int], *, skip_special_tokens: bool) -> str:
+    """The text of ``ids`` as they continue ``prompt_ids``: decoded after the last prompt ids."""
+    context = list(prompt_ids[-CONTEXT_IDS:])
+    head = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+    whole = tokenizer.decode(context + list(ids), skip_special_tokens=skip_special_tokens)
+    if whole.startswith(head):
+        return whole[len(head) :]
+    return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Where the earliest of ``stops`` starts in ``text``; -1 if none is there."""
+    return min((text.find(stop) for stop in stops if stop in text), default=-1)
+
+
+class StopWatch:
+    """Finds a continuation's stop strings in its raw text as each token arrives (vLLM's rule: the
+    text as detokenized, nothing stripped or held back), decoding each token once."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], continuation: Continuation):
+        self.tokenizer = tokenizer
+        self.stops = continuation.stop
+        self.skip_special_tokens = continuation.skip_special_tokens
+        self.window = list(prompt_ids[-CONTEXT_IDS:])
+        self.read = len(self.window)  # ids of the window already turned into text
+        self.seen = 0  # generated ids taken in
+        self.text = ""
+
+    def reached(self, ids: list[int]) -> bool:
+        """Take in the ids generated since the last call; whether the text now holds a stop string."""
+        if not self.stops or len(ids) <= self.seen:
+            return False
+        self.window += ids[self.seen :]
+        self.seen = len(ids)
+        decode = self.tokenizer.decode
+        before = decode(self.window[: self.read], skip_special_tokens=self.skip_special_tokens)
+        after = decode(self.window, skip_special_tokens=self.skip_special_tokens)
+        if after.endswith("\ufffd") and len(self.window) - self.read < 4:
+            return False  # half a UTF-8 character so far: wait for the rest
+        start = max(0, len(self.text) - max(map(len, self.stops)) + 1)
+        self.text += after[len(os.path.commonprefix([before, after])) :]
+        self.window = self.window[-CONTEXT_IDS:]
+        self.read = len(self.window)
+        return first_stop(self.text[start:], self.stops) >= 0
 
 
 @dataclass
@@ -59,8 +130,10 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
-    text: str = ""  # a plain continuation's text so far
-    stopped: bool = False  # a plain continuation reached one of its stop strings
+    stop_watch: StopWatch | None = None  # a plain continuation's stop strings
+    policy: Policy | None = None  # a test-time policy: run alone, answered with a PolicyResult
+    prompt: RenderedPrompt | None = None  # a policy's prompt
+    settings: BudgetForcing | None = None  # a policy's budget forcing (each trace's)
 
     def cancel(self) -> None:
         """The client has gone: stop generating (at the next step)."""
@@ -68,10 +141,14 @@ class Job:
 
     @property
     def should_stop(self) -> bool:
-        if self.cancelled.is_set() or self.stopped:
+        """Whether to stop before the next token (asked by the worker at each step)."""
+        if self.cancelled.is_set():
             return True
-        # A plain continuation ends where the thinking phase ends; nothing after it is asked for.
-        return self.continuation is not None and not self.sequence.thinking
+        if self.continuation is None:
+            return False
+        # A plain continuation ends where the thinking phase ends (a stop id, its token limit) or
+        # where its text holds a stop string, checked right after each token.
+        return not self.sequence.thinking or self.stop_watch.reached(self.sequence.thinking_ids)
 
     def emit(self, kind: str, value) -> None:
         """Hand an event to the request's event loop (called from the worker thread)."""
@@ -82,12 +159,7 @@ class Job:
 
     def on_text(self, _: int, channel: str, text: str) -> None:
         """The sequence's new text (incremental: the cost does not grow with the text)."""
-        if self.continuation is None:
-            self.emit(channel, text)
-            return
-        if channel == "thinking":
-            self.text += text
-            self.stopped = any(stop in self.text for stop in self.continuation.stop)
+        self.emit(channel, text)
 
 
 @dataclass
@@ -129,10 +201,13 @@ class Batcher:
         self.stats = BatcherStats()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._running: dict[int, Job] = {}
+        self._policy_job: Job | None = None  # taken from the queue: runs once the batch has drained
         self._ids = itertools.count()
         self._lock = threading.Lock()  # orders submit against shutdown: no job slips past the last drain
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.failure: Exception | None = None  # why the worker died; None while it serves
+        self.on_failure = None  # called (from the worker thread) with the error when the worker dies
 
     @property
     def queued(self) -> int:
@@ -142,9 +217,17 @@ class Batcher:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker serves (started, not dead; a shutdown in progress counts as alive)."""
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
+        """Build the engine and start the worker. An engine that cannot be built (a ``--max-batch``
+        the runtime refuses, no memory for the cache) raises here, so the server does not start."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="t0s1-engine", daemon=True)
+            engine = self._new_engine()
+            self._thread = threading.Thread(target=self._work, args=(engine,), name="t0s1-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self) -> None:
@@ -162,65 +245,97 @@ class Batcher:
             self._thread.join(timeout)
 
     def submit(self, prompt: RenderedPrompt, settings: BudgetForcing, *, stream: bool,
-               continuation: Continuation | None = None) -> Job:
+               continuation: Continuation | None = None, policy: Policy | None = None) -> Job:
         """Queue a request; call from the event loop that will read the job's events.
 
         The request's ``Sequence`` is made here, so a budget that does not fit its prompt is a
         ``UserError`` before anything is queued. ``continuation``: a plain continuation; its token
-        limit is ``settings.max_thinking_tokens``.
+        limit is ``settings.max_thinking_tokens``. ``policy``: run the request under this policy
+        (not streamed); its result is a ``PolicyResult`` and ``sequence`` only says the budget.
         """
         job = Job(next(self._ids), stream, asyncio.get_running_loop(), continuation)
-        rules = self.lm.rules
-        if continuation is not None and continuation.stop_token_ids is not None:
-            rules = copy.copy(rules)  # this request's own stop ids; the rest of the rules as they are
-            rules.stop_ids = rules.end_of_turn | frozenset(continuation.stop_token_ids)
-        wants_text = stream or continuation is not None
-        job.sequence = rules.sequence(job.id, prompt, settings, on_text=job.on_text if wants_text else None)
-        if continuation is not None and continuation.min_tokens:
-            job.sequence.ban_stop = True
+        if policy is not None:
+            job.policy, job.prompt, job.settings = policy, prompt, settings
+            job.sequence = self.lm.rules.sequence(job.id, prompt, settings)  # checks the budget fits
+        elif continuation is None:
+            job.sequence = self.lm.rules.sequence(job.id, prompt, settings, on_text=job.on_text if stream else None)
+        else:
+            job.sequence = self._continuation_sequence(job.id, prompt, settings, continuation)
+            job.stop_watch = StopWatch(self.lm.tokenizer, prompt.ids, continuation)
         with self._lock:
+            if self.failure is not None:
+                raise EngineFailed(f"The engine has failed and this server cannot generate: {self.failure}")
             if self._stopping:
                 raise ServerShuttingDown("The server is shutting down: it takes no new requests.")
             if self._thread is None or not self._thread.is_alive():
-                raise RuntimeError("The engine's worker is not running (start the app with its lifespan).")
+                raise EngineFailed("The engine's worker is not running (start the app with its lifespan).")
             self._queue.put(job)
         return job
 
+    def _continuation_sequence(self, index: int, prompt: RenderedPrompt, settings: BudgetForcing,
+                               continuation: Continuation) -> Sequence:
+        """A sequence that continues ``prompt`` as it is: its thinking is the continuation, its
+        budget ``continuation.max_tokens``; it must fit the context (vLLM's rule: prompt +
+        max_tokens), with no room kept for a forced end that is never written."""
+        context = self.lm.context_length
+        if context and len(prompt.ids) + continuation.max_tokens > context:
+            raise UserError(f"max_tokens={continuation.max_tokens} does not fit the model's context of {context} "
+                            f"tokens with a {len(prompt.ids)}-token prompt; use at most {context - len(prompt.ids)}.")
+        rules = copy.copy(self.lm.rules)  # this request's own stops; the rest of the rules as they are
+        rules.context_length = None  # checked above
+        if continuation.stop_token_ids is not None:  # only these ids and the end of turn stop it
+            rules.stop_ids = rules.end_of_turn | frozenset(continuation.stop_token_ids)
+            rules.written_end = None
+        settings = replace(settings, max_thinking_tokens=continuation.max_tokens, num_ignore=0, max_answer_tokens=1)
+        sequence = rules.sequence(index, prompt, settings)
+        sequence.ban_stop = bool(continuation.min_tokens)
+        return sequence
+
     # ---- the worker thread ----------------------------------------------------------------
 
-    def _work(self) -> None:
-        engine = self._new_engine()
+    def _work(self, engine: Engine) -> None:
         cause: Exception = ServerShuttingDown("The server is shutting down: this request was stopped before it finished.")
         try:
             with torch.inference_mode():
                 while not self._stopping:
                     self._admit(engine)
+                    if self._policy_job is not None and not engine.active and not self._stopping:
+                        self._run_policy(self._policy_job)
+                        continue
                     if self._stopping or not engine.active:
                         continue
                     try:
                         finished = self._timed(engine.step)
                     except Exception as error:  # noqa: BLE001 - the batch's forward pass: no single culprit
+                        if isinstance(error, ForwardPassError):  # what finished in that step is whole
+                            for sequence in error.finished:
+                                self._finish(sequence)
+                            error = error.error
                         self._fail_running(error)
                         engine.runner.close()
-                        engine = self._new_engine()
+                        engine = None
+                        engine = self._new_engine()  # a failure here kills the worker (below)
                         continue
                     self.stats.steps += 1
                     for sequence in finished:
                         self._finish(sequence)
         except Exception as error:  # noqa: BLE001 - a fault of the worker itself: answer everyone with it
-            cause = error
+            cause = EngineFailed(f"The engine has failed and this server cannot generate: {type(error).__name__}: {error}")
             with self._lock:
-                self._stopping = True
+                self.failure = error
         finally:
             self._fail_running(cause)
-            while True:  # what is still queued (submit refuses new jobs once _stopping is set)
+            while True:  # what is still queued (submit refuses new jobs once failure or _stopping is set)
                 try:
                     job = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is not None:
                     job.emit("error", cause)
-            engine.runner.close()
+            if engine is not None:
+                engine.runner.close()
+        if self.failure is not None and self.on_failure is not None:
+            self.on_failure(self.failure)
 
     def _new_engine(self) -> Engine:
         # A row per request that may run at once (a llama.cpp runner allocates them up front).
@@ -232,7 +347,10 @@ class Batcher:
         return job is None or job.should_stop
 
     def _admit(self, engine: Engine) -> None:
-        """Prefill what has arrived, up to ``max_batch`` running sequences; wait while idle."""
+        """Prefill what has arrived, up to ``max_batch`` running sequences; wait while idle. A
+        policy request taken from the queue stops admission until it has run."""
+        if self._policy_job is not None:
+            return
         room = self.max_batch - engine.active
         room = min(room, getattr(engine.runner, "free_slots", room))
         if room <= 0 or (engine.active and not getattr(engine.runner, "can_join", True)):
@@ -249,6 +367,9 @@ class Batcher:
                 self.stats.cancelled += 1
                 continue
             self._running[job.id] = job
+            if job.policy is not None:  # runs alone once the batch has drained
+                self._policy_job = job
+                break
             jobs.append(job)
         if jobs:
             self._prefill(engine, jobs)
@@ -265,6 +386,37 @@ class Batcher:
             return
         self.stats.prefills += 1
         self.stats.largest_batch = max(self.stats.largest_batch, engine.active)
+
+    def _run_policy(self, job: Job) -> None:
+        """Run a policy request alone, on its own runner (the batch is empty)."""
+        from t0s1.policies.run import generate_with_policy
+
+        self._policy_job = None
+        if job.cancelled.is_set():  # its client left while it waited for the batch to drain
+            self._running.pop(job.id, None)
+            self.stats.cancelled += 1
+            return
+        stopped = lambda: job.cancelled.is_set() or self._stopping  # noqa: E731
+        try:
+            [outcome] = self._timed(generate_with_policy, _StoppableModel(self.lm, stopped), [job.prompt], job.settings,
+                                    job.policy)
+        except Exception as error:  # noqa: BLE001 - this request's alone: the worker goes on
+            if isinstance(error, ForwardPassError):
+                error = error.error
+            if isinstance(error, _Stopped) and not self._stopping:
+                self._running.pop(job.id, None)
+                self.stats.cancelled += 1
+                job.emit("error", error)
+            elif isinstance(error, _Stopped):
+                self._fail(job, ServerShuttingDown("The server is shutting down: this request was stopped before it "
+                                                   "finished."))
+            else:
+                self._fail(job, error)
+            return
+        self._running.pop(job.id, None)
+        self.stats.requests += 1
+        self.stats.generated_tokens += outcome.total_tokens
+        job.emit("result", outcome)
 
     def _finish(self, sequence: Sequence) -> None:
         job = self._running.pop(sequence.index)
@@ -299,3 +451,39 @@ class Batcher:
             return function(*args)
         finally:
             self.stats.busy_seconds += time.perf_counter() - started
+
+
+class _Stopped(Exception):
+    """A policy request stopped before its next decode step (its client left, or a shutdown)."""
+
+
+class _StoppableModel:
+    """The model as ``generate_with_policy`` sees it, with runners that stop before a decode step
+    once ``stopped()`` is true (the policy's run then raises ``_Stopped`` and closes its runner)."""
+
+    def __init__(self, lm: LoadedModel, stopped):
+        self._lm, self._stopped = lm, stopped
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    def new_runner(self, *args, **kwargs):
+        return _StoppableRunner(self._lm.new_runner(*args, **kwargs), self._stopped)
+
+
+class _StoppableRunner:
+    def __init__(self, runner, stopped):
+        self._runner, self._stopped = runner, stopped
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def add(self, *args, **kwargs):
+        if self._stopped():
+            raise _Stopped("The request was stopped before it finished.")
+        return self._runner.add(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        if self._stopped():
+            raise _Stopped("The request was stopped before it finished.")
+        return self._runner.step(*args, **kwargs)

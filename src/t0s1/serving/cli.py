@@ -102,12 +102,20 @@ def serve(
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}.")
     opened, rag_defaults = _open_index(index, k, retriever, qdrant_url, qdrant_api_key)
-    if not api_key and not _is_loopback(host):
+    if not api_key and not is_loopback_host(host):
         stderr.print(f"[yellow]Warning:[/] serving on {host} without --api-key: anyone who can reach it can use it.")
     with stderr.status(f"Loading {model}..."):
         lm = load_model(model, device=device, dtype=dtype, reasoning_format=reasoning_format, backend=backend)
     app = create_app(lm, defaults, api_key=api_key, max_batch=max_batch, ui=ui, effort_budgets=efforts,
                      index=opened, rag_defaults=rag_defaults)
+    batcher = app.state.batcher
+    try:
+        batcher.start()  # builds the engine now: what the runtime refuses stops the server before it listens
+    except UserError as error:
+        raise UserError(f"The engine cannot run with these settings (--max-batch {max_batch}): {error}") from None
+    except Exception as error:  # out of memory for the cache, a broken runtime: the reason, and a failed exit
+        stderr.print(f"[red]Error:[/] the engine could not start: {type(error).__name__}: {error}", highlight=False)
+        raise typer.Exit(1) from None
     stderr.print(f"Serving [bold]{lm.name}[/] at http://{host}:{port}/v1 (max batch {max_batch}); "
                  f"defaults: thinking budget {defaults.max_thinking_tokens}, num_ignore {defaults.num_ignore}.",
                  highlight=False)
@@ -116,7 +124,18 @@ def serve(
                      highlight=False)
     if ui:
         stderr.print(f"Web page at http://{host}:{port}/", highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    # A worker that dies (no fresh engine after a failure) ends the server with status 1, for a
+    # supervisor to restart it; /health answers 503 meanwhile.
+    batcher.on_failure = lambda error: setattr(server, "should_exit", True)
+    server.run()
+    if batcher.failure is not None:
+        stderr.print(f"[red]Error:[/] the engine failed ({type(batcher.failure).__name__}: {batcher.failure}); "
+                     "the server stopped with status 1.", highlight=False)
+        raise typer.Exit(1)
+    if not server.started:
+        batcher.stop()
+        raise typer.Exit(3)  # uvicorn's status for a server that could not start
 
 
 def parse_effort_budgets(text: str) -> dict[str, int | str]:
@@ -191,7 +210,8 @@ def chat(
     run_chat(lm, budget, chat_template_kwargs=template_kwargs, index=opened, rag=rag)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:

@@ -6,19 +6,26 @@ its meaning. The thinking budget answers to the names the other engines use
 (``THINKING_BUDGET_ALIASES``, ``reasoning_effort``, ``chat_template_kwargs``), and
 ``BudgetFields.budget_forcing`` turns them into one ``BudgetForcing``: aliases that disagree, a
 budget-like field this server does not know, or thinking asked for while the template switches it
-off are refused with a ``FieldError`` naming the field, never ignored.
+off are refused with a ``FieldError`` naming the field, never ignored. Strings and lists a request
+brings have length limits (``TEXT_CHARS``, ``PROMPT_CHARS``, ``MESSAGES``, ...), declared with the
+fields; the whole body has one too (``BODY_BYTES``, checked by the server before it parses it).
+
+A test-time policy (``policy``, ``policy_args``, ``n``, ``return_traces``; ``t0s1.policies``)
+answers with the trace that carries the vote, and a ``policy`` report beside the choice.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing
+from t0s1.policies import POLICIES
 from t0s1.profiles import THINKING_SWITCH
 from t0s1.rag import RagRequest
 
@@ -37,9 +44,55 @@ REQUEST_FIELD = {"max_answer_tokens": "max_tokens"}
 """The request field of a ``BudgetForcing`` field whose name differs."""
 
 SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}  # what torch.Generator.manual_seed takes
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+def _integral(value):
+    """JSON Schema's integer: 5.0 is 5 (the fields are strict otherwise: no strings, no booleans)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Integer(**bounds):  # noqa: N802 - a type
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+PositiveInt = Integer(ge=1)
+NonNegativeInt = Integer(ge=0)
 ThinkingBudget = NonNegativeInt | Literal["auto"]
+
+# Limits on what a request may hold (a 400 beyond them): the server keeps nothing of a request once
+# it is answered, and these bound what one request costs to encode and match.
+TEXT_CHARS = 4096
+"""The longest ignore_str, end_phrase or answer_prefix, in characters."""
+STOP_STRINGS, STOP_CHARS, STOP_TOKEN_IDS = 16, 1024, 256
+"""The most stop strings, the longest stop string (characters) and the most stop_token_ids."""
+NAME_CHARS = 256
+"""The longest model or user name."""
+PROMPT_CHARS = 1_048_576
+"""The longest prompt, message content (or text part) or earlier reasoning, in characters."""
+MESSAGES, CONTENT_PARTS = 1024, 256
+"""The most messages of a conversation and text parts of one message."""
+BODY_BYTES = 8 * 1024 * 1024
+"""The largest request body in bytes (a 413 beyond; the server counts before it parses)."""
+MAX_N = 64
+"""The most choices (``n``) of one request, or traces of one policy."""
+POLICY_ARGS, POLICY_ARG_CHARS = 16, 64
+"""The most policy_args, and the longest policy_args name or string value."""
+
+RequestText = Annotated[str, Field(max_length=TEXT_CHARS)]
+PromptText = Annotated[str, Field(max_length=PROMPT_CHARS)]
+Text = Annotated[str, Field(max_length=PROMPT_CHARS),
+                 WithJsonSchema({"type": "string", "pattern": r"\S", "maxLength": PROMPT_CHARS})]
+"""A string the server needs some text in (not only whitespace), at most ``PROMPT_CHARS`` long."""
+Name = Annotated[str, Field(max_length=NAME_CHARS)]
+StopString = Annotated[str, Field(max_length=STOP_CHARS)]
+
+
+def refused_unless(*allowed, description: str):
+    """The schema of a field the server refuses unless it is one of ``allowed`` (``None`` among
+    them): validation takes any value of the field's type, so the refusal can say why."""
+    return WithJsonSchema({"enum": list(allowed), "description": description})
 
 
 class FieldError(Exception):
@@ -64,19 +117,27 @@ class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     type: Literal["text"]
-    text: str
+    text: PromptText
 
 
 class ChatMessage(BaseModel):
     """A message of the conversation. Earlier thinking of an assistant turn may come as
     ``reasoning_content`` or ``reasoning``; the chat template decides whether the model sees it."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", json_schema_extra={"required": ["role", "content"]})
 
-    role: str = Field(description="system, developer (as system), user or assistant.")
-    content: str | list[TextPart] | None = Field(None, description="A string or a list of text parts (joined); null is empty.")
-    reasoning_content: str | None = None
-    reasoning: str | None = Field(None, description="Alias of reasoning_content (vLLM's name).")
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="system, developer (as system), user or assistant.")
+    content: Annotated[PromptText | Annotated[list[TextPart], Field(max_length=CONTENT_PARTS)] | None, WithJsonSchema({
+        "anyOf": [{"type": "string", "pattern": r"\S", "maxLength": PROMPT_CHARS},
+                  {"type": "array", "minItems": 1, "maxItems": CONTENT_PARTS, "items": {
+                      "type": "object", "required": ["type", "text"],
+                      "properties": {"type": {"const": "text"},
+                                     "text": {"type": "string", "pattern": r"\S", "maxLength": PROMPT_CHARS}}}}],
+        "description": "A string or a list of text parts (joined). The server also takes null or empty content "
+                       "(an empty message) as long as one message of the conversation holds some text."})] = None
+    reasoning_content: PromptText | None = None
+    reasoning: PromptText | None = Field(None, description="Alias of reasoning_content (vLLM's name).")
 
     def for_template(self) -> dict:
         """``{"role", "content"[, "reasoning_content"]}`` as the chat template reads it."""
@@ -96,18 +157,29 @@ class BudgetFields(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    model: str | None = Field(None, description="Any name: the server serves one model.")
+    model: Name | None = Field(None, description="Any name: the server serves one model.")
     max_tokens: PositiveInt | None = Field(None, description="The most answer tokens, after the thinking.")
     max_completion_tokens: PositiveInt | None = Field(None, description="Alias of max_tokens (OpenAI's newer name).")
     temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
         None, description="0 is greedy decoding.")
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: Annotated[int, Field(**SEED_RANGE)] | None = Field(
+    seed: Integer(**SEED_RANGE) | None = Field(
         None, description="Seeds sampling; without one a sampled request draws a fresh seed (reported in the reply).")
-    n: Annotated[int, Field(ge=1, le=1)] | None = Field(None, description="Choices per request: only 1.")
+    n: Integer(ge=1, le=MAX_N) | None = Field(
+        None, description="Without a policy: this many independent choices (sampled with seed + j; not streamed). "
+        "With a policy: its number of traces (default: the policy's).")
+    policy: Literal[tuple(POLICIES)] | None = Field(
+        None, description="A test-time policy (docs/policies.md): the reply is the trace that carries its vote, "
+        "usage counts every generated token, and the policy field reports the vote. Not streamed.")
+    policy_args: Annotated[dict[Annotated[str, Field(max_length=POLICY_ARG_CHARS)],
+                                int | Annotated[float, Field(allow_inf_nan=False)]
+                                | Annotated[str, Field(max_length=POLICY_ARG_CHARS)]],
+                           Field(max_length=POLICY_ARGS)] | None = Field(
+        None, description='The policy\'s parameters by their papers\' names, e.g. {"mode": "online", "warmup": 4}.')
+    return_traces: bool | None = Field(None, description="With a policy: every trace in policy.traces.")
     stream: bool | None = Field(False, description="Server-sent events: the thinking, then the answer, then [DONE].")
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="Accepted and ignored.")
+    user: Name | None = Field(None, description="Accepted and ignored.")
     max_thinking_tokens: ThinkingBudget | None = Field(
         None, description='Thinking budget in tokens (injected Waits included), or "auto": the context minus the '
         "prompt minus 100.")
@@ -118,9 +190,9 @@ class BudgetFields(BaseModel):
         None, description="A thinking budget by name (OpenAI, Ollama): the budgets the server was started with.")
     num_ignore: NonNegativeInt | None = Field(
         None, description="How many times the end of thinking is ignored and ignore_str appended (s1's Wait).")
-    ignore_str: str | None = Field(None, description='Appended when the end of thinking is ignored (default "Wait").')
-    end_phrase: str | None = Field(None, description="Written before the end of thinking when the budget forces it.")
-    answer_prefix: str | None = Field(None, description='Written after a forced end of thinking (s1: "Final Answer:").')
+    ignore_str: RequestText | None = Field(None, description='Appended when the end of thinking is ignored (default "Wait").')
+    end_phrase: RequestText | None = Field(None, description="Written before the end of thinking when the budget forces it.")
+    answer_prefix: RequestText | None = Field(None, description='Written after a forced end of thinking (s1: "Final Answer:").')
 
     def ignored_fields(self) -> list[str]:
         """Undeclared fields that are not about thinking (other OpenAI options): ignored."""
@@ -181,13 +253,13 @@ class BudgetFields(BaseModel):
 class ChatCompletionRequest(BudgetFields):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MESSAGES)
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description='Passed to the chat template, e.g. {"enable_thinking": false}; a thinking budget alias here '
         "counts as one too.")
-    stop: str | list[str] | None = Field(None, description="Not taken by chat: the answer ends at the end of turn or "
-                                         "max_tokens (a 400 if set; /v1/completions takes stop).")
-    logprobs: bool | None = Field(None, description="Not supported (a 400 if true).")
+    stop: Annotated[str | list[str] | None, refused_unless(None, description="Not taken by chat: the answer ends at the end "
+                    "of turn or max_tokens (a 400 if set; /v1/completions takes stop).")] = None
+    logprobs: Annotated[bool | None, refused_unless(False, None, description="Not supported (a 400 if true).")] = None
     rag: RagRequest | None = Field(None, description='Retrieval for this request, on a server started with --index '
                                    '(e.g. {"k": 5, "retriever": "hybrid"}; k = 0: none).')
 
@@ -200,17 +272,20 @@ class CompletionRequest(BudgetFields):
     ``stop_token_ids``) budget forcing from the prompt plus the thinking delimiter; with them a plain
     continuation, as client-side budget forcing asks of a server."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="The text to continue (one prompt per request).")
-    stop: str | list[str] | None = Field(None, description="Stop strings: the request is a plain continuation.")
-    stop_token_ids: list[NonNegativeInt] | None = Field(
-        None, description="A plain continuation stops at these ids and the model's end of turn (vLLM's field).")
-    min_tokens: Annotated[int, Field(ge=0, le=1)] | None = Field(
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
+        description="The text to continue (one prompt per request; not only whitespace).")
+    stop: StopString | Annotated[list[StopString], Field(max_length=STOP_STRINGS)] | None = Field(
+        None, description="Stop strings: the request is a plain continuation. Found in the raw text as it is "
+        "generated; the text ends before the first.")
+    stop_token_ids: Annotated[list[NonNegativeInt], Field(max_length=STOP_TOKEN_IDS)] | None = Field(
+        None, description="A plain continuation stops at these ids and the model's end of turn (vLLM's field); ids "
+        "of the model's vocabulary.")
+    min_tokens: Integer(ge=0, le=1) | None = Field(
         None, description="1: the first token of a plain continuation may not be a stop id (after an injected Wait).")
     skip_special_tokens: bool | None = Field(None, description="Drop special tokens from a plain continuation's text (default false).")
-    echo: bool | None = Field(None, description="Not supported (a 400 if true).")
-    logprobs: int | None = Field(None, description="Not supported (a 400 if set).")
-    suffix: str | None = Field(None, description="Not supported (a 400 if set).")
+    echo: Annotated[bool | None, refused_unless(False, None, description="Not supported (a 400 if true).")] = None
+    logprobs: Annotated[int | None, refused_unless(None, description="Not supported (a 400 if set).")] = None
+    suffix: Annotated[str | None, refused_unless(None, description="Not supported (a 400 if set).")] = None
 
     @property
     def text(self) -> str:
@@ -242,6 +317,47 @@ class Usage(BaseModel):
     completion_tokens: int = Field(description="Thinking and answer tokens.")
     total_tokens: int
     completion_tokens_details: CompletionTokensDetails | None = None
+
+
+class TraceReport(BaseModel):
+    """One trace of a policy's run."""
+
+    model_config = ConfigDict(extra="allow")
+
+    answer: str | None = Field(description="The answer extracted from the trace's reply (read as a math answer).")
+    thinking_tokens: int
+    answer_tokens: int
+    generated_tokens: int = Field(description="Tokens the model generated for this trace.")
+    stopped_early: bool = Field(description="Stopped by the policy (DeepConf online, short-m@k).")
+    voted: bool = Field(description="Whether it took part in the vote.")
+    confidence: float | None = Field(description="The score its vote used (null: unweighted).")
+    confs: list[float | None] | None = Field(description="DeepConf's per-token confidences (when it computes them).")
+    finish_reason: str
+    num_ignored: int
+    hit_budget: bool
+    thinking: str
+    reply: str = Field(description="Its answer text.")
+
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _finite(cls, value):
+        return value if value is None or math.isfinite(value) else None  # JSON has no inf
+
+    @field_validator("confs", mode="before")
+    @classmethod
+    def _finite_list(cls, values):
+        return None if values is None else [v if v is None or math.isfinite(v) else None for v in values]
+
+
+class PolicyReport(BaseModel):
+    """How a test-time policy decided (a t0s1 extension, with ``policy``)."""
+
+    policy: str = Field(description="Its name and every parameter that differs from its default, e.g. "
+                        "deepconf[n=8,mode=online].")
+    voted: str | None = Field(description="The winning extracted answer (null: no trace gave one).")
+    total_tokens: int = Field(description="Every token generated: all traces, probes and dropped branches.")
+    probes: int = Field(description="Side branches started (trial answers, probes).")
+    traces: list[TraceReport] | None = _omitted_when_null("With return_traces: every trace.")
 
 
 class BudgetForcingReport(BaseModel):
@@ -296,6 +412,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     budget_forcing: BudgetForcingReport = Field(description="The first choice's (kept for older clients).")
+    policy: PolicyReport | None = _omitted_when_null("With a policy: how it decided.")
 
 
 class ChatDelta(BaseModel):
@@ -346,6 +463,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = _omitted_when_null()
     budget_forcing: BudgetForcingReport | None = _omitted_when_null()
+    policy: PolicyReport | None = _omitted_when_null("With a policy: how it decided.")
 
 
 class ModelCard(BaseModel):

@@ -1,7 +1,8 @@
 """An OpenAI-compatible server with budget forcing: ``create_app(lm, defaults)``.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (these need
-``Authorization: Bearer KEY`` when the server has a key) and ``GET /health``. The request and
+``Authorization: Bearer KEY`` when the server has a key) and ``GET /health`` (a 503 once the
+engine's worker is dead). The request and
 reply models are declared in ``t0s1.serving.protocol``; ``/openapi.json`` lists every field. A
 request sets the budget forcing of its own generation (``max_thinking_tokens`` or an alias,
 ``reasoning_effort``, ``num_ignore``, ``ignore_str``, ...); the server's defaults fill in the
@@ -10,7 +11,9 @@ rest. Replies carry the thinking apart from the answer (``reasoning`` and ``reas
 Streams are server-sent events (``sse-starlette``): thinking deltas, answer deltas, a last chunk
 with the finish reason, then ``data: [DONE]``.
 
-Requests run continuously batched (``t0s1.serving.batcher``). With a retrieval index
+Requests run continuously batched (``t0s1.serving.batcher``); ``n`` > 1 is n requests in that
+batch (choice j sampled with seed + j), and a request with a test-time ``policy`` runs alone
+between batches and answers with the trace that carries its vote. With a retrieval index
 (``t0s1.rag``) a chat request is answered over the sources retrieved for its last message, and
 the reply lists them (``sources``).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import secrets
 import signal
 import socket
 import threading
@@ -39,9 +43,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, render_prompt
 from t0s1.models import LoadedModel
-from t0s1.serving.batcher import Batcher, Continuation, Job, ServerShuttingDown
+from t0s1.policies import POLICIES, Policy, make_policy
+from t0s1.serving.batcher import (
+    Batcher,
+    Continuation,
+    EngineFailed,
+    Job,
+    ServerShuttingDown,
+    continuation_text,
+    first_stop,
+)
 from t0s1.serving.protocol import (
+    BODY_BYTES,
     DEFAULT_EFFORT_BUDGETS,
+    SEED_RANGE,
     THINKING_BUDGET_ALIASES,
     AssistantMessage,
     BudgetFields,
@@ -58,14 +73,20 @@ from t0s1.serving.protocol import (
     CompletionTokensDetails,
     ErrorResponse,
     FieldError,
+    MAX_N,
     ModelCard,
     ModelList,
+    PolicyReport,
     Source,
     Usage,
 )
 from t0s1.serving.ui import UIInfo, mount_ui
 
 log = logging.getLogger("t0s1.serving")
+
+POLICY_NAMES = tuple(POLICIES)
+MAX_TRACES = MAX_N
+"""The most traces of one policy request (a policy's default n included)."""
 
 DISCONNECT_POLL_SECONDS = 0.5
 """How often a waiting non-streamed request checks whether its client is still there."""
@@ -79,7 +100,8 @@ SNIPPET_CHARS = 300
 ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "A field that cannot be honoured; error.param names it."},
     401: {"model": ErrorResponse, "description": "A missing or wrong API key."},
-    503: {"model": ErrorResponse, "description": "The server is shutting down."},
+    413: {"model": ErrorResponse, "description": f"A request body over {BODY_BYTES} bytes."},
+    503: {"model": ErrorResponse, "description": "The server is shutting down, or its engine has failed."},
 }
 
 
@@ -131,6 +153,7 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
                   description="OpenAI-compatible chat and completions with budget forcing per request.")
     app.state.batcher = batcher
     app.state.lm = lm
+    app.add_middleware(_BodyLimit, limit=BODY_BYTES)
 
     bearer = HTTPBearer(auto_error=False, description="The key the server was started with (--api-key).")
 
@@ -170,11 +193,16 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
 
     keyed = [Security(require_api_key)] if api_key is not None else []  # on every /v1 route
 
-    @app.get("/health")
-    async def health() -> dict:
-        """Open without a key: the model, the queue and the worker's counters."""
-        return {"status": "ok", "model": lm.name, "queued": batcher.queued, "running": batcher.running,
-                "max_batch": batcher.max_batch, "retrieval": retrieval is not None, **batcher.stats.to_dict()}
+    @app.get("/health", responses={503: {"description": "The engine's worker is dead (error says why): restart the server."}})
+    async def health():
+        """Open without a key: the model, the queue and the worker's counters; a 503 once the
+        engine's worker is dead (the server then exits, for a supervisor to restart it)."""
+        report = {"status": "ok", "model": lm.name, "queued": batcher.queued, "running": batcher.running,
+                  "max_batch": batcher.max_batch, "retrieval": retrieval is not None, **batcher.stats.to_dict()}
+        if batcher.alive:
+            return report
+        reason = batcher.failure or "the engine's worker is not running"
+        return JSONResponse({**report, "status": "failed", "error": str(reason)}, status_code=503)
 
     @app.get("/v1/models", dependencies=keyed, responses=ERROR_RESPONSES)
     async def models() -> ModelList:
@@ -189,19 +217,22 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
         _log_ignored(body)
         template_kwargs = body.chat_template_kwargs
         settings = _settings(body, defaults, efforts, template_kwargs)
+        policy = _policy(body, settings, lm)
         messages, sources = body.template_messages(), None
         rag = _rag_settings(body, retrieval)
         if rag is not None:
             messages, sources = await retrieval.prompt(messages, rag, settings)
-        try:
-            prompt = render_prompt(lm, messages, template_kwargs)
+        try:  # tokenizing a long prompt takes a while: not on the event loop, which serves every client
+            prompt = await asyncio.to_thread(render_prompt, lm, messages, template_kwargs)
         except UserError as error:
             raise APIError(400, str(error), param="messages") from None
-        job = _submit(batcher, body, prompt, settings, stream=bool(body.stream), prompt_field="messages")
-        reply = _ChatReply(f"chatcmpl-{uuid.uuid4().hex}", lm.name, job, prompt, sources)
+        jobs = _submit_all(batcher, body, prompt, settings, policy, prompt_field="messages")
+        reply = _ChatReply(f"chatcmpl-{uuid.uuid4().hex}", lm.name, jobs, prompt, sources)
         if body.stream:
-            return _event_stream(reply.stream(bool(body.stream_options and body.stream_options.include_usage)), job)
-        return _json(reply.whole(await _wait(job, request)))
+            return _event_stream(reply.stream(bool(body.stream_options and body.stream_options.include_usage)), jobs[0])
+        if policy is not None:
+            return _json(reply.voted(await _wait(jobs[0], request), bool(body.return_traces)))
+        return _json(reply.whole(await _wait_all(jobs, request)))
 
     @app.post("/v1/completions", response_model=Completion, dependencies=keyed,
               responses={**ERROR_RESPONSES, 200: _streamed("Completion", "A completion")})
@@ -214,19 +245,28 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
             raise APIError(400, "prompt is empty: give the text to continue.", param="prompt")
         reply_id = f"cmpl-{uuid.uuid4().hex}"
         if body.plain_continuation:
+            for name in ("policy", "policy_args", "return_traces"):
+                _refuse(getattr(body, name), name, f"{name} cannot be combined with stop: a request with stop is a "
+                        "plain continuation without budget forcing.")
+            _refuse((body.n or 1) > 1, "n", "n > 1 is not supported together with stop (a plain continuation): send "
+                    "one request per continuation.")
             return await _plain_continuation(lm, batcher, reply_id, request, body, defaults, efforts)
         for name in ("min_tokens", "skip_special_tokens"):
             _refuse(getattr(body, name), name, f"{name} applies to plain continuations (a request with stop or "
                     "stop_token_ids); a budget-forced reply keeps the thinking and the answer apart instead.")
         settings = _settings(body, defaults, efforts)
-        prompt = completion_prompt_ids(lm, body.text)
-        job = _submit(batcher, body, prompt, settings, stream=bool(body.stream), prompt_field="prompt")
-        reply = _CompletionReply(reply_id, lm.name, job, prompt)
+        policy = _policy(body, settings, lm)
+        prompt = await asyncio.to_thread(completion_prompt_ids, lm, body.text)
+        jobs = _submit_all(batcher, body, prompt, settings, policy, prompt_field="prompt")
+        reply = _CompletionReply(reply_id, lm.name, jobs, prompt)
         if body.stream:
-            return _event_stream(reply.stream(bool(body.stream_options and body.stream_options.include_usage)), job)
-        return _json(reply.whole(await _wait(job, request)))
+            return _event_stream(reply.stream(bool(body.stream_options and body.stream_options.include_usage)), jobs[0])
+        if policy is not None:
+            return _json(reply.voted(await _wait(jobs[0], request), bool(body.return_traces)))
+        return _json(reply.whole(await _wait_all(jobs, request)))
 
     _declare_stream_chunks(app, ChatCompletionChunk)
+    _declare_model_limits(app, lm, retrieval=retrieval is not None)
     if ui:
         mount_ui(app, info=UIInfo.describe(lm, defaults, api_key_required=api_key is not None,
                                            retrieval=retrieval is not None))
@@ -254,6 +294,31 @@ def _declare_stream_chunks(app: FastAPI, *models) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in definitions.get("$defs", {}).items():
                 components.setdefault(name, definition)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _declare_model_limits(app: FastAPI, lm: LoadedModel, *, retrieval: bool) -> None:
+    """Add to the schema the limits that depend on the model: token counts up to its context,
+    ``stop_token_ids`` within its vocabulary, and ``rag.k`` 0 on a server without an index (the
+    server refuses anything beyond them with a 400)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            components = build().get("components", {}).get("schemas", {})
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                fields = components.get(name, {}).get("properties", {})
+                for field in ("max_tokens", "max_completion_tokens", *THINKING_BUDGET_ALIASES):
+                    for option in fields.get(field, {}).get("anyOf", []):
+                        if option.get("type") == "integer" and lm.context_length:
+                            option["maximum"] = lm.context_length
+                for option in fields.get("stop_token_ids", {}).get("anyOf", []):
+                    if option.get("type") == "array":
+                        option["items"]["maximum"] = lm.vocab_size - 1
+            if not retrieval and "RagRequest" in components:
+                components["RagRequest"]["properties"]["k"]["maximum"] = 0
         return app.openapi_schema
 
     app.openapi = openapi
@@ -365,16 +430,86 @@ def _budget_field(body: BudgetFields) -> str | None:
 
 
 def _submit(batcher: Batcher, body: BudgetFields, prompt: RenderedPrompt, settings: BudgetForcing, *, stream: bool,
-            prompt_field: str, continuation: Continuation | None = None) -> Job:
+            prompt_field: str, continuation: Continuation | None = None, policy: Policy | None = None) -> Job:
     """Queue the request; a prompt and budget that do not fit the context are a 400 here, before
     anything is streamed."""
     try:
-        return batcher.submit(prompt, settings, stream=stream, continuation=continuation)
+        return batcher.submit(prompt, settings, stream=stream, continuation=continuation, policy=policy)
     except UserError as error:
         param = "max_tokens" if continuation is not None else _budget_field(body) or prompt_field
         raise APIError(400, str(error), param=param, code="context_length_exceeded") from None
     except ServerShuttingDown as error:
         raise APIError(503, str(error), code="server_shutting_down", kind="server_error") from None
+    except EngineFailed as error:
+        raise APIError(503, str(error), code="engine_failed", kind="server_error") from None
+
+
+def _policy(body: BudgetFields, settings: BudgetForcing, lm: LoadedModel) -> Policy | None:
+    """The request's test-time policy (None: none); a 400 for what cannot run. ``n`` > 1 without
+    a policy is n independent choices, which cannot be streamed."""
+    if body.policy is None:
+        for name in ("policy_args", "return_traces"):
+            _refuse(getattr(body, name), name, f"{name} applies to a request with a policy; add policy (one of "
+                    f"{', '.join(POLICY_NAMES)}) or leave {name} out.")
+        _refuse(body.stream and (body.n or 1) > 1, "n", "n > 1 cannot be streamed: send stream false (the n choices "
+                "come together) or one streamed request per choice.")
+        return None
+    _refuse(body.stream, "stream", f"stream is not supported with a policy: {body.policy} decides among its traces "
+            "only once they end, so nothing can be sent before. Send stream false.")
+    args = dict(body.policy_args or {})
+    _refuse("n" in args, "policy_args", "give the number of traces as the request's n, not in policy_args.")
+    try:
+        make_policy(body.policy, args)
+    except UserError as error:
+        raise APIError(400, str(error), param="policy_args") from None
+    try:
+        policy = make_policy(body.policy, args, n=body.n)
+    except UserError as error:
+        raise APIError(400, str(error), param="n") from None
+    if policy.n > MAX_TRACES:
+        raise APIError(400, f"{body.policy} runs n={policy.n} traces; this server runs at most {MAX_TRACES}.", param="n")
+    if getattr(policy, "top_k", 0) > lm.vocab_size:
+        raise APIError(400, f"{body.policy}: top_k={policy.top_k} is more candidates than the model's vocabulary of "
+                       f"{lm.vocab_size} ids.", param="policy_args")
+    if policy.parallel and policy.n > 1 and settings.greedy:
+        raise APIError(400, f"policy {body.policy!r} with n={policy.n} needs sampling: greedy traces are all the same. "
+                       "Give a temperature, e.g. temperature 0.6 and top_p 0.95 (DeepConf's and s1's settings).",
+                       param="temperature")
+    return policy
+
+
+def _seeded(settings: BudgetForcing, count: int) -> BudgetForcing:
+    """Sampled settings with a seed (a fresh one if the request has none), so that trace or choice
+    j is sampled with seed + j and the reply can say which seed."""
+    if settings.greedy:
+        return settings
+    seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+    if seed + count - 1 > SEED_RANGE["le"]:
+        raise APIError(400, f"seed={seed} leaves no room for {count} seeds (seed + j up to seed + {count - 1} must be at "
+                       f"most {SEED_RANGE['le']}): give a smaller seed.", param="seed")
+    return replace(settings, seed=seed)
+
+
+def _submit_all(batcher: Batcher, body: BudgetFields, prompt: RenderedPrompt, settings: BudgetForcing,
+                policy: Policy | None, *, prompt_field: str) -> list[Job]:
+    """One job with a policy (run alone), else ``n`` jobs in the batch (choice j: seed + j)."""
+    if policy is not None:
+        return [_submit(batcher, body, prompt, _seeded(settings, policy.n), stream=False, prompt_field=prompt_field,
+                        policy=policy)]
+    count = body.n or 1
+    if count == 1:
+        return [_submit(batcher, body, prompt, settings, stream=bool(body.stream), prompt_field=prompt_field)]
+    settings = _seeded(settings, count)
+    jobs: list[Job] = []
+    try:
+        for j in range(count):
+            choice = settings if settings.greedy else replace(settings, seed=settings.seed + j)
+            jobs.append(_submit(batcher, body, prompt, choice, stream=False, prompt_field=prompt_field))
+    except APIError:
+        for job in jobs:
+            job.cancel()
+        raise
+    return jobs
 
 
 def _validation_error(error: RequestValidationError) -> APIError:
@@ -462,6 +597,16 @@ class _ClientGone(Exception):
     pass
 
 
+async def _wait_all(jobs: list[Job], request: Request) -> list[Result]:
+    """Every job's result (they run together in the batch); if one fails, the others are cancelled."""
+    try:
+        return [await _wait(job, request) for job in jobs]
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        raise
+
+
 async def _wait(job: Job, request: Request) -> Result:
     """The job's result; cancels the job if the client disconnects while it waits."""
     try:
@@ -489,6 +634,8 @@ def _engine_error(error: Exception) -> APIError:
         return APIError(400, str(error))
     if isinstance(error, ServerShuttingDown):
         return APIError(503, str(error), code="server_shutting_down", kind="server_error")
+    if isinstance(error, EngineFailed):
+        return APIError(503, str(error), code="engine_failed", kind="server_error")
     return APIError(500, f"Generation failed for this request: {type(error).__name__}: {error}", kind="server_error")
 
 
@@ -563,11 +710,15 @@ def finish_reason(result: Result) -> str:
 
 def budget_report(result: Result, job: Job, prompt: RenderedPrompt) -> BudgetForcingReport:
     """How the thinking ended: off (no thinking), budget (forced), context (never ended), natural."""
+    if job.policy is not None:  # its traces ran on their own sequences: read the result alone
+        still_thinking = result.finish_reason == "length" and not result.answer_tokens and not result.hit_budget
+    else:
+        still_thinking = job.sequence.thinking
     if not prompt.thinking:
         end = "off"
     elif result.hit_budget:
         end = "budget"
-    elif job.sequence.thinking:
+    elif still_thinking:
         end = "context"
     else:
         end = "natural"
@@ -576,15 +727,44 @@ def budget_report(result: Result, job: Job, prompt: RenderedPrompt) -> BudgetFor
                                hit_budget=result.hit_budget, answer_tokens=result.answer_tokens, seed=result.seed)
 
 
+def total_usage(results: list[Result]) -> Usage:
+    """The usage of n choices of one prompt: the prompt once, every choice's tokens."""
+    thinking = sum(r.thinking_tokens for r in results)
+    completion = thinking + sum(r.answer_tokens for r in results)
+    return Usage(prompt_tokens=results[0].prompt_tokens, completion_tokens=completion,
+                 total_tokens=results[0].prompt_tokens + completion,
+                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=thinking))
+
+
+def policy_usage(outcome) -> Usage:
+    """A policy's usage: every token it generated (traces, probes, dropped branches); how many of
+    them were thinking is not told apart, so no details."""
+    prompt = outcome.result.prompt_tokens
+    return Usage(prompt_tokens=prompt, completion_tokens=outcome.total_tokens, total_tokens=prompt + outcome.total_tokens)
+
+
+def policy_report(outcome, policy: Policy, traces: bool) -> PolicyReport:
+    return PolicyReport(policy=policy.label(), voted=outcome.voted, total_tokens=outcome.total_tokens,
+                        probes=outcome.probes, traces=[t.to_dict() for t in outcome.traces] if traces else None)
+
+
 class _Reply:
-    def __init__(self, reply_id: str, model: str, job: Job, prompt: RenderedPrompt):
-        self.id, self.model, self.job, self.prompt, self.created = reply_id, model, job, prompt, int(time.time())
+    def __init__(self, reply_id: str, model: str, jobs: list[Job], prompt: RenderedPrompt):
+        self.id, self.model, self.jobs, self.prompt, self.created = reply_id, model, jobs, prompt, int(time.time())
+        self.job = jobs[0]
 
     def envelope(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model}
 
-    def report(self, result: Result) -> BudgetForcingReport:
-        return budget_report(result, self.job, self.prompt)
+    def report(self, result: Result, job: Job | None = None) -> BudgetForcingReport:
+        return budget_report(result, job or self.job, self.prompt)
+
+    def voted(self, outcome, traces: bool):
+        """A policy's reply: the trace that carries the vote, and how the policy decided."""
+        reply = self.whole([outcome.result])
+        reply.usage = policy_usage(outcome)
+        reply.policy = policy_report(outcome, self.job.policy, traces)
+        return reply
 
 
 class _ChatReply(_Reply):
@@ -592,12 +772,15 @@ class _ChatReply(_Reply):
         super().__init__(reply_id, model, job, prompt)
         self.sources = sources
 
-    def whole(self, result: Result) -> ChatCompletion:
-        report = self.report(result)
-        message = AssistantMessage(content=result.answer, reasoning=result.thinking, reasoning_content=result.thinking,
-                                   sources=_cited(self.sources, result.answer))
-        choice = ChatChoice(message=message, finish_reason=finish_reason(result), budget_forcing=report)
-        return ChatCompletion(**self.envelope(), choices=[choice], usage=usage(result), budget_forcing=report)
+    def whole(self, results: list[Result]) -> ChatCompletion:
+        choices = []
+        for index, (result, job) in enumerate(zip(results, self.jobs, strict=True)):
+            message = AssistantMessage(content=result.answer, reasoning=result.thinking,
+                                       reasoning_content=result.thinking, sources=_cited(self.sources, result.answer))
+            choices.append(ChatChoice(index=index, message=message, finish_reason=finish_reason(result),
+                                      budget_forcing=self.report(result, job)))
+        return ChatCompletion(**self.envelope(), choices=choices, usage=total_usage(results),
+                              budget_forcing=choices[0].budget_forcing)
 
     def chunk(self, delta: ChatDelta, **choice) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.envelope(), choices=[ChatChunkChoice(delta=delta, **choice)])
@@ -620,11 +803,13 @@ class _ChatReply(_Reply):
 
 
 class _CompletionReply(_Reply):
-    def whole(self, result: Result) -> Completion:
-        report = self.report(result)
-        choice = CompletionChoice(text=result.answer, reasoning=result.thinking, reasoning_content=result.thinking,
-                                  finish_reason=finish_reason(result), budget_forcing=report)
-        return Completion(**self.envelope(), choices=[choice], usage=usage(result), budget_forcing=report)
+    def whole(self, results: list[Result]) -> Completion:
+        choices = [CompletionChoice(index=index, text=result.answer, reasoning=result.thinking,
+                                    reasoning_content=result.thinking, finish_reason=finish_reason(result),
+                                    budget_forcing=self.report(result, job))
+                   for index, (result, job) in enumerate(zip(results, self.jobs, strict=True))]
+        return Completion(**self.envelope(), choices=choices, usage=total_usage(results),
+                          budget_forcing=choices[0].budget_forcing)
 
     async def stream(self, include_usage: bool):
         async for kind, value in _stream_events(self.job):
@@ -645,27 +830,86 @@ async def _plain_continuation(lm, batcher, reply_id, request, body: CompletionRe
     it is (no thinking delimiter, no forcing) for up to ``max_tokens`` tokens, until a stop id (the
     model's end of turn and end of thinking, or ``stop_token_ids`` with the end of turn) or a stop
     string. This is what client-side budget forcing (``t0s1 eval --backend openai``) asks of a
-    server, one step at a time."""
+    server, one step at a time. vLLM's rules: prompt + ``max_tokens`` must fit the context; stop
+    strings are found in the raw text as each token arrives, and the text ends before the first;
+    ``usage`` counts every generated token, the one that stopped it included."""
     _refuse(body.stream, "stream", "stream is not supported together with stop (a plain continuation).")
     for name in (*THINKING_BUDGET_ALIASES, "reasoning_effort", "num_ignore", "ignore_str", "end_phrase", "answer_prefix"):
         _refuse(getattr(body, name), name, f"{name} cannot be combined with stop: a request with stop is a plain "
                 "continuation without budget forcing.")
     settings = _settings(body, defaults, efforts)
-    length = settings.max_answer_tokens
-    settings = replace(settings, max_thinking_tokens=length, num_ignore=0, max_answer_tokens=1)
+    prompt = RenderedPrompt(list((await asyncio.to_thread(lm.tokenizer, body.text)).input_ids))
+    outside = sorted({token for token in body.stop_token_ids or () if token >= lm.vocab_size})
+    if outside:
+        raise APIError(400, f"stop_token_ids: {outside[:5]} {'is' if len(outside) == 1 else 'are'} not in the "
+                       f"model's vocabulary of {lm.vocab_size} ids (0 to {lm.vocab_size - 1}).", param="stop_token_ids")
     continuation = Continuation(body.stop_strings, tuple(body.stop_token_ids) if body.stop_token_ids is not None else None,
-                                body.min_tokens or 0, bool(body.skip_special_tokens))
-    prompt = RenderedPrompt(list(lm.tokenizer(body.text).input_ids))
+                                body.min_tokens or 0, bool(body.skip_special_tokens),
+                                _continuation_length(lm, body, len(prompt.ids), settings.max_answer_tokens))
     job = _submit(batcher, body, prompt, settings, stream=False, prompt_field="prompt", continuation=continuation)
     result = await _wait(job, request)
-    text = lm.tokenizer.decode(result.thinking_token_ids, skip_special_tokens=continuation.skip_special_tokens)
-    cut = min((text.find(s) for s in continuation.stop if s in text), default=-1)
+    text = continuation_text(lm.tokenizer, prompt.ids, result.thinking_token_ids,
+                             skip_special_tokens=continuation.skip_special_tokens)
+    cut = first_stop(text, continuation.stop)
     if cut >= 0:
         text = text[:cut]
-    ended = not result.hit_budget and not job.sequence.thinking  # at a stop id, not the limit or the context
+    ended = not result.hit_budget and not job.sequence.thinking  # at a stop id, not the limit or a stop string
     choice = CompletionChoice(text=text, finish_reason="stop" if cut >= 0 or ended else "length")
-    tokens = result.thinking_tokens
+    tokens = result.thinking_tokens + (ended and cut < 0)  # the stop id was generated too
     reply = Completion(id=reply_id, created=int(time.time()), model=lm.name, choices=[choice],
                        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=tokens,
                                    total_tokens=result.prompt_tokens + tokens))
     return _json(reply)
+
+
+def _continuation_length(lm, body: CompletionRequest, prompt_length: int, default: int) -> int:
+    """A plain continuation's token limit, vLLM's rule: the prompt plus ``max_tokens`` must fit the
+    context. Without ``max_tokens`` the server's default, cut to what the context leaves."""
+    context = lm.context_length
+    room = context - prompt_length if context else None
+    sent = [(name, getattr(body, name)) for name in ("max_tokens", "max_completion_tokens") if getattr(body, name) is not None]
+    if sent:
+        name, value = sent[0]
+        if room is not None and value > room:
+            raise APIError(400, f"{name}={value} does not fit the model's context of {context} tokens with a "
+                           f"{prompt_length}-token prompt (prompt + {name} must be at most {context}): use at most "
+                           f"{max(room, 0)} or shorten the prompt.", param=name, code="context_length_exceeded")
+        return value
+    if room is not None and room < 1:
+        raise APIError(400, f"The prompt has {prompt_length} tokens and fills the model's context of {context}: "
+                       "shorten it.", param="prompt", code="context_length_exceeded")
+    return min(default, room) if room is not None else default
+
+
+class _BodyLimit:
+    """Refuses a request body over ``limit`` bytes with a 413, before it is parsed: at once when
+    its Content-Length says so, else as soon as the bytes received pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"The request body is larger than this server takes ({self.limit} bytes): send less."
+
+    async def _refuse(self, scope, receive, send):
+        response = APIError(413, self._message(), code="request_too_large").response()
+        await response(scope, receive, send)

@@ -1,0 +1,139 @@
+"""Test-time policies side by side on the quickstart's trained model: accuracy and total tokens.
+
+    python bench/policies.py --run runs/quickstart             # after `t0s1 quickstart`
+    python bench/policies.py --run runs/quickstart --problems 60 --traces 8   # a quicker look
+
+Held-out problems: the quickstart's 100 test problems and the next ones its generator makes after
+its 1,000 training problems (never trained on), 300 by default. Every policy runs on the same
+engine (llama.cpp on the exported GGUF when the run has one, else transformers) and is graded as
+`t0s1 eval` grades the quickstart task. Ratios are printed against the goals:
+
+- DeepConf offline at n = 8 >= majority vote at n = 8 on the same traces, and both > greedy;
+- DeepConf online at n = 16: >= 40% fewer total tokens than majority vote at n = 16, accuracy
+  within 1 point;
+- early exit or probing with num_ignore 2 at the largest budget: accuracy within 1 point of
+  budget forcing with num_ignore 2 at <= 60% of its thinking tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from t0s1.evaluation.grading import answers_match, extract_answer
+from t0s1.forcing_rules import BudgetForcing
+from t0s1.models import load_model
+from t0s1.policies import make_policy
+from t0s1.policies import rules
+from t0s1.policies.run import generate_with_policy
+from t0s1.quickstart.problems import generate_problems
+
+QUICKSTART_TRAIN, QUICKSTART_TEST = 1000, 100
+
+
+def held_out(count: int) -> list[dict]:
+    """The quickstart's test problems, then problems generated after its training split."""
+    _, rows = generate_problems(0, QUICKSTART_TEST + QUICKSTART_TRAIN + max(0, count - QUICKSTART_TEST), seed=0)
+    return (rows[:QUICKSTART_TEST] + rows[QUICKSTART_TEST + QUICKSTART_TRAIN :])[:count]
+
+
+def trained_model(run: Path) -> str:
+    for candidate in sorted(run.glob("*.gguf")) + sorted((run / "model").glob("*.gguf")):
+        return str(candidate)
+    if (run / "model").is_dir():
+        return str(run / "model")
+    raise SystemExit(f"No trained model in {run}: run `t0s1 quickstart --out {run}` first.")
+
+
+def extract(text: str) -> str | None:
+    return extract_answer(text, "number")
+
+
+def accuracy(outcomes, problems) -> float:
+    right = sum(o.voted is not None and answers_match(o.voted, p["solution"], "number") for o, p in zip(outcomes, problems, strict=True))
+    return 100.0 * right / len(problems)
+
+
+def run(lm, problems, budget, policy, batch):
+    started, outcomes = time.perf_counter(), []
+    for start in range(0, len(problems), batch):
+        part = problems[start : start + batch]
+        outcomes += generate_with_policy(lm, [p["question"] for p in part], budget, policy, extract=extract)
+    return outcomes, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument("--model", help="A model to use instead of the run's")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--problems", type=int, default=300)
+    parser.add_argument("--traces", type=int, default=16, help="n of the online comparison (offline uses n / 2)")
+    parser.add_argument("--budget", type=int, default=256, help="the largest thinking budget")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--window", type=int, default=16, help="DeepConf's group window (2,048 in the paper; traces here are ~50 tokens)")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8, help="prompts per engine call")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--json", type=Path, help="write the table here as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # llama.cpp takes as many
+
+    problems = held_out(args.problems)
+    lm = load_model(args.model or trained_model(args.run), backend=args.backend)
+    n_online, n_offline = args.traces, max(2, args.traces // 2)
+    greedy = BudgetForcing(max_thinking_tokens=args.budget, max_answer_tokens=10)
+    sampled = BudgetForcing(max_thinking_tokens=args.budget, max_answer_tokens=10, temperature=args.temperature, top_p=args.top_p)
+    waits = BudgetForcing(max_thinking_tokens=args.budget, num_ignore=2, max_answer_tokens=10)
+    table = {}
+
+    def record(name, outcomes, seconds, *, voted=None):
+        correct = accuracy(outcomes, problems) if voted is None else voted
+        tokens = sum(o.total_tokens for o in outcomes)
+        thinking = sum(o.result.thinking_tokens for o in outcomes) / len(outcomes)
+        table[name] = {"accuracy": round(correct, 2), "total_tokens": tokens, "avg_thinking_tokens": round(thinking, 1),
+                       "tokens_per_correct": round(tokens / max(1e-9, correct * len(problems) / 100), 1), "seconds": round(seconds, 1)}
+        print(f"{name:32} accuracy {correct:6.2f}%  total tokens {tokens:9d}  thinking/answer {thinking:7.1f}  {seconds:7.1f} s", flush=True)
+
+    outcomes, seconds = run(lm, problems, greedy, make_policy("budget"), args.batch)
+    record("greedy (budget)", outcomes, seconds)
+    offline, seconds = run(lm, problems, sampled, make_policy("deepconf", {"window": str(args.window)}, n=n_offline), args.batch)
+    record(f"deepconf offline n={n_offline}", offline, seconds)
+    majority = [rules.majority_vote([t.answer for t in o.traces]) for o in offline]  # the same traces
+    vote_accuracy = 100.0 * sum(v is not None and answers_match(v, p["solution"], "number") for v, p in zip(majority, problems, strict=True)) / len(problems)
+    record(f"vote n={n_offline} (same traces)", offline, seconds, voted=vote_accuracy)
+    vote16, seconds = run(lm, problems, sampled, make_policy("vote", n=n_online), args.batch)
+    record(f"vote n={n_online}", vote16, seconds)
+    online, seconds = run(lm, problems, sampled, make_policy(
+        "deepconf", {"mode": "online", "window": str(args.window), "warmup": str(args.warmup)}, n=n_online), args.batch)
+    record(f"deepconf online n={n_online}", online, seconds)
+    base, seconds = run(lm, problems, waits, make_policy("budget"), args.batch)
+    record("budget num_ignore=2", base, seconds)
+    exit_, seconds = run(lm, problems, waits, make_policy("early-exit"), args.batch)
+    record("early-exit num_ignore=2", exit_, seconds)
+    probe, seconds = run(lm, problems, waits, make_policy("probe", {"interval": "16"}), args.batch)
+    record("probe(interval=16) num_ignore=2", probe, seconds)
+
+    t = table
+    print("\nGoals")
+    print(f"  deepconf offline n={n_offline} - vote n={n_offline}: {t[f'deepconf offline n={n_offline}']['accuracy'] - vote_accuracy:+.2f} points (goal >= 0); "
+          f"vote - greedy {vote_accuracy - t['greedy (budget)']['accuracy']:+.2f} (goal > 0)")
+    saved = 1 - t[f"deepconf online n={n_online}"]["total_tokens"] / t[f"vote n={n_online}"]["total_tokens"]
+    print(f"  deepconf online n={n_online} tokens saved vs vote: {100 * saved:.1f}% (goal >= 40%), accuracy "
+          f"{t[f'deepconf online n={n_online}']['accuracy'] - t[f'vote n={n_online}']['accuracy']:+.2f} points (goal within 1)")
+    for name in ("early-exit num_ignore=2", "probe(interval=16) num_ignore=2"):
+        ratio = t[name]["avg_thinking_tokens"] / max(1e-9, t["budget num_ignore=2"]["avg_thinking_tokens"])
+        print(f"  {name}: thinking tokens {ratio:.2f} of budget forcing's (goal <= 0.60), accuracy "
+              f"{t[name]['accuracy'] - t['budget num_ignore=2']['accuracy']:+.2f} points (goal within 1)")
+    if args.json:
+        args.json.write_text(json.dumps({"problems": len(problems), "table": table}, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Writing result files so that a killed or failing write never leaves half a file, and a full
+disk is a clear error (``UserError``: exit code 2) naming the file, not a traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from t0s1.errors import UserError
+
+STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+"""Errors that mean no more bytes fit: the disk (or quota) is full, or a file size limit was hit."""
+
+
+def is_storage_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in STORAGE_FULL:
+        return True
+    # Some writers (pyarrow) raise an OSError that carries only the system's message.
+    text = str(error)
+    return isinstance(error, OSError) and any(os.strerror(code) in text for code in STORAGE_FULL)
+
+
+def storage_full_error(path: str | Path, error: BaseException, kept: str) -> UserError:
+    """The ``UserError`` for a write to ``path`` that ran out of space; ``kept`` says what is safe."""
+    reason = getattr(error, "strerror", None) or str(error)
+    return UserError(
+        f"Could not write {path}: {reason} (the disk is full, or a quota or file size limit was reached). "
+        f"{kept} Free some space and rerun the same command."
+    )
+
+
+@contextmanager
+def writing(path: str | Path, kept: str = "Nothing already written was lost.") -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into a ``UserError`` naming it."""
+    try:
+        yield
+    except OSError as error:
+        if is_storage_full(error):
+            raise storage_full_error(path, error, kept) from None
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: readers see the old
+    file or the new one, never a part of it."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with writing(path, f"{path} is unchanged."):
+        try:
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that takes a file name (a plot); renamed over
+    ``path`` when the block ends without an error, removed otherwise."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    with writing(path, f"{path} is unchanged."):
+        try:
+            yield temporary
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise

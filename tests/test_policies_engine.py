@@ -1,0 +1,318 @@
+"""The policies on the engine: DEER's trial answers and Dynasor's probes on a scripted model whose
+probabilities are set, so each decision is exact; parallel traces, DeepConf and short-m@k on a
+tiny random model; the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from t0s1.errors import UserError
+from t0s1.forcing import Engine, generate, generate_from_ids
+from t0s1.forcing_rules import BudgetForcing, ForcingRules, render_prompt_ids
+from t0s1.policies import make_policy
+from t0s1.policies.run import generate_with_policy
+
+CONTEXT = 2048
+
+
+class ConfidentLM:
+    """A model that writes what a table says, with the probability the table says:
+    ``table[context] = (token, probability)``; the end of turn, surely, where it says nothing."""
+
+    def __init__(self, tokenizer, profile):
+        self.tokenizer, self.profile, self.name = tokenizer, profile, "confident"
+        self.rules = ForcingRules(tokenizer, profile, context_length=CONTEXT)
+        self.context_length = CONTEXT
+        self.vocab_size = len(tokenizer)
+        self.end_of_turn = min(self.rules.end_of_turn)
+        self.table: dict[tuple[int, ...], tuple[int, float]] = {}
+
+    def logits(self, context: list[int]) -> torch.Tensor:
+        token, probability = self.table.get(tuple(context), (self.end_of_turn, 1.0))
+        row = torch.zeros(self.vocab_size)
+        # softmax gives ``probability`` to ``token`` and shares the rest evenly
+        row[token] = 30.0 if probability >= 1 else math.log(probability / (1 - probability) * (self.vocab_size - 1))
+        return row
+
+    def new_runner(self, rows=None, length=None):
+        return _Runner(self)
+
+
+class _Runner:
+    def __init__(self, lm):
+        self.lm, self.contexts, self.next_slot = lm, {}, 0
+
+    def _logits(self, slots):
+        return torch.stack([self.lm.logits(self.contexts[s]) for s in slots])
+
+    def add(self, prompts):
+        slots = []
+        for prompt in prompts:
+            self.contexts[self.next_slot] = list(prompt)
+            slots.append(self.next_slot)
+            self.next_slot += 1
+        return slots, self._logits(slots)
+
+    def step(self, slots, tokens):
+        for slot, token in zip(slots, tokens, strict=True):
+            self.contexts[slot].append(token)
+        return self._logits(slots)
+
+    def fork(self, slot):
+        self.contexts[self.next_slot] = list(self.contexts[slot])
+        self.next_slot += 1
+        return self.next_slot - 1
+
+    def rollback(self, slot, count):
+        del self.contexts[slot][len(self.contexts[slot]) - count :]
+
+    def release(self, slot):
+        self.contexts.pop(slot)
+
+    def close(self):
+        self.contexts.clear()
+
+
+@pytest.fixture(scope="module")
+def confident(tiny_model):
+    return ConfidentLM(tiny_model.tokenizer, tiny_model.profile)
+
+
+def _ids(lm, text):
+    return lm.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _script(lm, prompt, settings, thinking_script, branch_answers):
+    """Write the trace (``thinking_script``: ids, None = the model ends its thinking, then the
+    answer) and, for the k-th branch point met, ``branch_answers[k]`` = [(id, probability), ...]
+    after the forced end. Returns the branch points (thinking tokens at each)."""
+    lm.table.clear()
+    points = []
+    sequence = lm.rules.sequence(0, prompt, settings)
+
+    def watch(seq, event, written):
+        if len(points) < len(branch_answers) and _wants(event, seq):
+            branch = seq.branch(settings, drop_last=written if event == "ignore" else 0)
+            context = list(branch.ids)
+            for token, probability in branch_answers[len(points)]:
+                lm.table[tuple(context)] = (token, probability)
+                context.append(token)
+            points.append(len(seq.thinking_ids))
+        return []
+
+    sequence.on_thinking = watch
+    script = iter(thinking_script)
+    while not sequence.done:
+        token = next(script, lm.end_of_turn)
+        token = lm.end_of_turn if token is None else token
+        if token in sequence.banned_ids():
+            token = _ids(lm, " so")[0]
+        lm.table[tuple(sequence.ids)] = (token, 0.9)
+        sequence.accept(token)
+        sequence.take_rewind()
+    return points
+
+
+def _wants(event, seq):
+    """The branch points of the policy under test: its events, and for "token" every 2nd token."""
+    return event in _wants.event and (event != "token" or len(seq.thinking_ids) % 2 == 0)
+
+
+def _prompt(lm):
+    return render_prompt_ids(lm.tokenizer, lm.profile, "How many r are in raspberry?")
+
+
+@pytest.mark.parametrize("last_probability, exits", [(0.96, True), (0.94, False)])
+def test_early_exit_decides_on_the_trial_answers_confidence(confident, last_probability, exits):
+    lm = confident
+    settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=6)
+    count, two, nine = _ids(lm, " Let me count"), _ids(lm, " 2")[0], _ids(lm, " 9")[0]
+    thinking = [*count, None, *_ids(lm, " one two"), None, nine]  # ends, Wait, ends again, answers " 9"
+    _wants.event = ("end", "ignore")
+    points = _script(lm, _prompt(lm), settings, thinking, [[(two, 0.5), (lm.end_of_turn, last_probability)]])
+    assert points == [len(count)]
+    policy = make_policy("early-exit")  # DEER: threshold 0.95, geometric mean from the 2nd token
+    result = generate_with_policy(lm, [_prompt(lm)], settings, policy, extract=lambda text: text.split(":")[-1].strip() or None)[0]
+    plain = generate_from_ids(lm, [_prompt(lm)], settings)[0]
+    assert result.probes == 1
+    trace = result.traces[0]
+    if exits:  # the thinking ends at the trial point and the trial's answer is the reply
+        assert trace.stopped_early and trace.result.thinking_tokens == len(count) and trace.result.num_ignored == 0
+        assert result.voted == "2" and result.answer == "Final Answer: 2"
+        # every token counted: the trace's 3 + the trial's 2 + the continuation until the decision
+        assert result.total_tokens > len(count) + 2
+    else:  # nothing changes: the reply is budget forcing's
+        assert not trace.stopped_early
+        assert (trace.result.thinking, trace.result.answer, trace.result.num_ignored) == (plain.thinking, plain.answer, plain.num_ignored)
+        assert result.voted == "9"
+
+
+def test_probe_exits_when_the_last_probes_agree_and_none_hedges(confident):
+    lm = confident
+    settings = BudgetForcing(max_thinking_tokens=40, max_answer_tokens=6)
+    words = _ids(lm, " Let me count the letters one by one")
+    assert len(words) >= 8
+    seven, nine, wait = _ids(lm, " 7")[0], _ids(lm, " 9")[0], _ids(lm, " Wait")
+    _wants.event = ("token",)
+
+    def run(third_probe):
+        _script(lm, _prompt(lm), settings, words[:8] + [None, nine],
+                [[(seven, 0.9)], [(nine, 0.9)], third_probe, [(nine, 0.9)]])
+        # probes at 2, 4, 6 thinking tokens: agree = 2 needs two equal answers in a row
+        policy = make_policy("probe", {"interval": "2", "agree": "2", "probe_tokens": "3"})
+        return generate_with_policy(lm, [_prompt(lm)], settings, policy, extract=lambda t: t.split(":")[-1].split()[-1] if t.split(":")[-1].split() else None)[0]
+
+    agreeing = run([(nine, 0.9)])
+    assert agreeing.traces[0].stopped_early and agreeing.traces[0].result.thinking_tokens == 6
+    # the probe at 8 had started before the one at 6 was decided: dropped, its tokens counted
+    assert agreeing.voted == "9" and agreeing.probes == 4
+    hedging = run([*[(t, 0.9) for t in wait], (nine, 0.9)])  # the third probe says "Wait 9": no exit at 6
+    # the fourth probe (at 8) agrees with the third, which hedges: no exit; the trace ends by itself
+    assert not hedging.traces[0].stopped_early and hedging.traces[0].result.thinking_tokens == 8
+    assert hedging.probes == 4
+
+
+def test_parallel_traces_share_one_prefill_and_count_every_token(tiny_model):
+    calls = []
+    runner = tiny_model.new_runner()
+    original = runner.add
+
+    def add(prompts):
+        calls.append(len(prompts))
+        return original(prompts)
+
+    runner.add = add
+    budget = BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4, temperature=0.8, seed=3)
+    rendered = render_prompt_ids(tiny_model.tokenizer, tiny_model.profile, "What is 1 + 2?")
+    sequences = [tiny_model.rules.sequence(j, rendered, budget) for j in range(4)]
+    Engine(tiny_model, runner=runner).run(sequences, 4)
+    assert calls == [1]  # four samples, one prefill
+    out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget, make_policy("vote", n=4))[0]
+    assert len(out.traces) == 4
+    assert out.total_tokens == sum(t.generated_tokens for t in out.traces)
+    for trace in out.traces:  # generated: the thinking and answer tokens, and a sampled stop token
+        assert 0 <= trace.generated_tokens - (trace.result.thinking_tokens + trace.result.answer_tokens) <= 2
+    # sampled trace j uses seed + j: the same as generating it alone
+    alone = generate(tiny_model, ["What is 1 + 2?"], BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4, temperature=0.8, seed=5))[0]
+    assert out.traces[2].result.thinking_token_ids == alone.thinking_token_ids
+
+
+def test_deepconf_keeps_log_probs_and_votes(tiny_model):
+    budget = BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4, temperature=0.8, seed=0)
+    offline = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget, make_policy("deepconf", {"window": "4"}, n=4))[0]
+    for trace in offline.traces:
+        assert len(trace.confs) == trace.result.thinking_tokens + trace.result.answer_tokens + (trace.result.finish_reason == "stop")
+        assert all(c > 0 for c in trace.confs) and trace.confidence is not None
+        assert len(trace.result.top_logprobs[0]) == 20
+    assert sum(t.voted for t in offline.traces) >= 1
+    online = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget,
+                                  make_policy("deepconf", {"mode": "online", "warmup": "2", "window": "2", "keep_percent": "10"}, n=6))[0]
+    assert len(online.traces) >= 2 and online.total_tokens >= sum(t.result.thinking_tokens for t in online.traces[:2])
+
+
+def test_short_m_of_k_stops_the_rest(tiny_model):
+    budget = BudgetForcing(max_thinking_tokens=12, max_answer_tokens=4, temperature=0.9, seed=1)
+    out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget, make_policy("short-m-of-k", {"m": "1"}, n=4))[0]
+    finished = [t for t in out.traces if t.result.finish_reason != "cancelled"]
+    assert len(finished) >= 1 and sum(t.voted for t in out.traces) == 1
+
+
+def test_policy_errors(tiny_model):
+    with pytest.raises(UserError, match="needs sampling"):
+        generate_with_policy(tiny_model, ["q"], BudgetForcing(), make_policy("vote", n=4))
+    import t0s1
+
+    with pytest.raises(UserError, match="one BudgetForcing"):
+        t0s1.generate(tiny_model, ["q"], [BudgetForcing()], policy="budget")
+    out = t0s1.generate(tiny_model, ["q"], BudgetForcing(max_thinking_tokens=4, max_answer_tokens=2), policy="budget")
+    assert out[0].policy == "budget" and len(out[0].traces) == 1
+
+
+def test_generate_command_with_a_policy(tiny_model_dir):
+    base = [sys.executable, "-m", "t0s1", "generate", "What is 1 + 2?", "--model", str(tiny_model_dir), "--backend", "transformers",
+            "--max-thinking-tokens", "8", "--max-answer-tokens", "4", "--temperature", "0.7"]
+    command = base + ["--policy", "deepconf", "--n", "3", "--policy-arg", "window=4", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert {"voted", "answer", "total_tokens", "traces"} <= set(data)
+    assert len(data["traces"]) == 3
+    assert {"answer", "thinking_tokens", "stopped_early", "confs", "confidence"} <= set(data["traces"][0])
+    bad = subprocess.run(base + ["--policy", "deepconf", "--policy-arg", "keep_percent=150"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "keep_percent must be a number in" in bad.stderr + bad.stdout
+    unknown = subprocess.run(base + ["--policy", "beam"], capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "unknown policy 'beam'" in unknown.stderr + unknown.stdout
+
+
+def test_lm_eval_model_runs_a_policy(tiny_model):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from t0s1.backends.engine import EngineBackend
+    from t0s1.lm_eval import T0S1LM
+
+    settings = {"max_thinking_tokens": 8, "max_answer_tokens": 4, "temperature": 0.7, "seed": 0}
+    model = T0S1LM(backend=EngineBackend(tiny_model), progress=False, policy="vote", n=3, **settings)
+    request = Instance("generate_until", {}, ("What is 1 + 2?", {"until": []}), 0, metadata=("demo", 0, 1))
+    text = model.generate_until([request])[0]
+    from t0s1.evaluation.runner import sample_seed
+
+    seeded = BudgetForcing(**{**settings, "seed": sample_seed(0, 0, 0)})  # the harness seeds (question, k) as t0s1 eval
+    expected = generate_with_policy(tiny_model, ["What is 1 + 2?"], seeded, make_policy("vote", n=3))[0]
+    assert text == tiny_model.profile.assistant_content(expected.result.thinking, expected.answer)
+    assert model.get_model_info()["policy"] == "vote[n=3]"
+    with pytest.raises(UserError, match="need policy=NAME"):
+        T0S1LM(backend=EngineBackend(tiny_model), progress=False, n=3)
+    with pytest.raises(UserError, match="no parameter 'windw'"):
+        T0S1LM(backend=EngineBackend(tiny_model), progress=False, policy="deepconf", policy_windw=3)
+
+
+def test_parameters_from_json_and_top_k_beyond_the_vocabulary(tiny_model):
+    assert make_policy("deepconf", {"window": 5.0}).window == 5  # a JSON body's 5.0 is the integer 5
+    with pytest.raises(UserError, match="window must be a positive integer"):
+        make_policy("deepconf", {"window": 5.5})
+    budget = BudgetForcing(max_thinking_tokens=4, max_answer_tokens=2, temperature=0.7)
+    with pytest.raises(UserError, match="larger than the model's vocabulary"):
+        generate_with_policy(tiny_model, ["q"], budget, make_policy("deepconf", {"top_k": "1000000"}, n=2))
+
+
+def test_deepconf_online_stops_a_trace_whose_window_falls_below_the_threshold(confident):
+    """The running window mean equals the mean of the last ``window`` token confidences."""
+    from t0s1.policies.run import _DeepConf
+
+    lm = confident
+    policy = make_policy("deepconf", {"mode": "online", "warmup": "1", "window": "3"}, n=2)
+    controller = _DeepConf(lm, policy, BudgetForcing(temperature=0.5), _prompt(lm), 0, lambda text: None)
+    sequence = lm.rules.sequence(1, _prompt(lm), BudgetForcing(temperature=0.5))
+    steps = [[-0.1, -2.0], [-0.2, -3.0], [-0.1, -1.0], [-0.5, -0.6], [-0.3, -0.4]]
+    expected = [rules_conf(step) for step in steps]
+    for count in range(1, len(steps) + 1):
+        sequence.top_logprobs = steps[:count]
+        mean = controller._window_mean(sequence)
+        if count < 3:
+            assert mean == float("inf")
+        else:
+            assert mean == pytest.approx(sum(expected[count - 3 : count]) / 3)
+
+
+def rules_conf(step):
+    from t0s1.policies import rules
+
+    return rules.token_confidence(step)
+
+
+def test_branches_of_many_prompts_stay_with_their_own_prompt(tiny_model):
+    """Branches come and go by the hundred: each keeps its prompt (a lookup by id() mixed them up
+    once a freed branch's id was reused)."""
+    prompts = [f"What is {i} + {i}?" for i in range(6)]
+    budget = BudgetForcing(max_thinking_tokens=24, num_ignore=1, max_answer_tokens=3)
+    out = generate_with_policy(tiny_model, prompts, budget, make_policy("probe", {"interval": "2", "agree": "1", "probe_tokens": "2"}))
+    assert len(out) == 6 and all(len(o.traces) == 1 and o.probes >= 1 for o in out)
+    plain = generate(tiny_model, prompts, budget)
+    assert all(o.result.thinking_tokens <= p.thinking_tokens for o, p in zip(out, plain, strict=True))
