@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,7 @@ from t0s1.errors import UserError
 from t0s1.forcing_rules import BudgetForcing, Prompt, RenderedPrompt, Result
 from t0s1.policies import Budget, DeepConf, EarlyExit, Policy, Probe, ShortMOfK, Vote
 from t0s1.policies import rules
+from t0s1.progress import ProgressBar
 
 Extract = Callable[[str], str | None]
 
@@ -129,9 +131,9 @@ def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | 
         controllers.append(_controller(lm, policy, budget, rendered, i, extract))
     sequences = [s for c in controllers for s in c.start()]
     engine = Engine(lm, runner=_runner_for(lm, sequences + [s for c in controllers for s in c.reserve()]))
-    bar = _bar(progress, len(prompts))
+    done = 0
     try:
-        with torch.inference_mode():
+        with ProgressBar(progress, len(prompts), "policy", unit="prompts") as bar, torch.inference_mode():
             engine.add(sequences)
             while engine.rows:
                 try:
@@ -145,34 +147,12 @@ def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | 
                     added += c.after_step(engine)
                 if added:
                     engine.add(added)
-                if bar:
-                    bar.update(sum(c.complete for c in controllers))
+                now = sum(c.complete for c in controllers)
+                bar.advance(now - done)
+                done = now
     finally:
-        if bar:
-            bar.close()
         engine.runner.close()
     return [c.outcome(time.perf_counter() - started) for c in controllers]
-
-
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return _Bar(tqdm(total=total, desc="prompts", unit="prompt", leave=False))
-
-
-class _Bar:
-    def __init__(self, bar):
-        self.bar, self.done = bar, 0
-
-    def update(self, done: int) -> None:
-        if done > self.done:
-            self.bar.update(done - self.done)
-            self.done = done
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,7 +353,7 @@ class _ShortMOfK(_Controller):
                                        self.policy.m)
 
 
-class _Branching(_Controller):
+class _Branching(_Controller, ABC):
     """A single trace that forks side branches (DEER's trial answers, Dynasor's probes) and exits
     when a branch decides so."""
 
@@ -405,13 +385,13 @@ class _Branching(_Controller):
         branch.keep_logprobs = 1
         branch.branch_of = sequence
         branch.inherited = sequence.sampled  # the trace's tokens up to here: the exited trace's own
-        branch.branch_at = len(sequence.thinking_ids)
         self.adopt(branch)
         self.pending.append(branch)
         return [branch]
 
+    @abstractmethod
     def wants_branch(self, sequence, event: str) -> bool:
-        raise NotImplementedError
+        """Whether to fork a branch off ``sequence`` at ``event``."""
 
     def reserve(self) -> list:
         """Room for a branch and the trace's continuation beside the trace."""
@@ -430,8 +410,9 @@ class _Branching(_Controller):
             branch.cancel()
         return super().after_step(engine)
 
+    @abstractmethod
     def decide(self, branch) -> bool:
-        raise NotImplementedError
+        """Whether the thinking ends where ``branch`` forked (its first tokens are in)."""
 
     def exit_at(self, branch) -> None:
         """``branch`` becomes the trace: the continuation and every other branch are dropped."""
