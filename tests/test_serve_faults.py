@@ -180,9 +180,16 @@ def test_a_failed_forward_pass_fails_the_running_requests_and_the_server_goes_on
 # ---- clients that leave -------------------------------------------------------------------------------
 
 
-def test_clients_leaving_at_every_stage_leave_nothing_behind(tiny_model):
+def test_clients_leaving_at_every_stage_leave_nothing_behind(tiny_model, monkeypatch):
     """Queued, at the first thinking chunk, in the answer, waiting for a whole reply: each leaves,
     its generation stops, and the server is left as it was."""
+    step = TorchRunner.step
+
+    def slow_step(self, slots, tokens):  # >= 15 s for LONG on any machine, so each client leaves mid-way
+        time.sleep(0.01)
+        return step(self, slots, tokens)
+
+    monkeypatch.setattr(TorchRunner, "step", slow_step)
     app = create_app(tiny_model, BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4), max_batch=1)
     with serve_in_background(app) as url:
         httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}, timeout=60)
