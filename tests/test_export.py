@@ -130,6 +130,18 @@ def test_a_small_model_exports_to_a_k_quant_that_llama_cpp_runs(tmp_path, tiny_s
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
+def test_an_output_named_like_the_converters_own_file_is_written_whole(tmp_path, tiny_smollm2_dir):
+    """The converter's file and the quantizer's output share a folder: an OUT whose name matches the
+    converter's must not make the quantizer read the file it is writing (that was a bus error)."""
+    from t0s1.models import load_model
+
+    for quant in ("f32", "q8_0"):
+        out = tmp_path / quant / "model.f32.gguf"
+        result = export(tiny_smollm2_dir, "--gguf", out, "--quant", quant)
+        assert result.exit_code == 0, result.output
+        assert load_model(str(out), backend="llamacpp").vocab_size == 49152
+
+
 def test_every_quant_type_names_a_llama_cpp_file_type():
     from llama_cpp import llama_cpp
 

@@ -95,10 +95,10 @@ def export_gguf(
         config = _config(source)
         precision = _PRECISION.get(config.get("dtype") or config.get("torch_dtype"), "f32")
         log(f"Converting {model_dir} to GGUF ({precision})...")
-        first = work / f"model.{precision}.gguf"
+        first = work / f"converted.{precision}.gguf"
         convert(source, first, precision, model_name=model_dir.resolve().name, log=log)
         log(f"Writing {quant} with llama.cpp's quantizer...")
-        partial = work / out.name
+        partial = work / f"quantized-{out.name}"  # never the converted file, whatever OUT is called
         quantize(first, partial, quant, metadata=metadata, threads=threads)
         if read_metadata(partial, GGUF_PROFILE_KEY) != metadata.get(GGUF_PROFILE_KEY):  # llama.cpp here loads it
             raise UserError(f"The GGUF written for {model_dir} lacks its reasoning profile: please report this.")
