@@ -158,6 +158,30 @@ def test_released_slots_are_reused_without_leftovers(make_runner, scratch, promp
     assert torch.equal(logits[0], from_scratch(scratch, prompts[1], []))
 
 
+def test_sequences_that_end_leave_the_streams_in_use_contiguous(make_runner, scratch, prompts, monkeypatch):
+    """llama.cpp makes one pass over the weights per run of consecutive streams in a batch: when a
+    sequence in the middle ends, the last one moves into its stream (cells copied), so the rest
+    still decode in one run, and each goes on exactly as it would have."""
+    runner = make_runner(max_slots=4)
+    started = [prompts[0], prompts[1], prompts[0], prompts[1]]
+    slots, logits = runner.add(started)
+    tokens = {slot: [int(t)] for slot, t in zip(slots, logits.argmax(-1), strict=True)}
+    runner.step(slots, [tokens[slot][-1] for slot in slots])
+    for gone in (slots[0], slots[2]):
+        runner.release(gone)
+        del tokens[gone]
+    batches = []
+    decode = runner._ll.llama_decode
+    monkeypatch.setattr(runner._ll, "llama_decode", lambda context, batch: batches.append(
+        sorted(batch.seq_id[i][0] for i in range(batch.n_tokens))) or decode(context, batch))
+    left = [slots[3], slots[1]]
+    logits = runner.step(left, [1202, 28])
+    assert batches == [[0, 1]]  # the two left are in streams 0 and 1: one run
+    for row, (slot, token) in enumerate(zip(left, [1202, 28], strict=True)):
+        prompt = started[slots.index(slot)]
+        assert torch.equal(logits[row], from_scratch(scratch, prompt, tokens[slot] + [token])), slot
+
+
 def context_cells(runner) -> int:
     return int(runner._ll.llama_n_ctx(runner._context))
 

@@ -1,8 +1,9 @@
 """llama.cpp as a model runner for the budget forcing engine: GGUF files at llama.cpp speed on a CPU.
 
 The engine (``t0s1.forcing.Engine``) decides what every sequence feeds next and samples from the
-logits; the runner only holds the model side. Each sequence lives in a *slot*: one llama.cpp
-sequence id with its own KV cache stream. The engine prefills new prompts while others decode,
+logits; the runner only holds the model side. Each sequence lives in a *slot*, which the runner
+keeps in a llama.cpp sequence id with its own KV cache stream (the streams in use are kept
+contiguous: llama.cpp makes one pass over the weights per run of consecutive streams). The engine prefills new prompts while others decode,
 advances several sequences in one ``llama_decode`` batch, forks a sequence (a copy of its cache:
 sweeps share the thinking), drops its last tokens, and frees it. Logits come back as float32 torch
 tensors so the engine's sampling and masking serve every runner.
@@ -204,7 +205,13 @@ class LlamaCppRunner:
         self._wants_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))[:] = 1
         self._lengths: dict[int, int] = {}  # tokens in the cache of each slot in use
-        self._free = list(range(max_slots))  # a heap: the lowest free slot first, so the slots in use stay contiguous
+        self._free = list(range(max_slots))  # a heap of the slots not in use, the lowest first
+        # The engine's slots are names; each lives in a KV cache stream (a llama.cpp sequence id).
+        # llama.cpp decodes a batch of a non-unified cache in runs of consecutive streams, one pass
+        # over the weights per run: the streams in use are kept to 0..n-1 (a freed stream takes the
+        # last one's cells), so a step is one pass however sequences end and fork.
+        self._stream: dict[int, int] = {}  # slot -> its stream
+        self._slot_in: list[int] = []  # stream -> the slot living in it
         self._state = bytearray()  # a sequence's cells in transit (forks, growth)
 
     def _new_context(self, slots: int):
@@ -246,7 +253,8 @@ class LlamaCppRunner:
         try:
             for slot, ids in zip(slots, prompts, strict=True):  # one call per prompt: see the module docstring
                 last = len(ids) - 1
-                logits.append(self._decode([(slot, position, token, position == last) for position, token in enumerate(ids)]))
+                stream = self._stream[slot]
+                logits.append(self._decode([(stream, position, token, position == last) for position, token in enumerate(ids)]))
                 self._lengths[slot] = len(ids)
         except BaseException:
             for slot in slots:
@@ -266,11 +274,12 @@ class LlamaCppRunner:
                     f"A sequence filled the llama.cpp context of {self.context_length} tokens: raise the context "
                     "length or lower the thinking and answer budgets."
                 )
-        # llama.cpp decodes the tokens of a non-unified cache in runs of consecutive sequence ids
-        # (one pass over the weights per run): feed them in slot order, hand the logits back in the
+        # llama.cpp decodes the tokens of a non-unified cache in runs of consecutive streams (one
+        # pass over the weights per run): feed them in stream order, hand the logits back in the
         # caller's.
-        order = sorted(range(len(slots)), key=slots.__getitem__)
-        logits = self._decode([(slots[i], self._lengths[slots[i]], int(tokens[i]), True) for i in order])
+        streams = [self._stream[slot] for slot in slots]
+        order = sorted(range(len(slots)), key=streams.__getitem__)
+        logits = self._decode([(streams[i], self._lengths[slots[i]], int(tokens[i]), True) for i in order])
         for slot in slots:
             self._lengths[slot] += 1
         if any(i != b for b, i in enumerate(order)):
@@ -285,7 +294,7 @@ class LlamaCppRunner:
         (new,) = self._take(1)
         # llama_memory_seq_cp between streams would copy the whole stream buffer (and re-plan the
         # compute graph at the next decode); the sequence's state copies the cells it holds.
-        self._copy_state(self._context, slot, self._context, new)
+        self._copy_state(self._context, self._stream[slot], self._context, self._stream[new])
         self._lengths[new] = length
         return new
 
@@ -295,7 +304,7 @@ class LlamaCppRunner:
         length = self._length(slot)
         if not 0 <= count <= length:
             raise ValueError(f"Cannot roll back {count} tokens of a sequence of {length}.")
-        if count and not self._ll.llama_memory_seq_rm(self._memory, slot, length - count, -1):
+        if count and not self._ll.llama_memory_seq_rm(self._memory, self._stream[slot], length - count, -1):
             raise RuntimeError(f"llama.cpp cannot cut a sequence of {self.model.path.name} short (a recurrent model?).")
         self._lengths[slot] = length - count
 
@@ -348,16 +357,32 @@ class LlamaCppRunner:
             raise ValueError(f"Slot {slot} holds no sequence.") from None
 
     def _drop(self, slot: int) -> None:
-        self._ll.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        """Free ``slot`` and its stream; the last stream in use moves into it (its cells copied),
+        so the streams in use stay 0..n-1."""
         self._lengths.pop(slot, None)
+        stream = self._stream.pop(slot, None)
+        if stream is not None:
+            self._ll.llama_memory_seq_rm(self._memory, stream, -1, -1)
+            last = len(self._slot_in) - 1
+            moved = self._slot_in.pop()
+            if stream != last:
+                if moved in self._lengths:  # else taken but not yet filled
+                    self._copy_state(self._context, last, self._context, stream)
+                    self._ll.llama_memory_seq_rm(self._memory, last, -1, -1)
+                self._slot_in[stream], self._stream[moved] = moved, stream
         if slot not in self._free:
             heapq.heappush(self._free, slot)
 
     def _take(self, count: int) -> list[int]:
-        """``count`` free slots, the lowest first; the context grows if too few are free."""
+        """``count`` free slots, the lowest first, each in the next free stream; the context grows
+        if too few are free."""
         if count > len(self._free):
             self._grow(count - len(self._free))
-        return [heapq.heappop(self._free) for _ in range(count)]
+        slots = [heapq.heappop(self._free) for _ in range(count)]
+        for slot in slots:
+            self._stream[slot] = len(self._slot_in)
+            self._slot_in.append(slot)
+        return slots
 
     def _grow(self, missing: int) -> None:
         """Move every sequence to a context with more slots (twice as many, or as many more as
@@ -370,8 +395,9 @@ class LlamaCppRunner:
             )
         context, memory = self._new_context(slots)
         try:
-            for slot in self._lengths:
-                self._copy_state(self._context, slot, context, slot, streams=(self.max_slots, slots))
+            for stream, slot in enumerate(self._slot_in):
+                if slot in self._lengths:
+                    self._copy_state(self._context, stream, context, stream, streams=(self.max_slots, slots))
         except BaseException:
             self._ll.llama_free(context)
             raise
@@ -381,20 +407,20 @@ class LlamaCppRunner:
             heapq.heappush(self._free, slot)
         self.max_slots = slots
 
-    def _copy_state(self, source, slot: int, target, new: int, *, streams: tuple[int, int] | None = None) -> None:
-        """Copy ``slot``'s cells (positions, keys, values: the bytes, so the copy computes what the
-        original would) from context ``source`` to sequence ``new`` of context ``target``.
+    def _copy_state(self, source, stream: int, target, new: int, *, streams: tuple[int, int] | None = None) -> None:
+        """Copy ``stream``'s cells (positions, keys, values: the bytes, so the copy computes what the
+        original would) from context ``source`` to stream ``new`` of context ``target``.
         ``streams``: the two contexts' numbers of streams, where they differ."""
         ll = self._ll
-        size = ll.llama_state_seq_get_size(source, slot)
+        size = ll.llama_state_seq_get_size(source, stream)
         if len(self._state) < size:
             self._state = bytearray(size)
         buffer = (ctypes.c_uint8 * size).from_buffer(self._state)
-        if ll.llama_state_seq_get_data(source, buffer, size, slot) != size:
+        if ll.llama_state_seq_get_data(source, buffer, size, stream) != size:
             raise RuntimeError("llama.cpp could not save a sequence's cache.")
         data = buffer
         if streams is not None and streams[0] != streams[1]:
-            data = _restream(bytes(buffer), slot, *streams)
+            data = _restream(bytes(buffer), stream, *streams)
             size = len(data)
             data = (ctypes.c_uint8 * size).from_buffer_copy(data)
         if ll.llama_state_seq_set_data(target, data, size, new) != size:
@@ -429,14 +455,14 @@ class LlamaCppRunner:
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def _restream(state: bytes, slot: int, streams: int, new_streams: int) -> bytes:
+def _restream(state: bytes, stream: int, streams: int, new_streams: int) -> bytes:
     """A sequence's saved cache (``llama_state_seq_get_data`` of a non-unified cache) for a
     context with ``new_streams`` streams instead of ``streams``. The saved form: a magic number and
     the sequence id, the number of streams, then per stream a cell count and, when not zero, those
     cells. A sequence's cells are all in its own stream and llama.cpp restores them into the
     target sequence's stream, so they go first and the other streams say zero cells."""
     word = struct.calcsize("<I")
-    head, before, after = 2 * word, word * slot, word * (streams - 1 - slot)
+    head, before, after = 2 * word, word * stream, word * (streams - 1 - stream)
     cells = state[head + word + before : len(state) - after]
     if struct.unpack_from("<I", state, head)[0] != streams or any(state[head + word : head + word + before]) \
             or any(state[len(state) - after :]) or len(cells) < word:
