@@ -91,13 +91,17 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2, one_torch_th
     assert settings == {(b, k) for b in (8, 16) for k in (0, 1, 2)}
     assert all(s["samples"] == 4 for s in trained["settings"])
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["backend"] == "llamacpp" and set(summary["seconds"]) == {"data", "prepare", "train", "export", "base", "trained"}
+    assert summary["backend"] == "llamacpp" and set(summary["seconds"]) == {"data", "prepare", "train", "export", "base", "trained", "policies"}
+    policies = {row["policy"].split("[")[0]: row for row in summary["policies"]}
+    assert list(policies) == ["budget", "vote", "deepconf", "early-exit"]
+    assert policies["vote"]["total_tokens"] > policies["budget"]["total_tokens"] > 0  # 4 traces against 1
+    assert json.loads((out / "eval-policies" / "config.json").read_text())["model"] == str(out / "model.f16.gguf")
     assert list(summary["curves"]) == ["no Wait", "1 Wait", "2 Waits"]
     assert {(w["budget"], w["num_ignore"]) for w in summary["wait"]} == {(b, k) for b in (8, 16) for k in (1, 2)}
     text = " ".join(result.output.split())
     assert "no Wait" in text and "1 Wait" in text and "2 Waits" in text and "base" in text
     assert "Control" in text and "Scaling" in text and "Performance" in text
-    assert "2 Waits at budget 16:" in text
+    assert "2 Waits at budget 16:" in text and "Test-time policies on the trained model" in text
     assert f"Plot: {out / 'scaling.png'}" in "".join(result.output.split("\n"))
     # What a newcomer reads: the stage headers, one bar each and the results, no library noise.
     for noise in ("Warning", "Loading weights", "{'loss'", "it/s]", "examples/s]"):

@@ -40,6 +40,14 @@ def quickstart_command(
         ),
     ] = "llamacpp",
     quant: Annotated[str, typer.Option("--quant", help="GGUF type of the exported model (t0s1 export --quant).")] = "f16",
+    policies: Annotated[
+        bool,
+        typer.Option(
+            "--policies/--no-policies",
+            help="Last, compare test-time policies on the trained model (budget forcing, majority vote, DeepConf, "
+            "early exit; 4 traces, 20 problems, about a minute; docs/policies.md).",
+        ),
+    ] = True,
     rag: Annotated[
         bool,
         typer.Option(
@@ -80,14 +88,16 @@ def quickstart_command(
         def given(name: str, value):  # the demo has its own defaults for the flags left out
             return None if ctx.get_parameter_source(name).name == "DEFAULT" else value
 
-        if given("backend", backend) or given("quant", quant):
-            raise UserError("--backend and --quant are options of the arithmetic quickstart; --rag runs on the transformers engine.")
+        if given("backend", backend) or given("quant", quant) or given("policies", policies) is not None:
+            raise UserError("--backend, --quant and --policies are options of the arithmetic quickstart; --rag runs on the "
+                            "transformers engine.")
 
         quickstart_rag(out=given("out", out), steps=steps, num_test=num_test, budgets=given("budgets", budget_list))
         return
     from t0s1.quickstart.pipeline import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(out=out, steps=steps, num_test=num_test, budgets=budget_list, backend=backend, quant=quant)
+    settings = QuickstartSettings(out=out, steps=steps, num_test=num_test, budgets=budget_list, backend=backend, quant=quant,
+                                  policies=policies)
     console = Console()
     outcome = run_quickstart(settings, console)
     print_summary(outcome, console)
@@ -136,6 +146,17 @@ def print_summary(outcome: dict, console: Console) -> None:
                 f"{effect.self_stopped_accuracy_without_wait:.0f}% -> {effect.self_stopped_accuracy:.0f}%"
             )
         console.print(line + ".")
+    if outcome.get("policies"):
+        from t0s1.quickstart.pipeline import POLICY_COMPARISON as c
+
+        rows = Table(title=f"Test-time policies on the trained model: first {c['problems']} held-out problems, largest budget, "
+                           f"{c['num_ignore']} Waits, temperature {c['temperature']}")
+        for column in ("policy", "accuracy %", "total tokens", "tokens per correct", "seconds"):
+            rows.add_column(column, justify="left" if column == "policy" else "right")
+        for row in outcome["policies"]:
+            rows.add_row(row["policy"], f"{row['accuracy']:.0f}", str(row["total_tokens"]), _number(row["tokens_per_correct"], 0),
+                         _number(row["seconds"], 1))
+        console.print(rows)
     timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in outcome["seconds"].items())
     console.print(f"Steps: {timings}.")
     console.print(f"Plot: {outcome['plot']}")

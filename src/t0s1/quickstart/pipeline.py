@@ -21,7 +21,7 @@ from t0s1.data.prepare import prepare
 from t0s1.errors import UserError
 from t0s1.evaluation import metrics
 from t0s1.evaluation.plots import plot_task
-from t0s1.evaluation.runner import EvalConfig, Setting, run_eval
+from t0s1.evaluation.runner import EvalConfig, Setting, expand_policies, run_eval
 from t0s1.evaluation.tasks import Source, Task
 from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL
@@ -45,6 +45,18 @@ RECIPE = "quickstart"
 
 SUMMARY_FILE = "summary.json"
 
+POLICY_COMPARISON = {
+    "policies": "budget,vote,deepconf,early-exit",
+    "n": 4,  # traces per question of vote and deepconf
+    "problems": 20,  # the first held-out problems
+    "num_ignore": 2,  # every policy composes with budget forcing: 2 Waits, the largest budget
+    "temperature": 0.6,  # DeepConf's sampling
+    "top_p": 0.95,
+    "policy_args": {"window": "16"},  # DeepConf's group window: the traces here are ~50 tokens, not 2,048+
+}
+"""The quickstart's side-by-side of test-time policies (docs/policies.md): small, so that it adds
+about a minute; ``bench/policies.py`` runs the full comparison."""
+
 BACKENDS = ("llamacpp", "transformers")
 """The engines the quickstart sweeps on: llama.cpp (the default: GGUF files) or PyTorch."""
 
@@ -62,6 +74,7 @@ class QuickstartSettings:
     seed: int = 0
     backend: str = "llamacpp"  # the sweeps' engine: "llamacpp" (GGUF files) or "transformers"
     quant: str = "f16"  # the trained model's GGUF type (llamacpp): t0s1 export --quant
+    policies: bool = True  # compare the test-time policies on the trained model (POLICY_COMPARISON)
 
 
 @dataclass(frozen=True)
@@ -95,7 +108,7 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
     if settings.backend not in BACKENDS:
         raise UserError(f"The quickstart runs its sweeps on {' or '.join(BACKENDS)}, not {settings.backend!r}.")
     on_llamacpp = settings.backend == "llamacpp"
-    count = 6 if on_llamacpp else 5
+    count = (6 if on_llamacpp else 5) + settings.policies
     stages = Stages(console)
     with library_progress_bars_off():
         stages.start("data", f"1/{count}  Problems: arithmetic chains, seeded train/test split (s1K schema)")
@@ -125,13 +138,22 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
             stages.stop("export")
 
         engine = "llama.cpp" if on_llamacpp else "transformers"
-        stages.start("base", f"{count - 1}/{count}  Base model: budget sweep on the held-out problems ({engine})")
+        base_stage = count - 1 - settings.policies
+        stages.start("base", f"{base_stage}/{count}  Base model: budget sweep on the held-out problems ({engine})")
         base = _sweep(EMBEDDED_MODEL, settings, out / _eval_dir("base", settings), data_dir, num_ignore=[0])
         stages.stop("base")
 
-        stages.start("trained", f"{count}/{count}  Trained model: budget sweep without Wait and with 1 and 2 Waits ({engine})")
+        stages.start("trained", f"{base_stage + 1}/{count}  Trained model: budget sweep without Wait and with 1 and 2 Waits ({engine})")
         trained = _sweep(trained_model, settings, out / _eval_dir("trained", settings), data_dir, num_ignore=settings.num_ignore)
         stages.stop("trained")
+
+        policies = None
+        if settings.policies:
+            c = POLICY_COMPARISON
+            stages.start("policies", f"{count}/{count}  Trained model: test-time policies side by side ({c['policies']}; "
+                                     f"n={c['n']}, {min(c['problems'], settings.num_test)} problems, {engine})")
+            policies = _compare_policies(trained_model, settings, out / _eval_dir("policies", settings), data_dir)
+            stages.stop("policies")
 
     seconds = stages.seconds
     rows = [row for _, row in read_jsonl(out / _eval_dir("trained", settings) / "samples" / f"{TASK.name}.jsonl")]
@@ -142,11 +164,13 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
     if base_points:
         plotted["base model, no Wait"] = base_points
     plot = plot_task(TASK.name, plotted, out / "scaling.png", model="SmolLM2-135M-Instruct + t0s1 LoRA SFT")
-    summary = {"backend": settings.backend, "curves": curves, "wait": [asdict(effect) for effect in wait], "seconds": seconds}
+    policy_rows = policy_table(policies) if policies else []
+    summary = {"backend": settings.backend, "curves": curves, "wait": [asdict(effect) for effect in wait], "policies": policy_rows,
+               "seconds": seconds}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     engine = f"llama.cpp (the trained model as {settings.quant} GGUF)" if on_llamacpp else "the transformers engine"
-    return {"trained": trained, "base": base, "curves": curves, "wait": wait, "plot": plot, "seconds": seconds,
-            "engine": engine}
+    return {"trained": trained, "base": base, "curves": curves, "wait": wait, "policies": policy_rows, "plot": plot,
+            "seconds": seconds, "engine": engine}
 
 
 def export_unless_done(model_dir: Path, quant: str, console: Console) -> Path:
@@ -214,6 +238,34 @@ def wait_effects(rows: list[dict], budgets: list, num_ignore: list) -> list[Wait
 def _percent(flags) -> float | None:
     flags = list(flags)
     return round(100.0 * sum(bool(flag) for flag in flags) / len(flags), 4) if flags else None
+
+
+def _compare_policies(model: str, settings: QuickstartSettings, out: Path, data_dir: Path) -> dict:
+    """``t0s1 eval --policy budget,vote,deepconf,early-exit --n 4 ...`` on the first held-out
+    problems at the largest budget with 2 Waits (POLICY_COMPARISON)."""
+    c = POLICY_COMPARISON
+    config = EvalConfig(
+        model=model,
+        backend=settings.backend,
+        max_thinking_tokens=[max(settings.budgets)],
+        num_ignore=[c["num_ignore"]],
+        max_answer_tokens=settings.max_answer_tokens,
+        temperature=c["temperature"],
+        top_p=c["top_p"],
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        policies=expand_policies(c["policies"].split(","), c["policy_args"], n=c["n"]),
+    )
+    return run_eval(make_backend(settings.backend, model), [TASK], config, out, data_dir=data_dir,
+                    limit=min(c["problems"], settings.num_test))
+
+
+def policy_table(results: dict) -> list[dict]:
+    """One row per policy: its label, accuracy, total tokens (every trace, probe and trial answer)
+    and tokens per correct answer."""
+    return [{"policy": s["policy"], "accuracy": s["accuracy"], "total_tokens": s["total_tokens"],
+             "tokens_per_correct": s["tokens_per_correct"], "avg_thinking_tokens": s["avg_thinking_tokens"],
+             "seconds": s.get("seconds")} for s in results["tasks"][TASK.name]["settings"]]
 
 
 def _sweep(model: str, settings: QuickstartSettings, out: Path, data_dir: Path, *, num_ignore: list) -> dict:
