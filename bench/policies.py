@@ -2,6 +2,7 @@
 
     python bench/policies.py --run runs/quickstart             # after `t0s1 quickstart`
     python bench/policies.py --run runs/quickstart --problems 60 --traces 8   # a quicker look
+    python bench/policies.py --run runs/quickstart --parts exit               # early exit and probing only
 
 Held-out problems: the quickstart's 100 test problems and the next ones its generator makes after
 its 1,000 training problems (never trained on), 300 by default. Every policy runs on the same
@@ -25,8 +26,7 @@ from pathlib import Path
 from t0s1.evaluation.grading import answers_match, extract_answer
 from t0s1.forcing_rules import BudgetForcing
 from t0s1.models import load_model
-from t0s1.policies import make_policy
-from t0s1.policies import rules
+from t0s1.policies import make_policy, rules
 from t0s1.policies.run import generate_with_policy
 from t0s1.quickstart.problems import generate_problems
 
@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="prompts per engine call")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="write the table here as JSON")
+    parser.add_argument("--parts", default="parallel,online,exit",
+                        help="comma-separated: parallel (DeepConf offline vs vote at n/2), online (DeepConf online vs "
+                        "vote at n), exit (early exit and probing vs budget forcing with 2 Waits); greedy always runs")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -101,42 +104,44 @@ def main() -> None:
                        "tokens_per_correct": round(tokens / max(1e-9, correct * len(problems) / 100), 1), "seconds": round(seconds, 1)}
         print(f"{name:32} accuracy {correct:6.2f}%  total tokens {tokens:9d}  thinking/answer {thinking:7.1f}  {seconds:7.1f} s", flush=True)
 
-    outcomes, seconds = run(lm, problems, greedy, make_policy("budget"), args.batch)
-    record("greedy (budget)", outcomes, seconds)
-    offline, seconds = run(lm, problems, sampled, make_policy("deepconf", {"window": str(args.window)}, n=n_offline), args.batch)
-    record(f"deepconf offline n={n_offline}", offline, seconds)
-    majority = [rules.majority_vote([t.answer for t in o.traces]) for o in offline]  # the same traces
-    vote_accuracy = 100.0 * sum(v is not None and answers_match(v, p["solution"], "number") for v, p in zip(majority, problems, strict=True)) / len(problems)
-    record(f"vote n={n_offline} (same traces)", offline, seconds, voted=vote_accuracy)
-    vote16, seconds = run(lm, problems, sampled, make_policy("vote", n=n_online), args.batch)
-    record(f"vote n={n_online}", vote16, seconds)
-    online, seconds = run(lm, problems, sampled, make_policy(
-        "deepconf", {"mode": "online", "window": str(args.window), "warmup": str(args.warmup)}, n=n_online), args.batch)
-    record(f"deepconf online n={n_online}", online, seconds)
-    # DeepConf-low: the threshold at the 90th percentile of the warm-up (keep_percent 10), the
-    # setting of the paper's largest savings and of its online example script.
-    low, seconds = run(lm, problems, sampled, make_policy(
-        "deepconf", {"mode": "online", "window": str(args.window), "warmup": str(args.warmup), "keep_percent": "10"}, n=n_online), args.batch)
-    record(f"deepconf-low online n={n_online}", low, seconds)
-    base, seconds = run(lm, problems, waits, make_policy("budget"), args.batch)
-    record("budget num_ignore=2", base, seconds)
-    exit_, seconds = run(lm, problems, waits, make_policy("early-exit"), args.batch)
-    record("early-exit num_ignore=2", exit_, seconds)
-    probe, seconds = run(lm, problems, waits, make_policy("probe", {"interval": "16"}), args.batch)
-    record("probe(interval=16) num_ignore=2", probe, seconds)
+    parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    unknown = parts - {"parallel", "online", "exit"}
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))} (parallel, online, exit)")
 
-    t = table
+    def run_policy(budget, name, policy_args=None, n=None):
+        return run(lm, problems, budget, make_policy(name, policy_args, n=n), args.batch)
+
+    window = {"window": str(args.window)}
+    online = {**window, "mode": "online", "warmup": str(args.warmup)}
+    record("greedy (budget)", *run_policy(greedy, "budget"))
     print("\nGoals")
-    print(f"  deepconf offline n={n_offline} - vote n={n_offline}: {t[f'deepconf offline n={n_offline}']['accuracy'] - vote_accuracy:+.2f} points (goal >= 0); "
-          f"vote - greedy {vote_accuracy - t['greedy (budget)']['accuracy']:+.2f} (goal > 0)")
-    for name in (f"deepconf online n={n_online}", f"deepconf-low online n={n_online}"):
-        saved = 1 - t[name]["total_tokens"] / t[f"vote n={n_online}"]["total_tokens"]
-        print(f"  {name} tokens saved vs vote: {100 * saved:.1f}% (goal >= 40%), accuracy "
-              f"{t[name]['accuracy'] - t[f'vote n={n_online}']['accuracy']:+.2f} points (goal within 1)")
-    for name in ("early-exit num_ignore=2", "probe(interval=16) num_ignore=2"):
-        ratio = t[name]["avg_thinking_tokens"] / max(1e-9, t["budget num_ignore=2"]["avg_thinking_tokens"])
-        print(f"  {name}: thinking tokens {ratio:.2f} of budget forcing's (goal <= 0.60), accuracy "
-              f"{t[name]['accuracy'] - t['budget num_ignore=2']['accuracy']:+.2f} points (goal within 1)")
+    if "parallel" in parts:
+        offline, seconds = run_policy(sampled, "deepconf", window, n_offline)
+        record(f"deepconf offline n={n_offline}", offline, seconds)
+        majority = [rules.majority_vote([t.answer for t in o.traces]) for o in offline]  # the same traces
+        vote = 100.0 * sum(v is not None and answers_match(v, p["solution"], "number") for v, p in zip(majority, problems, strict=True)) / len(problems)
+        record(f"vote n={n_offline} (same traces)", offline, seconds, voted=vote)
+        print(f"  deepconf offline n={n_offline} - vote n={n_offline}: {table[f'deepconf offline n={n_offline}']['accuracy'] - vote:+.2f} "
+              f"points (goal >= 0); vote - greedy {vote - table['greedy (budget)']['accuracy']:+.2f} (goal > 0)", flush=True)
+    if "online" in parts:
+        record(f"vote n={n_online}", *run_policy(sampled, "vote", None, n_online))
+        record(f"deepconf online n={n_online}", *run_policy(sampled, "deepconf", online, n_online))
+        # DeepConf-low: the threshold at the 90th percentile of the warm-up (keep_percent 10), the
+        # setting of the paper's largest savings and of its online example script.
+        record(f"deepconf-low online n={n_online}", *run_policy(sampled, "deepconf", {**online, "keep_percent": "10"}, n_online))
+        for name in (f"deepconf online n={n_online}", f"deepconf-low online n={n_online}"):
+            saved = 1 - table[name]["total_tokens"] / table[f"vote n={n_online}"]["total_tokens"]
+            print(f"  {name} tokens saved vs vote: {100 * saved:.1f}% (goal >= 40%), accuracy "
+                  f"{table[name]['accuracy'] - table[f'vote n={n_online}']['accuracy']:+.2f} points (goal within 1)", flush=True)
+    if "exit" in parts:
+        record("budget num_ignore=2", *run_policy(waits, "budget"))
+        record("early-exit num_ignore=2", *run_policy(waits, "early-exit"))
+        record("probe(interval=16) num_ignore=2", *run_policy(waits, "probe", {"interval": "16"}))
+        for name in ("early-exit num_ignore=2", "probe(interval=16) num_ignore=2"):
+            ratio = table[name]["avg_thinking_tokens"] / max(1e-9, table["budget num_ignore=2"]["avg_thinking_tokens"])
+            print(f"  {name}: thinking tokens {ratio:.2f} of budget forcing's (goal <= 0.60), accuracy "
+                  f"{table[name]['accuracy'] - table['budget num_ignore=2']['accuracy']:+.2f} points (goal within 1)", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"problems": len(problems), "table": table}, indent=2) + "\n", encoding="utf-8")
 

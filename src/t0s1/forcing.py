@@ -363,11 +363,22 @@ class Engine:
         if not torch.isfinite(probs).all():  # a temperature so small the scaled logits overflow: its limit, greedy
             return argmax
         if settings.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            probs = _nucleus(probs, settings.top_p)
         return int(torch.multinomial(probs.cpu(), 1, generator=row.generator))
+
+
+def _nucleus(probs: torch.Tensor, top_p: float, first: int = 256) -> torch.Tensor:
+    """``probs`` with every id outside the top-p nucleus set to 0: the most probable ids whose
+    mass before them is at most ``top_p``. The nucleus is looked for among the ``first`` most
+    probable ids (a partial sort), and the whole vocabulary is sorted only when it reaches past
+    them: sorting 50,000 probabilities for every sampled token cost more than the model's step."""
+    for k in (min(first, probs.numel()), probs.numel()):
+        top, order = torch.topk(probs, k) if k < probs.numel() else torch.sort(probs, descending=True)
+        outside = top.cumsum(-1) - top > top_p
+        if k == probs.numel() or bool(outside[-1]):  # the nucleus ends within these k
+            top[outside] = 0
+            return torch.zeros_like(probs).scatter(0, order, top)
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------------------------
