@@ -93,8 +93,8 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2, one_torch_th
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["backend"] == "llamacpp" and set(summary["seconds"]) == {"data", "prepare", "train", "export", "base", "trained", "policies"}
     policies = {row["policy"].split("[")[0]: row for row in summary["policies"]}
-    assert list(policies) == ["budget", "vote", "deepconf", "early-exit"]
-    assert policies["vote"]["total_tokens"] > policies["budget"]["total_tokens"] > 0  # 4 traces against 1
+    assert list(policies) == ["budget", "deepconf", "early-exit"]
+    assert policies["deepconf"]["total_tokens"] > policies["budget"]["total_tokens"] > 0  # 4 traces against 1
     assert json.loads((out / "eval-policies" / "config.json").read_text())["model"] == str(out / "model.f16.gguf")
     assert list(summary["curves"]) == ["no Wait", "1 Wait", "2 Waits"]
     assert {(w["budget"], w["num_ignore"]) for w in summary["wait"]} == {(b, k) for b in (8, 16) for k in (1, 2)}

@@ -35,7 +35,8 @@ def quickstart_command(
         str,
         typer.Option(
             "--backend",
-            help="Where the sweeps run: llamacpp (the trained model exported to GGUF, several times faster on a CPU) "
+            help="Where the sweeps run: llamacpp (the trained model exported to GGUF: a GGUF file for llama.cpp, LM Studio "
+            "and Ollama; on x86 without AMX its batched sweeps are about as fast as PyTorch's, docs/quickstart.md) "
             "or transformers (PyTorch, no export).",
         ),
     ] = "llamacpp",
@@ -44,8 +45,8 @@ def quickstart_command(
         bool,
         typer.Option(
             "--policies/--no-policies",
-            help="Last, compare test-time policies on the trained model (budget forcing, majority vote, DeepConf, "
-            "early exit; 4 traces, 20 problems, about a minute; docs/policies.md).",
+            help="Last, compare test-time policies on the trained model (budget forcing, DeepConf over 4 traces, "
+            "early exit; 16 problems, about a minute; docs/policies.md).",
         ),
     ] = True,
     rag: Annotated[

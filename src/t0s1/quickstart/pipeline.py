@@ -4,7 +4,8 @@ Each step calls the stage's own public function (the same code as ``t0s1 prepare
 ``t0s1 export`` and ``t0s1 eval``); this module only chains them, compares the base model with the
 trained one and measures what "Wait" changes: the budget curve without Wait and with ``num_ignore``
 1 and 2. The sweeps run on llama.cpp (the trained model exported to GGUF, the base model from its
-shipped GGUF), several times faster than on PyTorch; ``backend="transformers"`` runs both on the
+shipped GGUF; at batch 1 several times faster than PyTorch on a CPU, for the batched sweeps about as
+fast on x86 without AMX: docs/quickstart.md); ``backend="transformers"`` runs both on the
 transformers engine instead and skips the export.
 """
 
@@ -46,9 +47,9 @@ RECIPE = "quickstart"
 SUMMARY_FILE = "summary.json"
 
 POLICY_COMPARISON = {
-    "policies": "budget,vote,deepconf,early-exit",
-    "n": 4,  # traces per question of vote and deepconf
-    "problems": 20,  # the first held-out problems
+    "policies": "budget,deepconf,early-exit",
+    "n": 4,  # DeepConf's traces per question (offline: confidence-filtered, weighted vote)
+    "problems": 16,  # the first held-out problems
     "num_ignore": 2,  # every policy composes with budget forcing: 2 Waits, the largest budget
     "temperature": 0.6,  # DeepConf's sampling
     "top_p": 0.95,
@@ -241,7 +242,7 @@ def _percent(flags) -> float | None:
 
 
 def _compare_policies(model: str, settings: QuickstartSettings, out: Path, data_dir: Path) -> dict:
-    """``t0s1 eval --policy budget,vote,deepconf,early-exit --n 4 ...`` on the first held-out
+    """``t0s1 eval --policy budget,deepconf,early-exit --n 4 ...`` on the first held-out
     problems at the largest budget with 2 Waits (POLICY_COMPARISON)."""
     c = POLICY_COMPARISON
     config = EvalConfig(
