@@ -62,6 +62,21 @@ def test_an_unknown_quant_type_and_a_taken_or_odd_output_path_are_refused(tmp_pa
     assert result.exit_code == 2 and "outside the model directory" in error_text(result)
     result = CliRunner().invoke(app, ["train", "quickstart", "--gguf", "q9_9"])  # refused before any training
     assert result.exit_code == 2 and "Unknown quant type" in error_text(result)
+    (tmp_path / "afile").write_text("not a folder")
+    result = export(tiny_model_dir, "--gguf", tmp_path / "afile" / "model.gguf")
+    assert result.exit_code == 2 and "is a file, not a folder" in error_text(result)
+    (tmp_path / "new.Modelfile").write_text("FROM ./mine.gguf")  # a Modelfile of the user's, beside a new OUT
+    result = export(tiny_model_dir, "--gguf", tmp_path / "new.gguf", "--ollama")
+    assert result.exit_code == 2 and "new.Modelfile' exists" in error_text(result)
+    assert (tmp_path / "new.Modelfile").read_text() == "FROM ./mine.gguf" and not (tmp_path / "new.gguf").exists()
+
+
+def test_the_default_output_is_beside_the_path_given_even_a_link(tmp_path, tiny_model_dir):
+    from t0s1.export import default_gguf_path
+
+    link = tmp_path / "model"
+    link.symlink_to(tiny_model_dir)
+    assert default_gguf_path(link, "q8_0") == tmp_path / "model.q8_0.gguf"
 
 
 def test_an_architecture_the_converter_does_not_know_is_refused(tmp_path, tiny_model_dir):

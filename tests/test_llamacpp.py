@@ -229,6 +229,18 @@ def test_more_sequences_than_llama_cpp_holds_are_refused_with_a_hint(make_runner
         runner.add([prompts[0]])
 
 
+def test_a_closed_runner_refuses_every_slot_operation(make_runner, prompts):
+    """After close() the context's memory is freed: each operation says so instead of touching it."""
+    runner = make_runner(max_slots=2)
+    (slot,), _ = runner.add([prompts[0]])
+    runner.close()
+    for operation in (lambda: runner.release(slot), lambda: runner.rollback(slot, 1), lambda: runner.fork(slot),
+                      lambda: runner.step([slot], [1])):
+        with pytest.raises(RuntimeError, match="was closed"):
+            operation()
+    runner.close()  # twice is fine
+
+
 def test_greedy_decoding_equals_llama_cpps_own(make_runner, gguf, prompts):
     runner = make_runner()
     prompt = prompts[2]
@@ -397,6 +409,20 @@ def test_a_sweep_of_more_rows_than_llama_cpp_holds_runs_in_waves(gguf_lm, monkey
         for i, result in enumerate(generate(gguf_lm, prompts, settings[j])):
             assert swept[i][j].thinking_token_ids == result.thinking_token_ids, (i, j)
             assert swept[i][j].answer_token_ids == result.answer_token_ids, (i, j)
+
+
+def test_more_prompts_than_llama_cpp_holds_run_in_waves(gguf_lm):
+    """257 prompts in one generate call, where llama.cpp holds 256 sequences: two waves, and each
+    result is the prompt's own."""
+    from t0s1 import BudgetForcing, generate
+
+    prompts = [f"What is {i} + {i}?" for i in range(257)]
+    settings = BudgetForcing(max_thinking_tokens=2, max_answer_tokens=1)
+    results = generate(gguf_lm, prompts, settings)
+    assert len(results) == 257 and all(r is not None for r in results)
+    for i in (0, 255, 256):
+        [alone] = generate(gguf_lm, [prompts[i]], settings)
+        assert (results[i].thinking_token_ids, results[i].answer_token_ids) == (alone.thinking_token_ids, alone.answer_token_ids)
 
 
 def test_backend_streams_cancels_and_samples_reproducibly(gguf_lm):

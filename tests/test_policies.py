@@ -144,6 +144,18 @@ def test_make_policy_and_its_errors():
         make_policy("deepconf", {"keep_percent": "120"})
     with pytest.raises(UserError, match="keep_percent must be a number in"):
         make_policy("deepconf", {"keep_percent": "-1"})
+    for key in ("keep_percent", "bottom_percent", "consensus"):  # NaN fails every comparison: refused as such
+        with pytest.raises(UserError, match=f"{key} must be a number in"):
+            make_policy("deepconf", {key: "nan"})
+    with pytest.raises(UserError, match="threshold must be a number in"):
+        make_policy("early-exit", {"threshold": "nan"})
+    with pytest.raises(UserError, match="top_k=101 is above 100"):
+        make_policy("deepconf", {"top_k": "101"})
+    with pytest.raises(UserError, match="wave must be a positive integer"):
+        make_policy("deepconf", {"mode": "online", "warmup": "2", "wave": "0"}, n=4)
+    # labels key results (and resumed evaluations): two values never share one
+    assert make_policy("early-exit", {"threshold": "0.9999999"}).label() != make_policy("early-exit", {"threshold": "1"}).label()
+    assert make_policy("early-exit", {"threshold": "0.9"}).label() == "early-exit[threshold=0.9]"
     with pytest.raises(UserError, match="window must be a int"):
         make_policy("deepconf", {"window": "big"})
     with pytest.raises(UserError, match="leaves no trace after the 16 warm-up"):

@@ -273,13 +273,14 @@ def test_lm_eval_model_runs_a_policy(tiny_model):
         T0S1LM(backend=EngineBackend(tiny_model), progress=False, policy="deepconf", policy_windw=3)
 
 
-def test_parameters_from_json_and_top_k_beyond_the_vocabulary(tiny_model):
+def test_parameters_from_json_and_top_k_beyond_the_vocabulary(tiny_model, monkeypatch):
     assert make_policy("deepconf", {"window": 5.0}).window == 5  # a JSON body's 5.0 is the integer 5
     with pytest.raises(UserError, match="window must be a positive integer"):
         make_policy("deepconf", {"window": 5.5})
     budget = BudgetForcing(max_thinking_tokens=4, max_answer_tokens=2, temperature=0.7)
+    monkeypatch.setattr(type(tiny_model), "vocab_size", property(lambda self: 40))  # a vocabulary under top_k's bound
     with pytest.raises(UserError, match="larger than the model's vocabulary"):
-        generate_with_policy(tiny_model, ["q"], budget, make_policy("deepconf", {"top_k": "1000000"}, n=2))
+        generate_with_policy(tiny_model, ["q"], budget, make_policy("deepconf", {"top_k": "50"}, n=2))
 
 
 def test_deepconf_online_stops_a_trace_whose_window_falls_below_the_threshold(confident):
@@ -316,3 +317,77 @@ def test_branches_of_many_prompts_stay_with_their_own_prompt(tiny_model):
     assert len(out) == 6 and all(len(o.traces) == 1 and o.probes >= 1 for o in out)
     plain = generate(tiny_model, prompts, budget)
     assert all(o.result.thinking_tokens <= p.thinking_tokens for o, p in zip(out, plain, strict=True))
+
+
+@pytest.mark.parametrize("answers, wave, started", [
+    (["a", "a"], 1, 3),  # the warm-up agrees: one later trace, then consensus
+    (["a", "b"], 1, 3),  # disagreement: traces one at a time until "a" holds the consensus
+    (["a", "b"], 2, 4),  # two at a time: the wave that reaches consensus is whole
+    (["a", "b", "c", "d", "e", "f"], 1, 6),  # never agreeing: all n traces
+])
+def test_deepconf_online_samples_in_waves_until_consensus(tiny_model, monkeypatch, answers, wave, started):
+    """DeepConf online starts its later traces ``wave`` at a time and checks the consensus after
+    each later trace, as the paper's loop: every trace past the consensus is never sampled."""
+    from t0s1.policies import rules
+
+    monkeypatch.setattr(rules, "warmup_threshold", lambda lowest, keep_percent: float("-inf"))  # every trace votes
+    replies = iter(answers)
+    budget = BudgetForcing(max_thinking_tokens=6, max_answer_tokens=2, temperature=0.8, seed=0)
+    args = {"mode": "online", "warmup": "2", "window": "1000", "keep_percent": "100", "consensus": "0.6", "wave": str(wave)}
+    out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget, make_policy("deepconf", args, n=6),
+                               extract=lambda text: next(replies, "a"))[0]
+    assert len(out.traces) == started
+    assert out.voted in answers and (out.voted == "a" or started == 6)
+    assert out.total_tokens == sum(t.generated_tokens for t in out.traces)
+
+
+def test_deepconf_online_later_traces_below_the_threshold_do_not_vote(tiny_model, monkeypatch):
+    """A later trace shorter than the window is never checked while it runs; its score still
+    decides whether it votes, as for the warm-up traces (DeepConf's reference filters them all)."""
+    from t0s1.policies import rules
+
+    monkeypatch.setattr(rules, "warmup_threshold", lambda lowest, keep_percent: float("inf"))  # no trace reaches it
+    budget = BudgetForcing(max_thinking_tokens=6, max_answer_tokens=2, temperature=0.8, seed=0)
+    args = {"mode": "online", "warmup": "2", "window": "1000", "wave": "2"}
+    out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget, make_policy("deepconf", args, n=4),
+                               extract=lambda text: "a")[0]
+    assert len(out.traces) == 4 and not any(t.voted for t in out.traces) and out.voted is None
+
+
+def test_probes_pending_at_once_are_bounded(tiny_model, monkeypatch):
+    """A probe every token, each running 8 tokens: at most MAX_PENDING_PROBES forks at once."""
+    from t0s1.policies import MAX_PENDING_PROBES
+    from t0s1.policies.run import _Probe
+
+    most = []
+    original = _Probe.after_step
+
+    def watch(self, engine):
+        most.append(len(self.pending))
+        return original(self, engine)
+
+    monkeypatch.setattr(_Probe, "after_step", watch)
+    budget = BudgetForcing(max_thinking_tokens=24, max_answer_tokens=8)
+    out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget,
+                               make_policy("probe", {"interval": "1", "probe_tokens": "8", "agree": "30"}))[0]
+    assert max(most) == MAX_PENDING_PROBES and out.probes >= MAX_PENDING_PROBES
+
+
+def test_generate_file_with_a_policy_runs_in_batches_with_a_seed_per_prompt(tiny_model_dir, tmp_path):
+    """Prompt i of a file samples its traces from seed + i, whatever the batch size: two copies of
+    one prompt get different traces, and batches of 1 give what one batch of 2 gives."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 1 + 2?"}\n' * 2, encoding="utf-8")
+    rows = {}
+    for batch_size in (1, 2):
+        out = tmp_path / f"out{batch_size}.jsonl"
+        command = [sys.executable, "-m", "t0s1", "generate", "--file", str(prompts), "--out", str(out), "--model", str(tiny_model_dir),
+                   "--backend", "transformers", "--max-thinking-tokens", "8", "--max-answer-tokens", "4", "--temperature", "0.8",
+                   "--policy", "vote", "--n", "2", "--batch-size", str(batch_size)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        rows[batch_size] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["index"], r["prompt"]) for r in rows[2]] == [(0, "What is 1 + 2?"), (1, "What is 1 + 2?")]
+    first, second = ([t["thinking"] for t in r["traces"]] for r in rows[2])
+    assert first != second
+    assert [[t["thinking"] for t in r["traces"]] for r in rows[1]] == [first, second]

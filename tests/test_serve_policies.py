@@ -113,8 +113,9 @@ def test_n_choices_are_independent_samples(client, tiny_model):
     ({"n": 2, "stream": True, **SAMPLED}, "n", "cannot be streamed"),
     ({"return_traces": True}, "return_traces", "applies to a request with a policy"),
     ({"policy": "vote", "policy_args": {"n": 3}, **SAMPLED}, "policy_args", "request's n"),
-    ({"policy": "deepconf", "policy_args": {"mode": "online"}, "n": 8, **SAMPLED}, "policy_args", "warm-up"),
-    ({"policy": "deepconf", "policy_args": {"top_k": 10**6}, **SAMPLED}, "policy_args", "vocabulary"),
+    ({"policy": "deepconf", "policy_args": {"mode": "online"}, "n": 8, **SAMPLED}, "n", "warm-up"),
+    ({"policy": "deepconf", "policy_args": {"top_k": 10**6}, **SAMPLED}, "policy_args", "is above 100"),
+    ({"policy": "deepconf", "policy_args": {"keep_percent": "nan"}, **SAMPLED}, "policy_args", "keep_percent must be a number"),
     ({"policy": "vote", "policy_args": {"x": "y" * 65}, **SAMPLED}, "policy_args", "at most 64"),
 ])
 def test_bad_input_is_a_400_that_says_why(server, fields, param, says):
@@ -122,6 +123,12 @@ def test_bad_input_is_a_400_that_says_why(server, fields, param, says):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and says in error["message"], error
+
+
+def test_parameters_are_checked_with_the_requests_n(client):
+    """m = 9 of k = n = 10 traces is valid, though m = 9 would not be with the default n of 8."""
+    reply = chat(client, policy="short-m-of-k", n=10, policy_args={"m": 9}, **SAMPLED)
+    assert reply.model_extra["policy"]["policy"] == "short-m-of-k[n=10,m=9]"
 
 
 def test_completions_refuse_a_policy_on_a_plain_continuation(server):

@@ -110,8 +110,13 @@ def generate_from_ids(
             sequences.append(rules.sequence(i, prompt, settings, on_text=on_delta))
         except UserError as error:
             raise UserError(f"Prompt {i}: {error}") from None
-    engine = Engine(lm, is_cancelled=is_cancelled, runner=_runner_for(lm, sequences))
-    return engine.run(sequences, len(prompts), progress=progress)
+    results: list[Result | None] = [None] * len(prompts)
+    for wave in _waves([[s] for s in sequences], getattr(lm, "max_sequences", None)):  # llama.cpp holds 256 at once
+        engine = Engine(lm, is_cancelled=is_cancelled, runner=_runner_for(lm, wave))
+        for k, result in enumerate(engine.run(wave, len(prompts), progress=progress)):
+            if result is not None:
+                results[k] = result
+    return results
 
 
 def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing], *, chat_template_kwargs: dict | None = None,

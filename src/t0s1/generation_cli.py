@@ -56,7 +56,8 @@ def generate_command(
     max_answer_tokens: MaxAnswerOption = BUDGET_DEFAULTS.max_answer_tokens,
     temperature: TemperatureOption = BUDGET_DEFAULTS.temperature,
     top_p: TopPOption = BUDGET_DEFAULTS.top_p,
-    seed: Annotated[int, typer.Option(help="Seed for sampling; prompt i of a file uses seed + i.")] = BUDGET_DEFAULTS.seed,
+    seed: Annotated[int, typer.Option(help="Seed for sampling; prompt i of a file uses seed + i (with --policy, its trace j "
+                                           "seed + i + j).")] = BUDGET_DEFAULTS.seed,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result fields.")] = False,
     file: Annotated[
         Path | None, typer.Option(help="JSONL file of prompts (field 'prompt'): generated in batches, JSONL out.")
@@ -114,7 +115,16 @@ def generate_command(
                             "and forks policies need; vLLM serves budget forcing through its plugin (docs/vllm.md).")
         lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
                         backend=backend)
-        _generate_with_policy(lm, prompts, settings, chosen, template_kwargs, json_output=json_output or file is not None, out=out)
+        if file is not None:
+            from t0s1.policies.run import generate_with_policy
+
+            def run_policy(batch, batch_settings):  # prompt i of the file: its traces j use seed + i + j
+                per_prompt = [_with_seed(batch_settings, i) for i in range(len(batch))]
+                return generate_with_policy(lm, batch, per_prompt, chosen, chat_template_kwargs=template_kwargs)
+
+            _generate_file(run_policy, prompts, settings, out, batch_size)
+        else:
+            _generate_with_policy(lm, prompts[0], settings, chosen, template_kwargs, json_output=json_output)
         return
     if backend == "vllm":
         from t0s1.backends import make_backend
@@ -193,20 +203,16 @@ def _generate_streaming(run, prompt: str, settings: BudgetForcing) -> None:
     )
 
 
-def _generate_with_policy(lm, prompts: list[str], settings: BudgetForcing, policy, template_kwargs: dict | None, *,
-                          json_output: bool, out: Path | None) -> None:
+def _generate_with_policy(lm, prompt: str, settings: BudgetForcing, policy, template_kwargs: dict | None, *,
+                          json_output: bool) -> None:
+    """One prompt under a policy: the JSON object, or the reply and a line per trace."""
     from t0s1.policies.run import generate_with_policy
 
-    results = generate_with_policy(lm, prompts, settings, policy, chat_template_kwargs=template_kwargs, progress=True)
+    [result] = generate_with_policy(lm, [prompt], settings, policy, chat_template_kwargs=template_kwargs, progress=True)
     if json_output:
-        lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]
-        if out is not None:
-            out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        else:
-            print("\n".join(lines))
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
         return
     console = Console(highlight=False)
-    result = results[0]
     console.print(Text(result.result.thinking, style="dim"))
     console.print(Text(result.answer))
     console.print(f"\n[bold]voted:[/] {result.voted!r} ({result.policy}, {len(result.traces)} traces, {result.total_tokens} tokens "

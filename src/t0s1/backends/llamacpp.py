@@ -332,7 +332,7 @@ class LlamaCppRunner:
                 self._batch = None
             if self._context:
                 ll.llama_free(self._context)
-                self._context = None
+                self._context = self._memory = None
         if getattr(self, "_owns_model", False) and getattr(self, "model", None) is not None:
             self.model.close()
 
@@ -351,6 +351,8 @@ class LlamaCppRunner:
     # ---- internals ----------------------------------------------------------------------
 
     def _length(self, slot: int) -> int:
+        if not self._context:  # every slot operation starts here: none touches freed memory
+            raise RuntimeError("The llama.cpp runner was closed.")
         try:
             return self._lengths[slot]
         except KeyError:

@@ -118,7 +118,8 @@ def convert(model_dir: Path, out: Path, outtype: str, *, model_name: str | None 
 
     # Offline (the model is local), and no more threads than this process uses (``--threads``).
     environment = {**os.environ, "PYTHONNOUSERSITE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    done = subprocess.run([sys.executable, "-c", _DRIVER, request], capture_output=True, text=True, env=environment)
+    # -P: the working directory stays off the import path (a json.py there would stand in for json)
+    done = subprocess.run([sys.executable, "-P", "-c", _DRIVER, request], capture_output=True, text=True, env=environment)
     if done.returncode == UNSUPPORTED_EXIT:
         marker = next((line for line in done.stdout.splitlines() if line.startswith("UNSUPPORTED:")), "UNSUPPORTED:{}")
         details = json.loads(marker.removeprefix("UNSUPPORTED:"))

@@ -55,7 +55,7 @@ class ExportResult:
 def default_gguf_path(model_dir: str | os.PathLike, quant: str) -> Path:
     """``<MODEL_DIR>.<quant>.gguf`` beside the directory (where ``t0s1 train --gguf`` writes). Not
     inside it: transformers, reading a GGUF's tokenizer, would mix in the directory's files."""
-    model_dir = Path(model_dir).expanduser().resolve()
+    model_dir = Path(os.path.abspath(Path(model_dir).expanduser()))  # beside the path given, a link not followed
     return model_dir.parent / f"{model_dir.name}.{check_quant(quant)}.gguf"
 
 
@@ -79,6 +79,11 @@ def export_gguf(
     out = Path(out).expanduser()
     model_dir = Path(model_dir).expanduser()
     _check_output(out, overwrite)
+    if ollama:
+        from t0s1.export.ollama import modelfile_path
+
+        if modelfile_path(out).exists() and not overwrite:
+            raise UserError(f"{str(modelfile_path(out))!r} exists: pass --overwrite to replace it (and the GGUF), or choose another path.")
     is_adapter = _check_model_dir(model_dir)
     if model_dir.resolve() in out.resolve().parents:
         raise UserError(
@@ -88,7 +93,10 @@ def export_gguf(
     tokenizer = _load_tokenizer(model_dir)
     profile, recorded = _profile(tokenizer)
     metadata = {GGUF_PROFILE_KEY: profile} if recorded else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"Cannot write {str(out)!r}: a part of its folder path is a file, not a folder.") from None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         work = Path(work)
         source = merge_adapter(model_dir, work / "merged", base_model, log) if is_adapter else model_dir

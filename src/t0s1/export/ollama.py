@@ -10,6 +10,7 @@ Ollama has no budget forcing: the model thinks until it stops on its own.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CHATML_GO_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
@@ -73,8 +74,15 @@ def modelfile_text(gguf_name: str, tokenizer, *, stop: list[str], context_length
     return "\n".join(lines) + "\n"
 
 
+def modelfile_path(gguf_path: Path) -> Path:
+    """``<gguf stem>.Modelfile`` beside the GGUF file."""
+    return gguf_path.with_name(gguf_path.name.removesuffix(".gguf") + ".Modelfile")
+
+
 def write_modelfile(gguf_path: Path, tokenizer, *, stop: list[str], context_length: int | None) -> Path:
-    """``<gguf stem>.Modelfile`` beside the GGUF file; returns its path."""
-    path = gguf_path.with_name(gguf_path.name.removesuffix(".gguf") + ".Modelfile")
-    path.write_text(modelfile_text(gguf_path.name, tokenizer, stop=stop, context_length=context_length), encoding="utf-8")
+    """The Modelfile beside the GGUF file, written whole or not at all; returns its path."""
+    path = modelfile_path(gguf_path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(modelfile_text(gguf_path.name, tokenizer, stop=stop, context_length=context_length), encoding="utf-8")
+    os.replace(partial, path)
     return path

@@ -9,7 +9,7 @@ chosen. The decision rules themselves are pure functions in ``t0s1.policies.rule
 | --- | --- | --- |
 | budget | s1 (one greedy or sampled trace) | - |
 | vote | s1's parallel baseline: majority over n traces | - |
-| deepconf | DeepConf (arXiv 2508.15260) | mode=offline, top_k=20, window=2048, confidence=lowest, bottom_percent=10, keep_percent=90, warmup=16, consensus=0.95 |
+| deepconf | DeepConf (arXiv 2508.15260) | mode=offline, top_k=20, window=2048, confidence=lowest, bottom_percent=10, keep_percent=90, warmup=16, consensus=0.95, wave=1 |
 | early-exit | DEER (arXiv 2504.15895) | threshold=0.95, trial_tokens=20, confidence=geometric, max_trials=10 |
 | probe | Dynasor-CoT (arXiv 2412.20993) | interval=64, probe_tokens=20, agree=3 |
 | short-m-of-k | short-m@k (arXiv 2505.17813) | m=1 |
@@ -18,6 +18,7 @@ chosen. The decision rules themselves are pure functions in ``t0s1.policies.rule
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,13 +55,17 @@ class Policy:
 
 
 def _shown(value) -> str:
-    """A parameter as labels show it: 10 for 10.0, 0.9 for 0.9."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A parameter as labels show it: 10 for 10.0, 0.9 for 0.9, 0.9999999 whole (labels key results,
+    so two values never share one)."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
 
 
 def _check_range(policy: Policy, name: str, low: float, high: float, *, low_open: bool = False) -> None:
     value = getattr(policy, name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value > high or value < low or (low_open and value == low):
+    if (isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value > high or value < low
+            or (low_open and value == low)):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise UserError(f"{policy.name}: {name} must be a number in {bound}, got {value!r}.")
 
@@ -93,13 +98,18 @@ class Vote(Policy):
     n: int = 8
 
 
+MAX_TOP_K = 100
+"""The most candidates a token's confidence may read (each generated token keeps that many log-probabilities)."""
+
+
 @dataclass(frozen=True)
 class DeepConf(Policy):
     """DeepConf. offline: score every trace (``confidence`` over its token confidences), keep the
     top ``keep_percent`` %, confidence-weighted vote. online: ``warmup`` traces set the threshold at
     their lowest group confidences' ``100 - keep_percent`` percentile; later traces stop as soon as
-    their ``window``-token group falls below it; sampling stops once the vote's winner holds
-    ``consensus`` of the weight."""
+    their ``window``-token group falls below it; they start ``wave`` at a time (1: the paper's loop,
+    one trace and then the consensus check; ``n - warmup``: all at once, as DeepConf's online example
+    script), and sampling stops once the vote's winner holds ``consensus`` of the weight."""
 
     name: ClassVar[str] = "deepconf"
     needs_logprobs: ClassVar[bool] = True
@@ -113,12 +123,16 @@ class DeepConf(Policy):
     keep_percent: float = 90.0
     warmup: int = 16
     consensus: float = 0.95
+    wave: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice(self, "mode", ("offline", "online"))
         _check_choice(self, "confidence", ("lowest", "bottom", "tail", "mean"))
-        _check_positive_int(self, "top_k", "window", "warmup")
+        _check_positive_int(self, "top_k", "window", "warmup", "wave")
+        if self.top_k > MAX_TOP_K:
+            raise UserError(f"deepconf: top_k={self.top_k} is above {MAX_TOP_K}: every token keeps top_k log-probabilities "
+                            f"(the paper uses 20).")
         _check_range(self, "keep_percent", 0, 100, low_open=True)
         _check_range(self, "bottom_percent", 0, 100, low_open=True)
         _check_range(self, "consensus", 0, 1, low_open=True)
@@ -148,11 +162,17 @@ class EarlyExit(Policy):
         _check_choice(self, "confidence", ("geometric", "mean", "min"))
 
 
+MAX_PENDING_PROBES = 4
+"""Probes of one trace that may be undecided at once (each is a fork with its own cache)."""
+
+
 @dataclass(frozen=True)
 class Probe(Policy):
     """Dynasor-CoT: every ``interval`` thinking tokens fork a probe answer (at most
     ``probe_tokens`` tokens); end the thinking when the last ``agree`` probes give the same
-    non-empty answer and none hedges."""
+    non-empty answer and none hedges. At most ``MAX_PENDING_PROBES`` probes of a trace run at once
+    (a probe point that finds them all running is skipped: only when ``interval`` is under a
+    quarter of ``probe_tokens``)."""
 
     name: ClassVar[str] = "probe"
     interval: int = 64

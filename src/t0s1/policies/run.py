@@ -29,7 +29,7 @@ import torch
 
 from t0s1.errors import UserError
 from t0s1.forcing_rules import BudgetForcing, Prompt, RenderedPrompt, Result
-from t0s1.policies import Budget, DeepConf, EarlyExit, Policy, Probe, ShortMOfK, Vote
+from t0s1.policies import MAX_PENDING_PROBES, Budget, DeepConf, EarlyExit, Policy, Probe, ShortMOfK, Vote
 from t0s1.policies import rules
 from t0s1.progress import ProgressBar
 
@@ -104,18 +104,21 @@ class PolicyResult:
         }
 
 
-def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | None, policy: Policy, *,
+def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | Sequence[BudgetForcing] | None, policy: Policy, *,
                          chat_template_kwargs: dict | None = None, extract: Extract | None = None,
                          progress: bool = False) -> list[PolicyResult]:
     """Run ``policy`` on every prompt (a message, a conversation or a ``RenderedPrompt``), batched
-    on one engine. One ``PolicyResult`` per prompt."""
-    from t0s1.forcing import Engine, ForwardPassError, _render_numbered, _runner_for
+    on one engine. One ``PolicyResult`` per prompt. ``budget``: one setting for every prompt (trace
+    j of each uses seed + j) or one per prompt."""
+    from t0s1.forcing import _render_numbered
 
     if isinstance(prompts, str):
         raise UserError("generate takes a list of prompts; wrap a single prompt in a list.")
-    budget = budget or BudgetForcing()
+    budgets = list(budget) if isinstance(budget, list | tuple) else [budget or BudgetForcing()] * len(prompts)
+    if len(budgets) != len(prompts):
+        raise UserError(f"{len(budgets)} budget settings for {len(prompts)} prompts: give one setting, or one per prompt.")
     extract = extract or default_extract
-    if policy.parallel and policy.n > 1 and budget.greedy:
+    if policy.parallel and policy.n > 1 and any(b.greedy for b in budgets):
         raise UserError(f"policy {policy.name!r} with n={policy.n} needs sampling: greedy traces are all the same. "
                         "Give a temperature, e.g. --temperature 0.6 --top-p 0.95 (DeepConf's and s1's settings).")
     top_k = getattr(policy, "top_k", 0)
@@ -128,12 +131,40 @@ def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | 
     controllers = []
     for i, prompt in enumerate(prompts):
         rendered = prompt if isinstance(prompt, RenderedPrompt) else _render_numbered(lm, prompt, i, chat_template_kwargs)
-        controllers.append(_controller(lm, policy, budget, rendered, i, extract))
+        controllers.append(_controller(lm, policy, budgets[i], rendered, i, extract))
+    with ProgressBar(progress, len(prompts), "policy", unit="prompts") as bar:
+        for wave in _waves(controllers, getattr(lm, "max_sequences", None), policy):
+            _run_wave(lm, wave, started, bar)
+    return [c.outcome(time.perf_counter() - started) for c in controllers]
+
+
+def _waves(controllers: list, limit: int | None, policy: Policy) -> list[list]:
+    """The prompts in consecutive waves whose sequences at once stay within ``limit`` (llama.cpp
+    holds 256), counting each prompt's most (``peak_rows``). No limit: one wave."""
+    waves: list[list] = []
+    rows = 0
+    for c in controllers:
+        need = c.peak_rows()
+        if limit is not None and need > limit:
+            raise UserError(f"policy {policy.label()} runs up to {need} sequences of a prompt at once; this backend holds at most "
+                            f"{limit}: lower n.")
+        if not waves or limit is not None and rows + need > limit:
+            waves.append([])
+            rows = 0
+        waves[-1].append(c)
+        rows += need
+    return waves
+
+
+def _run_wave(lm, controllers: list, started: float, bar) -> None:
+    """Run the prompts of ``controllers`` to the end on one engine."""
+    from t0s1.forcing import Engine, ForwardPassError, _runner_for
+
     sequences = [s for c in controllers for s in c.start()]
     engine = Engine(lm, runner=_runner_for(lm, sequences + [s for c in controllers for s in c.reserve()]))
     done = 0
     try:
-        with ProgressBar(progress, len(prompts), "policy", unit="prompts") as bar, torch.inference_mode():
+        with torch.inference_mode():
             engine.add(sequences)
             while engine.rows:
                 try:
@@ -152,7 +183,6 @@ def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | 
                 done = now
     finally:
         engine.runner.close()
-    return [c.outcome(time.perf_counter() - started) for c in controllers]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +226,10 @@ class _Controller:
     def reserve(self) -> list:
         """Sequences that may join later (sizes the runner); none by default."""
         return []
+
+    def peak_rows(self) -> int:
+        """The most sequences of this prompt in the engine at once: its n traces by default."""
+        return self.policy.n
 
     # ---- the engine's events ----------------------------------------------------------------
 
@@ -257,11 +291,15 @@ class _DeepConf(_Controller):
     def first_wave(self) -> int:
         return self.policy.warmup if self.policy.mode == "online" else self.policy.n
 
+    def peak_rows(self) -> int:
+        # online: the later traces start once the warm-up has finished
+        return max(self.policy.warmup, self.policy.wave) if self.policy.mode == "online" else self.policy.n
+
     def reserve(self) -> list:
         if self.policy.mode != "online":
             return []
         extra = self.lm.rules.sequence(None, self.prompt, self.budget)
-        return [extra] * (self.policy.n - self.policy.warmup)
+        return [extra] * min(self.policy.wave, self.policy.n - self.policy.warmup)
 
     def score(self, trace: Trace) -> float:
         policy = self.policy
@@ -272,7 +310,8 @@ class _DeepConf(_Controller):
     def on_trace(self, j: int, trace: Trace) -> None:
         trace.confidence = self.score(trace) if trace.result.finish_reason != "cancelled" else None
         if self.policy.mode == "online" and self.threshold is not None and trace.confidence is not None:
-            trace.voted = bool(trace.confidence >= self.threshold or j >= self.policy.warmup)
+            # a later trace votes only above the threshold too: one shorter than the window was never checked while it ran
+            trace.voted = bool(trace.confidence >= self.threshold)
 
     def after_step(self, engine) -> list:
         policy = self.policy
@@ -285,7 +324,7 @@ class _DeepConf(_Controller):
             self.threshold = rules.warmup_threshold([t.confidence for t in warm], policy.keep_percent)
             for t in warm:
                 t.voted = bool(t.confidence >= self.threshold)
-            return [self.new_trace(j) for j in range(policy.warmup, policy.n)]
+            return self._next_wave()
         # later traces: stop one whose latest window falls below the threshold
         for sequence in list(self.live):
             if sequence.done or sequence.index is None or sequence.index < policy.warmup:
@@ -294,16 +333,23 @@ class _DeepConf(_Controller):
                 sequence.stopped_early = True
                 sequence.cancel()
         # consensus among the traces that vote, checked once a trace after the warm-up has finished
-        # (the paper's loop): stop sampling
+        # (the paper's loop): stop sampling, the traces still running included
         voting = [t for t in self.traces.values() if t.voted and t.answer is not None]
         after_warmup = any(j >= policy.warmup and t.result.finish_reason != "cancelled" for j, t in self.traces.items())
-        if voting and after_warmup and self.live:
-            share = rules.consensus([t.answer for t in voting], [t.confidence for t in voting])
-            if share >= policy.consensus:
-                for sequence in self.live:
-                    sequence.stopped_early = True
-                    sequence.cancel()
+        if voting and after_warmup and rules.consensus([t.answer for t in voting], [t.confidence for t in voting]) >= policy.consensus:
+            for sequence in self.live:
+                sequence.stopped_early = True
+                sequence.cancel()
+        elif not self.live:  # the wave has ended without consensus: the next one (none once n have started)
+            added = self._next_wave()
+            if added:
+                return added
         return super().after_step(engine)
+
+    def _next_wave(self) -> list:
+        """The next ``wave`` later traces, numbered on from those started so far."""
+        started = len(self.sequences)
+        return [self.new_trace(j) for j in range(started, min(self.policy.n, started + self.policy.wave))]
 
     def _window_mean(self, sequence) -> float:
         """The mean confidence of ``sequence``'s last ``window`` tokens (infinite until it has that
@@ -397,6 +443,11 @@ class _Branching(_Controller, ABC):
         """Room for a branch and the trace's continuation beside the trace."""
         return [self.sequences[0]] * 2
 
+    def peak_rows(self) -> int:
+        """The trace and its undecided branches (one trial answer at a time; up to
+        MAX_PENDING_PROBES probes)."""
+        return 1 + (MAX_PENDING_PROBES if isinstance(self.policy, Probe) else 1)
+
     def after_step(self, engine) -> list:
         for branch in list(self.pending):
             generated = branch.answer_generated
@@ -460,7 +511,8 @@ class _Probe(_Branching):
 
     def wants_branch(self, sequence, event: str) -> bool:
         thinking = len(sequence.thinking_ids)
-        return event == "token" and thinking > 0 and thinking % self.policy.interval == 0
+        return (event == "token" and thinking > 0 and thinking % self.policy.interval == 0
+                and len(self.pending) < MAX_PENDING_PROBES)
 
     def decide(self, branch) -> bool:
         text = self.lm.rules.tokenizer.decode(branch.answer_ids[: len(branch.answer_ids)], skip_special_tokens=True)

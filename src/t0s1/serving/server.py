@@ -458,14 +458,11 @@ def _policy(body: BudgetFields, settings: BudgetForcing, lm: LoadedModel) -> Pol
             "only once they end, so nothing can be sent before. Send stream false.")
     args = dict(body.policy_args or {})
     _refuse("n" in args, "policy_args", "give the number of traces as the request's n, not in policy_args.")
-    try:
-        make_policy(body.policy, args)
-    except UserError as error:
-        raise APIError(400, str(error), param="policy_args") from None
-    try:
+    try:  # checked with the request's n: a parameter may be valid only with it (deepconf's warm-up, m of k)
         policy = make_policy(body.policy, args, n=body.n)
     except UserError as error:
-        raise APIError(400, str(error), param="n") from None
+        about_n = str(error).startswith("n must") or "n=" in str(error)
+        raise APIError(400, str(error), param="n" if about_n else "policy_args") from None
     if policy.n > MAX_TRACES:
         raise APIError(400, f"{body.policy} runs n={policy.n} traces; this server runs at most {MAX_TRACES}.", param="n")
     if getattr(policy, "top_k", 0) > lm.vocab_size:
