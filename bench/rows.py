@@ -35,8 +35,7 @@ def rates(lm, rows_list: list[int], context: int, tokens: int, repeats: int) -> 
     for rows in rows_list:
         runner = lm.new_runner(rows=rows, length=context + tokens + 1)
         seconds = min(time_runner(runner, [list(prompt)] * rows, tokens) for _ in range(repeats))
-        if hasattr(runner, "close"):
-            runner.close()
+        runner.close()
         out.append((rows, seconds / tokens))
     return out
 

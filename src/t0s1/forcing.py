@@ -110,13 +110,8 @@ def generate_from_ids(
             sequences.append(rules.sequence(i, prompt, settings, on_text=on_delta))
         except UserError as error:
             raise UserError(f"Prompt {i}: {error}") from None
-    results: list[Result | None] = [None] * len(prompts)
-    for wave in _waves([[s] for s in sequences], getattr(lm, "max_sequences", None)):  # llama.cpp holds 256 at once
-        engine = Engine(lm, is_cancelled=is_cancelled, runner=_runner_for(lm, wave))
-        for k, result in enumerate(engine.run(wave, len(prompts), progress=progress)):
-            if result is not None:
-                results[k] = result
-    return results
+    waves = _waves(sequences, getattr(lm, "max_sequences", None), lambda sequence: 1)  # llama.cpp holds 256 at once
+    return _run_waves(lm, waves, len(prompts), is_cancelled=is_cancelled, progress=progress)
 
 
 def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing], *, chat_template_kwargs: dict | None = None,
@@ -149,12 +144,9 @@ def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForci
         # Settings with a zero budget never share any thinking: sequences of their own.
         group += [rules.sequence(i * len(settings) + j, rendered, s) for j, s in enumerate(settings) if limits[j] == 0]
         groups.append(group)
-    flat: list[Result | None] = [None] * (len(prompts) * len(settings))
-    for wave in _waves(groups, getattr(lm, "max_sequences", None)):
-        results = Engine(lm, runner=_runner_for(lm, wave)).run(wave, len(flat), progress=progress)
-        for k, result in enumerate(results):
-            if result is not None:
-                flat[k] = result
+    # every setting may fork off the trace at the same token, while the trace still holds its row
+    waves = _waves(groups, getattr(lm, "max_sequences", None), lambda group: sum(1 + len(s.riders) for s in group))
+    flat = _run_waves(lm, [[s for group in wave for s in group] for wave in waves], len(prompts) * len(settings), progress=progress)
     return [flat[i * len(settings) : (i + 1) * len(settings)] for i in range(len(prompts))]
 
 
@@ -573,20 +565,31 @@ def _runner_for(lm, sequences: list[ForcedSequence]):
     return lm.new_runner(rows=max(rows, 1), length=length)
 
 
-def _waves(groups: list[list[ForcedSequence]], limit: int | None) -> list[list[ForcedSequence]]:
-    """The prompts' sequences in consecutive waves of at most ``limit`` rows at once, counting
-    every sweep setting that may fork off a trace (all may fork at the same token, while the
-    trace still holds its row). No limit: one wave."""
-    waves: list[list[ForcedSequence]] = []
+def _waves(items: list, limit: int | None, need: Callable[[object], int]) -> list[list]:
+    """``items`` (a prompt's sequences, or what runs them) in consecutive waves whose rows at once,
+    ``need(item)`` each, stay within ``limit``. No limit: one wave."""
+    waves: list[list] = []
     rows = 0
-    for group in groups:
-        need = sum(1 + len(sequence.riders) for sequence in group)
-        if not waves or limit is not None and rows + need > limit:
+    for item in items:
+        rows_needed = need(item)
+        if not waves or limit is not None and rows + rows_needed > limit:
             waves.append([])
             rows = 0
-        waves[-1] += group
-        rows += need
+        waves[-1].append(item)
+        rows += rows_needed
     return [wave for wave in waves if wave]
+
+
+def _run_waves(lm, waves: list[list[ForcedSequence]], num_results: int, *, is_cancelled: Callable[[int], bool] | None = None,
+               progress: bool = False) -> list[Result | None]:
+    """Each wave's sequences to the end on an engine of its own: ``results[sequence.index]``."""
+    results: list[Result | None] = [None] * num_results
+    for wave in waves:
+        engine = Engine(lm, is_cancelled=is_cancelled, runner=_runner_for(lm, wave))
+        for k, result in enumerate(engine.run(wave, num_results, progress=progress)):
+            if result is not None:
+                results[k] = result
+    return results
 
 
 def _render_numbered(lm, prompt: Prompt, index: int, chat_template_kwargs: dict | None = None) -> RenderedPrompt:

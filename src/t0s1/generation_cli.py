@@ -116,11 +116,12 @@ def generate_command(
         lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, reasoning_format=reasoning_format,
                         backend=backend)
         if file is not None:
+            from t0s1.forcing_rules import per_prompt_settings
             from t0s1.policies.run import generate_with_policy
 
             def run_policy(batch, batch_settings):  # prompt i of the file: its traces j use seed + i + j
-                per_prompt = [_with_seed(batch_settings, i) for i in range(len(batch))]
-                return generate_with_policy(lm, batch, per_prompt, chosen, chat_template_kwargs=template_kwargs)
+                return generate_with_policy(lm, batch, per_prompt_settings(batch_settings, len(batch)), chosen,
+                                            chat_template_kwargs=template_kwargs)
 
             _generate_file(run_policy, prompts, settings, out, batch_size)
         else:

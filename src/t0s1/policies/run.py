@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from t0s1.errors import UserError
-from t0s1.forcing_rules import BudgetForcing, Prompt, RenderedPrompt, Result
+from t0s1.forcing_rules import BudgetForcing, Prompt, RenderedPrompt, Result, per_prompt_settings
 from t0s1.policies import MAX_PENDING_PROBES, Budget, DeepConf, EarlyExit, Policy, Probe, ShortMOfK, Vote
 from t0s1.policies import rules
 from t0s1.progress import ProgressBar
@@ -114,9 +114,9 @@ def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | 
 
     if isinstance(prompts, str):
         raise UserError("generate takes a list of prompts; wrap a single prompt in a list.")
-    budgets = list(budget) if isinstance(budget, list | tuple) else [budget or BudgetForcing()] * len(prompts)
-    if len(budgets) != len(prompts):
-        raise UserError(f"{len(budgets)} budget settings for {len(prompts)} prompts: give one setting, or one per prompt.")
+    # one setting: the same for every prompt (not seed + i as generate: trace j's seed is seed + j)
+    single = budget is None or isinstance(budget, BudgetForcing)
+    budgets = [budget or BudgetForcing()] * len(prompts) if single else per_prompt_settings(budget, len(prompts))
     extract = extract or default_extract
     if policy.parallel and policy.n > 1 and any(b.greedy for b in budgets):
         raise UserError(f"policy {policy.name!r} with n={policy.n} needs sampling: greedy traces are all the same. "
@@ -140,20 +140,14 @@ def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | 
 
 def _waves(controllers: list, limit: int | None, policy: Policy) -> list[list]:
     """The prompts in consecutive waves whose sequences at once stay within ``limit`` (llama.cpp
-    holds 256), counting each prompt's most (``peak_rows``). No limit: one wave."""
-    waves: list[list] = []
-    rows = 0
-    for c in controllers:
-        need = c.peak_rows()
-        if limit is not None and need > limit:
-            raise UserError(f"policy {policy.label()} runs up to {need} sequences of a prompt at once; this backend holds at most "
-                            f"{limit}: lower n.")
-        if not waves or limit is not None and rows + need > limit:
-            waves.append([])
-            rows = 0
-        waves[-1].append(c)
-        rows += need
-    return waves
+    holds 256), counting each prompt's most (``peak_rows``); a prompt that alone needs more is refused."""
+    from t0s1.forcing import _waves as waves_within
+
+    need = max((c.peak_rows() for c in controllers), default=0)
+    if limit is not None and need > limit:
+        raise UserError(f"policy {policy.label()} runs up to {need} sequences of a prompt at once; this backend holds at most "
+                        f"{limit}: lower n.")
+    return waves_within(controllers, limit, lambda c: c.peak_rows())
 
 
 def _run_wave(lm, controllers: list, started: float, bar) -> None:
@@ -444,9 +438,8 @@ class _Branching(_Controller, ABC):
         return [self.sequences[0]] * 2
 
     def peak_rows(self) -> int:
-        """The trace and its undecided branches (one trial answer at a time; up to
-        MAX_PENDING_PROBES probes)."""
-        return 1 + (MAX_PENDING_PROBES if isinstance(self.policy, Probe) else 1)
+        """The trace and its undecided branch (one at a time)."""
+        return 2
 
     def after_step(self, engine) -> list:
         for branch in list(self.pending):
@@ -508,6 +501,9 @@ class _EarlyExit(_Branching):
 
 class _Probe(_Branching):
     policy: Probe
+
+    def peak_rows(self) -> int:
+        return 1 + MAX_PENDING_PROBES
 
     def wants_branch(self, sequence, event: str) -> bool:
         thinking = len(sequence.thinking_ids)
