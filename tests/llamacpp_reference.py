@@ -30,14 +30,14 @@ from t0s1.forcing import BudgetForcing, render_prompt
 def reference_llama(gguf_path, *, context_length: int, n_batch: int = 512, n_threads: int = 2) -> Llama:
     """llama-cpp-python's ``Llama`` with the runner's numerics: no flash attention, prompts
     evaluated in blocks of ``n_batch`` (pass the runner's), and the runner's weight buffers (no
-    AMX kernels where the runner turns them off: ``amx_in_use``)."""
-    from t0s1.backends.llamacpp import _bindings, amx_in_use
+    AMX kernels where the runner turns them off: ``amx_kernels_work``)."""
+    from t0s1.backends.llamacpp import _bindings, amx_kernels_work
 
     defaults = bindings.llama_model_default_params
 
     def model_params():
         params = defaults()
-        params.use_extra_bufts = not amx_in_use(_bindings())
+        params.use_extra_bufts = amx_kernels_work(_bindings())
         return params
 
     bindings.llama_model_default_params = model_params  # Llama reads its model parameters from here

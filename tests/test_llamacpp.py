@@ -4,6 +4,8 @@ greedy decoding through it equals llama.cpp's own; bad files and short contexts 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -219,10 +221,11 @@ def test_cache_is_taken_by_the_forks_that_exist(make_runner, scratch, prompts):
 
 
 def test_more_sequences_than_llama_cpp_holds_are_refused_with_a_hint(make_runner, prompts):
-    runner = make_runner(max_slots=1)
-    runner.slot_limit = 2  # llama.cpp's limit is 256 sequences
+    runner = make_runner(max_slots=1)  # it may start with more: a closed runner's context
+    runner.slot_limit = runner.max_slots + 1  # llama.cpp's limit is 256 sequences
     (parent,), _ = runner.add([prompts[2]])
-    runner.fork(parent)
+    for _ in range(runner.max_slots):  # the slots it has, then one more by growing
+        runner.fork(parent)
     with pytest.raises(RuntimeError, match="waves"):
         runner.fork(parent)
     with pytest.raises(RuntimeError, match="waves"):
@@ -498,3 +501,71 @@ def test_the_server_batches_requests_on_llama_cpp(gguf_lm):
         message = reply.choices[0].message
         assert (message.reasoning_content, message.content) == (alone.thinking, alone.answer)
     assert health["requests"] == 4 and health["largest_batch"] > 1  # they ran side by side
+
+
+class _AmxCpu:
+    """llama.cpp's bindings as on a CPU with AMX: its system information says so."""
+
+    @staticmethod
+    def llama_print_system_info() -> bytes:
+        return b"CPU : AVX512 = 1 | AMX_INT8 = 1 | "
+
+
+@pytest.fixture
+def amx_check(tmp_path, monkeypatch):
+    """``amx_kernels_work`` with a fresh cache directory, its in-process memo cleared around the test."""
+    from t0s1.backends import llamacpp
+
+    monkeypatch.setenv("T0S1_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(llamacpp.AMX_SETTING, raising=False)
+    llamacpp.amx_kernels_work.cache_clear()
+    yield llamacpp
+    llamacpp.amx_kernels_work.cache_clear()
+
+
+def test_a_build_whose_amx_kernels_crash_is_found_once_and_remembered(amx_check, tmp_path, monkeypatch, caplog):
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(amx_check, "_AMX_CHECK", crash)
+    assert amx_check.amx_kernels_work(_AmxCpu) is False
+    assert "AMX kernels crash" in caplog.text and "T0S1_LLAMACPP_AMX" in caplog.text
+    assert list(json.loads((tmp_path / "llamacpp-amx.json").read_text()).values()) == [False]
+    # The answer is kept for this build: a check that would pass is not run again.
+    monkeypatch.setattr(amx_check, "_AMX_CHECK", "pass")
+    amx_check.amx_kernels_work.cache_clear()
+    assert amx_check.amx_kernels_work(_AmxCpu) is False
+
+
+def test_the_amx_setting_decides_without_a_check_and_a_bad_value_is_refused(amx_check, monkeypatch):
+    monkeypatch.setattr(amx_check, "_AMX_CHECK", "raise SystemExit(1)")
+    for value, works in (("1", True), ("0", False)):
+        monkeypatch.setenv(amx_check.AMX_SETTING, value)
+        amx_check.amx_kernels_work.cache_clear()
+        assert amx_check.amx_kernels_work(_AmxCpu) is works
+    monkeypatch.setenv(amx_check.AMX_SETTING, "yes")
+    amx_check.amx_kernels_work.cache_clear()
+    with pytest.raises(UserError, match="T0S1_LLAMACPP_AMX must be 1"):
+        amx_check.amx_kernels_work(_AmxCpu)
+
+
+def test_the_installed_build_runs_llama_cpps_amx_kernels_where_the_cpu_has_them(amx_check):
+    """``make install`` builds llama-cpp-python so that its AMX kernels work (Makefile, LLAMA_CPP_CMAKE_ARGS)."""
+    bindings = amx_check._bindings()
+    if b"AMX_INT8 = 1" not in bindings.llama_print_system_info():
+        pytest.skip("llama.cpp reports no AMX on this CPU (or this build has no AMX kernels)")
+    assert amx_check.amx_kernels_work(bindings) is True
+
+
+def test_a_closed_runners_context_serves_the_next_runner_of_its_shape(llama_model, make_runner, scratch, prompts):
+    first = make_runner(max_slots=4)
+    first.add(prompts)
+    context = first._context
+    first.close()
+    assert first._context is None  # the closed runner refuses slot operations (test above)
+    second = make_runner(max_slots=2)
+    assert second._context == context and second.max_slots == 4 and second.free_slots == 4
+    slots, logits = second.add(prompts[1:2])
+    later = [int(logits[0].argmax())]
+    step = second.step(slots, later)
+    assert torch.equal(step[0], from_scratch(scratch, prompts[1], later))
+    longer = make_runner(context_length=2 * CONTEXT)  # another shape: a context of its own
+    assert longer._context != context

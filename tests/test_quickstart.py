@@ -80,11 +80,11 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2, one_torch_th
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})  # the table on one line per row
     assert result.exit_code == 0, result.output
     for path in ("data/train.jsonl", "data/test.jsonl", "prepared/prepare_report.json", "model/config.json",
-                 "model/README.md", "model.f16.gguf", "eval-base/results.json", "eval-trained/results.json",
+                 "model/README.md", "model.q8_0.gguf", "eval-base/results.json", "eval-trained/results.json",
                  "scaling.png", SUMMARY_FILE):
         assert (out / path).exists(), path
     results = json.loads((out / "eval-trained" / "results.json").read_text())
-    assert json.loads((out / "eval-trained" / "config.json").read_text())["model"] == str(out / "model.f16.gguf")
+    assert json.loads((out / "eval-trained" / "config.json").read_text())["model"] == str(out / "model.q8_0.gguf")
     assert json.loads((out / "eval-base" / "config.json").read_text())["backend"] == "llamacpp"
     trained = results["tasks"]["quickstart-arithmetic"]
     settings = {(s["max_thinking_tokens"], s["num_ignore"]) for s in trained["settings"]}
@@ -95,7 +95,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2, one_torch_th
     policies = {row["policy"].split("[")[0]: row for row in summary["policies"]}
     assert list(policies) == ["budget", "deepconf", "early-exit"]
     assert policies["deepconf"]["total_tokens"] > policies["budget"]["total_tokens"] > 0  # 4 traces against 1
-    assert json.loads((out / "eval-policies" / "config.json").read_text())["model"] == str(out / "model.f16.gguf")
+    assert json.loads((out / "eval-policies" / "config.json").read_text())["model"] == str(out / "model.q8_0.gguf")
     assert list(summary["curves"]) == ["no Wait", "1 Wait", "2 Waits"]
     assert {(w["budget"], w["num_ignore"]) for w in summary["wait"]} == {(b, k) for b in (8, 16) for k in (1, 2)}
     text = " ".join(result.output.split())

@@ -26,10 +26,12 @@ sequences per batch: their logits then differ from batch 1 by up to about 1.4.)
 from __future__ import annotations
 
 import ctypes
+import functools
 import heapq
 import logging
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +75,102 @@ def _bindings():
     return bindings
 
 
-def amx_in_use(bindings) -> bool:
-    """Whether this llama.cpp build runs its Intel AMX kernels (a CPU with AMX, a build for it).
-    Those kernels, reached through llama.cpp's extra weight buffer types, crash (a general
-    protection fault in ``ggml_backend_amx_mul_mat``) on the embedded Q4_1 model, so the models
-    are loaded without the extra buffer types there; elsewhere nothing changes."""
-    return b"AMX_INT8 = 1" in bindings.llama_print_system_info()
+AMX_SETTING = "T0S1_LLAMACPP_AMX"
+"""Environment variable: ``1`` loads models with llama.cpp's AMX kernels, ``0`` without them; unset,
+they are used where a check of this llama.cpp build (``amx_kernels_work``) passes."""
+
+_AMX_CHECK = r"""
+import sys
+from llama_cpp import llama_cpp as ll
+ll.llama_backend_init()
+params = ll.llama_model_default_params()
+params.n_gpu_layers = 0
+model = ll.llama_model_load_from_file(sys.argv[1].encode(), params)
+if not model:
+    sys.exit(3)
+context_params = ll.llama_context_default_params()
+context_params.n_ctx = context_params.n_batch = context_params.n_ubatch = 64
+context_params.n_threads = context_params.n_threads_batch = 2
+context = ll.llama_init_from_model(model, context_params)
+tokens = (ll.llama_token * 16)(*range(100, 116))
+sys.exit(0 if context and ll.llama_decode(context, ll.llama_batch_get_one(tokens, 16)) == 0 else 3)
+"""
+"""A child process's check: the embedded model (Q4_1, a type with AMX kernels) loaded with the
+extra buffer types, one batch of 16 tokens on 2 threads (the AMX matrix path, in worker threads)."""
+
+log = logging.getLogger(__name__)
+
+
+def _library_fingerprint(bindings) -> str:
+    """Names, sizes and times of llama-cpp-python's shared libraries, and the CPU features llama.cpp
+    reports: a check's result holds for this build on this kind of CPU."""
+    import hashlib
+    import importlib.util
+
+    package = Path(importlib.util.find_spec("llama_cpp").origin).parent
+    parts = [bindings.llama_print_system_info().decode(errors="replace")]
+    for library in sorted((package / "lib").glob("*.so*")):
+        status = library.stat()
+        parts.append(f"{library.name}:{status.st_size}:{status.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def amx_kernels_work(bindings) -> bool:
+    """Whether llama.cpp's Intel AMX kernels (reached through its extra weight buffer types) run in
+    this build. Where the CPU has no AMX, or llama.cpp was built without it, there is nothing to
+    check: True. Builds compiled by GCC 12 crash in them (a general protection fault in
+    ``ggml_backend_amx_mul_mat``: GCC 12's ``_tile_loadconfig`` tells the optimizer it reads 8 of the
+    tile configuration's 64 bytes, so the stores to the rest are dropped; ``make install`` builds
+    llama-cpp-python with flags that keep them, docs/llamacpp.md). So the first model loaded where
+    AMX is reported runs ``_AMX_CHECK`` in a child process, once per build of the libraries (the
+    result is kept in the cache directory); ``T0S1_LLAMACPP_AMX`` = 1 or 0 decides instead."""
+    setting = os.environ.get(AMX_SETTING, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    if setting:
+        raise UserError(f"{AMX_SETTING} must be 1 (use llama.cpp's AMX kernels) or 0 (do not), got {setting!r}.")
+    if b"AMX_INT8 = 1" not in bindings.llama_print_system_info():
+        return True
+    import json
+    import subprocess
+    import sys
+
+    from t0s1.embedded import cache_dir, embedded_gguf_path
+
+    record = cache_dir() / "llamacpp-amx.json"
+    key = _library_fingerprint(bindings)
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), bool):
+        works = known[key]
+    else:
+        try:
+            child = subprocess.run([sys.executable, "-c", _AMX_CHECK, str(embedded_gguf_path())],
+                                   capture_output=True, timeout=300, check=False)
+            works = child.returncode == 0
+        except (OSError, subprocess.TimeoutExpired, UserError):
+            works = False
+        known[key] = works
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            partial = record.with_name(f"{record.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(known, indent=1))
+            os.replace(partial, record)
+        except OSError:
+            pass  # checked again next time
+    if not works:
+        log.warning(
+            "llama.cpp's AMX kernels crash in this build of llama-cpp-python (compiled by GCC 12?), so models "
+            "load without them: batched steps take about twice as long. Rebuild it with `make install` or: "
+            "CMAKE_ARGS=\"-DCMAKE_CXX_FLAGS='-fno-tree-dse -fno-dse'\" pip install --force-reinstall --no-deps "
+            "--no-cache-dir llama-cpp-python (docs/llamacpp.md). Set %s=0 to silence this.", AMX_SETTING,
+        )
+    return works
 
 
 def default_threads() -> int:
@@ -93,11 +185,13 @@ class LlamaCppModel:
 
     def __init__(self, gguf_path: str | os.PathLike):
         self._model = None
+        self._spare = None  # a closed runner's context, for the next runner of its shape
+        self._spare_lock = threading.Lock()
         self.path = require_gguf(gguf_path)
         self._ll = ll = _bindings()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = 0  # a CPU runner: on a GPU the transformers and vLLM backends serve
-        params.use_extra_bufts = not amx_in_use(ll)
+        params.use_extra_bufts = amx_kernels_work(ll)
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise UserError(
@@ -126,7 +220,33 @@ class LlamaCppModel:
             raise RuntimeError(f"The llama.cpp model {self.path.name} was closed.")
         return self._model
 
+    def keep_context(self, shape: tuple, context, slots: int) -> None:
+        """Keep a closed runner's llama.cpp context for the next runner of the same ``shape``
+        (``take_context``). A new context costs about a second per 64 sequences of 512 tokens
+        (llama.cpp allocates and clears its cache memory), which an eval would pay for every batch;
+        one context is kept at a time (the older one is freed), until the model is closed."""
+        with self._spare_lock:
+            older, self._spare = self._spare, (shape, context, slots)
+        if older is not None:
+            self._ll.llama_free(older[1])
+
+    def take_context(self, shape: tuple, slots: int):
+        """The kept context and its number of slots if it has ``shape`` and at least ``slots``
+        slots (its cache emptied), else None."""
+        with self._spare_lock:
+            spare = self._spare
+            if spare is None or spare[0] != shape or spare[2] < slots:
+                return None
+            self._spare = None
+        context = spare[1]
+        self._ll.llama_memory_clear(self._ll.llama_get_memory(context), False)  # cells beyond the new sequences are never read
+        return context, spare[2]
+
     def close(self) -> None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            self._ll.llama_free(spare[1])
         if self._model:
             self._ll.llama_model_free(self._model)
             self._model = None
@@ -152,7 +272,9 @@ class LlamaCppRunner:
     prompt finds none free, the context grows (twice the slots, up to llama.cpp's limit of
     ``slot_limit`` sequences, 256): a new context takes over the sequences' cells, so cache is
     taken for the sequences that exist, not for every one that might. Memory: ``max_slots x
-    context_length`` cache cells. ``n_threads``: CPU threads (default: the cores available).
+    context_length`` cache cells. A closed runner's context is kept by the model for the next
+    runner of the same context length (with as many slots or more), which then starts without the
+    cost of a new one. ``n_threads``: CPU threads (default: the cores available).
     ``n_batch``: tokens per ``llama_decode`` call (longer prefills are split). There is no seed:
     the engine samples from the logits.
     """
@@ -195,7 +317,13 @@ class LlamaCppRunner:
         self.vocab_size = self.model.vocab_size
         self.n_threads = n_threads or default_threads()
         self.n_batch = max(1, min(n_batch, context_length * max_slots))
-        self._context, self._memory = self._new_context(max_slots)
+        self._shape = (context_length, self.n_threads, self.n_batch)
+        kept = None if self._owns_model else self.model.take_context(self._shape, max_slots)
+        if kept is not None:
+            self._context, max_slots = kept
+            self._memory = ll.llama_get_memory(self._context)
+        else:
+            self._context, self._memory = self._new_context(max_slots)
         self.max_slots = max_slots
         # A batch of single tokens, each in exactly one sequence; numpy views fill it without a
         # Python loop per field.
@@ -323,15 +451,19 @@ class LlamaCppRunner:
         return len(self._free)
 
     def close(self) -> None:
-        """Free the context now (otherwise when the runner is garbage collected); the model too
-        if the runner loaded it."""
+        """End the runner: its context goes to the model for the next runner of the same shape
+        (``LlamaCppModel.keep_context``), or is freed if the runner loaded the model (the model
+        too); otherwise when the runner is garbage collected."""
         ll = getattr(self, "_ll", None)
         if ll is not None:
             if self._batch is not None:
                 ll.llama_batch_free(self._batch)
                 self._batch = None
             if self._context:
-                ll.llama_free(self._context)
+                if self._owns_model or not self.model._model:
+                    ll.llama_free(self._context)
+                else:
+                    self.model.keep_context(self._shape, self._context, self.max_slots)
                 self._context = self._memory = None
         if getattr(self, "_owns_model", False) and getattr(self, "model", None) is not None:
             self.model.close()

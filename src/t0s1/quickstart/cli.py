@@ -36,11 +36,12 @@ def quickstart_command(
         typer.Option(
             "--backend",
             help="Where the sweeps run: llamacpp (the trained model exported to GGUF: a GGUF file for llama.cpp, LM Studio "
-            "and Ollama; on x86 without AMX its batched sweeps are about as fast as PyTorch's, docs/quickstart.md) "
+            "and Ollama; its sweeps take about 0.6 of PyTorch's time on a CPU with AMX and about as long without, "
+            "docs/quickstart.md) "
             "or transformers (PyTorch, no export).",
         ),
     ] = "llamacpp",
-    quant: Annotated[str, typer.Option("--quant", help="GGUF type of the exported model (t0s1 export --quant).")] = "f16",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF type of the exported model (t0s1 export --quant; q8_0 runs on llama.cpp's AMX kernels where the CPU has them).")] = "q8_0",
     policies: Annotated[
         bool,
         typer.Option(

@@ -4,8 +4,8 @@ Each step calls the stage's own public function (the same code as ``t0s1 prepare
 ``t0s1 export`` and ``t0s1 eval``); this module only chains them, compares the base model with the
 trained one and measures what "Wait" changes: the budget curve without Wait and with ``num_ignore``
 1 and 2. The sweeps run on llama.cpp (the trained model exported to GGUF, the base model from its
-shipped GGUF; at batch 1 several times faster than PyTorch on a CPU, for the batched sweeps about as
-fast on x86 without AMX: docs/quickstart.md); ``backend="transformers"`` runs both on the
+shipped GGUF; at batch 1 several times faster than PyTorch on a CPU; for the batched sweeps about
+1.7 times as fast on x86 with AMX and about as fast without: docs/quickstart.md); ``backend="transformers"`` runs both on the
 transformers engine instead and skips the export.
 """
 
@@ -74,7 +74,7 @@ class QuickstartSettings:
     batch_size: int = 20
     seed: int = 0
     backend: str = "llamacpp"  # the sweeps' engine: "llamacpp" (GGUF files) or "transformers"
-    quant: str = "f16"  # the trained model's GGUF type (llamacpp): t0s1 export --quant
+    quant: str = "q8_0"  # the trained model's GGUF type (llamacpp): t0s1 export --quant
     policies: bool = True  # compare the test-time policies on the trained model (POLICY_COMPARISON)
 
 
@@ -175,7 +175,7 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
 
 
 def export_unless_done(model_dir: Path, quant: str, console: Console) -> Path:
-    """``t0s1 export MODEL_DIR --quant QUANT`` (to ``MODEL_DIR.QUANT.gguf``, e.g. ``runs/quickstart/model.f16.gguf``), skipped when
+    """``t0s1 export MODEL_DIR --quant QUANT`` (to ``MODEL_DIR.QUANT.gguf``, e.g. ``runs/quickstart/model.q8_0.gguf``), skipped when
     that file exists (an export writes it whole or not at all)."""
     from t0s1.export import default_gguf_path, export_gguf
 
