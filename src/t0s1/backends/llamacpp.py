@@ -137,6 +137,7 @@ def amx_kernels_work(bindings) -> bool:
     import sys
 
     from t0s1.embedded import cache_dir, embedded_gguf_path
+    from t0s1.files import write_text_atomic
 
     record = cache_dir() / "llamacpp-amx.json"
     key = _library_fingerprint(bindings)
@@ -158,10 +159,8 @@ def amx_kernels_work(bindings) -> bool:
         known[key] = works
         try:
             record.parent.mkdir(parents=True, exist_ok=True)
-            partial = record.with_name(f"{record.name}.{os.getpid()}.partial")
-            partial.write_text(json.dumps(known, indent=1))
-            os.replace(partial, record)
-        except OSError:
+            write_text_atomic(record, json.dumps(known, indent=1))
+        except (OSError, UserError):  # UserError: a full disk
             pass  # checked again next time
     if not works:
         log.warning(
@@ -225,8 +224,9 @@ class LlamaCppModel:
         (``take_context``). A new context costs about a second per 64 sequences of 512 tokens
         (llama.cpp allocates and clears its cache memory), which an eval would pay for every batch;
         one context is kept at a time (the older one is freed), until the model is closed."""
+        kept = (shape, context, slots)
         with self._spare_lock:
-            older, self._spare = self._spare, (shape, context, slots)
+            older, self._spare = self._spare, kept
         if older is not None:
             self._ll.llama_free(older[1])
 
@@ -453,14 +453,17 @@ class LlamaCppRunner:
     def close(self) -> None:
         """End the runner: its context goes to the model for the next runner of the same shape
         (``LlamaCppModel.keep_context``), or is freed if the runner loaded the model (the model
-        too); otherwise when the runner is garbage collected."""
+        too). A runner garbage collected unclosed frees its context."""
+        self._end(keep_context=True)
+
+    def _end(self, *, keep_context: bool) -> None:
         ll = getattr(self, "_ll", None)
         if ll is not None:
             if self._batch is not None:
                 ll.llama_batch_free(self._batch)
                 self._batch = None
             if self._context:
-                if self._owns_model or not self.model._model:
+                if not keep_context or self._owns_model or not self.model._model:
                     ll.llama_free(self._context)
                 else:
                     self.model.keep_context(self._shape, self._context, self.max_slots)
@@ -476,7 +479,8 @@ class LlamaCppRunner:
 
     def __del__(self):
         try:
-            self.close()
+            # Not kept: a finalizer may run while this thread holds the model's lock of kept contexts.
+            self._end(keep_context=False)
         except Exception:  # interpreter shutdown: the bindings may be gone already
             pass
 

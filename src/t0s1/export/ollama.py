@@ -10,8 +10,9 @@ Ollama has no budget forcing: the model thinks until it stops on its own.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from t0s1.files import write_text_atomic
 
 CHATML_GO_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
@@ -82,7 +83,5 @@ def modelfile_path(gguf_path: Path) -> Path:
 def write_modelfile(gguf_path: Path, tokenizer, *, stop: list[str], context_length: int | None) -> Path:
     """The Modelfile beside the GGUF file, written whole or not at all; returns its path."""
     path = modelfile_path(gguf_path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(modelfile_text(gguf_path.name, tokenizer, stop=stop, context_length=context_length), encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomic(path, modelfile_text(gguf_path.name, tokenizer, stop=stop, context_length=context_length))
     return path
