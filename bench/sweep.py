@@ -1,7 +1,7 @@
 """Cost of a prefix-sharing budget sweep against its largest budget alone, on each engine backend.
 
     python bench/sweep.py [--backend both|llamacpp|transformers] [--model smollm2-135m-instruct]
-                          [--budgets 32,64,128,256] [--questions 8] [--threads N]
+                          [--budgets 32,64,128,256] [--questions 8] [--threads N] [--dtype bfloat16]
 
 For each backend (llama.cpp, the default for the embedded GGUF, and transformers), times (1)
 ``generate_sweep`` over the budgets, (2) ``generate`` at the largest budget alone, and (3) one
@@ -98,7 +98,8 @@ def timed_both(function) -> tuple[float, float, object]:
 
 
 def bench(backend: str, args, prompts: list[str], budgets: list[int]) -> float:
-    lm = load_model(args.model, device=args.device, backend=backend)
+    options = {"dtype": args.dtype} if backend == "transformers" and args.dtype else {}
+    lm = load_model(args.model, device=args.device, backend=backend, **options)
     counting = Counting(lm)
     settings = [BudgetForcing(max_thinking_tokens=b, max_answer_tokens=args.max_answer_tokens) for b in budgets]
     generate(lm, prompts[:1], BudgetForcing(max_thinking_tokens=4, max_answer_tokens=2))  # warm up
@@ -111,7 +112,7 @@ def bench(backend: str, args, prompts: list[str], budgets: list[int]) -> float:
     same = all(sweep[i][-1].thinking_token_ids == largest[i].thinking_token_ids and sweep[i][-1].answer == largest[i].answer
                for i in range(len(prompts)))
     ratio = sweep_seconds / largest_seconds
-    print(f"[{lm.backend}] model {lm.name} on {lm.device}, {len(prompts)} questions, budgets {budgets}, "
+    print(f"[{lm.backend}] model {lm.name} on {lm.device}{' as ' + args.dtype if options else ''}, {len(prompts)} questions, budgets {budgets}, "
           f"max_answer_tokens {args.max_answer_tokens}")
     print(f"[{lm.backend}] sweep of {len(budgets)} budgets: {sweep_seconds:.2f} s ({sweep_cpu:.2f} s CPU), "
           f"{sweep_tokens} tokens fed, peak {sweep_peak} rows")
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-answer-tokens", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=None, help="weights of the transformers engine (default: the model's own; "
+                        "bfloat16 runs on AMX units where the CPU has them)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of both backends (1 is fastest on a busy machine)")
     parser.add_argument("--skip-separate", action="store_true", help="do not time one run per budget")

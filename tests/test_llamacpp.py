@@ -384,11 +384,11 @@ def test_backend_sweep_shares_the_thinking_and_equals_separate_runs(gguf_lm, mon
     assert swept_tokens < separate_tokens - (all_thinking - widest_thinking) / 2
 
 
-def test_a_sweep_of_more_rows_than_llama_cpp_holds_runs_in_waves(gguf_lm, monkeypatch):
+def test_a_sweep_of_more_rows_than_llama_cpp_holds_starts_prompts_as_rows_free_up(gguf_lm, monkeypatch):
     """17 prompts x 15 budgets: a trace and 15 forks per prompt, 272 rows where llama.cpp holds 256
-    sequences. The sweep runs the prompts in waves that fit even if every setting forks at once,
-    each runner starts with a row per trace and grows as forks exist, and the results equal
-    separate runs."""
+    sequences. The sweep starts the prompts that fit even if every setting forks at once, the last
+    one when an earlier one has finished, on one runner that starts with a row per trace, grows as
+    forks exist and never passes 256; the results equal separate runs."""
     from t0s1 import BudgetForcing, generate, generate_sweep
 
     prompts = [f"What is {i} + {i}?" for i in range(17)]
@@ -404,7 +404,7 @@ def test_a_sweep_of_more_rows_than_llama_cpp_holds_runs_in_waves(gguf_lm, monkey
     monkeypatch.setattr(gguf_lm, "new_runner", recording_runner)
     swept = generate_sweep(gguf_lm, prompts, settings)
     # 16 x 16 rows, then the last prompt; a row per trace and one for the forks to start with
-    assert [kwargs["rows"] for kwargs, _ in runners] == [32, 2]
+    assert [kwargs["rows"] for kwargs, _ in runners] == [32]
     assert all(runner.max_slots <= 256 for _, runner in runners)
     assert runners[0][1].max_slots > 32  # the forks took slots as they came
     monkeypatch.undo()
@@ -414,9 +414,9 @@ def test_a_sweep_of_more_rows_than_llama_cpp_holds_runs_in_waves(gguf_lm, monkey
             assert swept[i][j].answer_token_ids == result.answer_token_ids, (i, j)
 
 
-def test_more_prompts_than_llama_cpp_holds_run_in_waves(gguf_lm):
-    """257 prompts in one generate call, where llama.cpp holds 256 sequences: two waves, and each
-    result is the prompt's own."""
+def test_more_prompts_than_llama_cpp_holds_start_as_others_finish(gguf_lm):
+    """257 prompts in one generate call, where llama.cpp holds 256 sequences: the last starts when
+    one has finished, and each result is the prompt's own."""
     from t0s1 import BudgetForcing, generate
 
     prompts = [f"What is {i} + {i}?" for i in range(257)]

@@ -1,4 +1,4 @@
-"""Budget sweeps: waves within a model's limit of sequences at once, and the rows a sweep's runner
+"""Budget sweeps: continuous batching within a model's limit of sequences at once, and the rows a sweep's runner
 starts with (a row per trace and one for its forks, not one per setting). On the tiny random
 model (generate and policies too); tests/test_llamacpp.py runs more rows than llama.cpp holds."""
 
@@ -32,31 +32,91 @@ def test_a_sweep_starts_with_a_row_per_trace_and_one_for_its_forks(tiny_model, m
     assert [s["rows"] for s in sizes] == [3 * len(PROMPTS)]
 
 
-def test_a_sweep_runs_in_waves_within_the_models_limit_with_the_same_results(tiny_model, monkeypatch):
+def record_rows(lm, monkeypatch) -> dict:
+    """The runners a call creates, the rows live in them at most, and the live rows at each add."""
+    seen = {"runners": 0, "peak": 0, "live_at_add": [], "forks": 0}
+    original = lm.new_runner
+
+    def recording(**kwargs):
+        runner = original(**kwargs)
+        seen["runners"] += 1
+        live = set()
+        add, fork, release = runner.add, runner.fork, runner.release
+
+        def note(slots):
+            live.update(slots)
+            seen["peak"] = max(seen["peak"], len(live))
+
+        def counted_add(prompts):
+            seen["live_at_add"].append(len(live))
+            slots, logits = add(prompts)
+            note(slots)
+            return slots, logits
+
+        def counted_fork(slot):
+            new = fork(slot)
+            seen["forks"] += 1
+            note([new])
+            return new
+
+        def counted_release(slot):
+            live.discard(slot)
+            return release(slot)
+
+        runner.add, runner.fork, runner.release = counted_add, counted_fork, counted_release
+        return runner
+
+    monkeypatch.setattr(lm, "new_runner", recording)
+    return seen
+
+
+def test_a_sweep_starts_prompts_as_rows_free_up_within_the_models_limit_with_the_same_results(tiny_model, monkeypatch):
     whole = generate_sweep(tiny_model, PROMPTS, SETTINGS)
-    sizes = record_runners(tiny_model, monkeypatch)
+    seen = record_rows(tiny_model, monkeypatch)
     # 5 rows per prompt at most at once (the trace, its 3 settings forking at the same token, the
-    # zero-budget sequence): two prompts per wave.
+    # zero-budget sequence): two prompts to start with, the others as earlier ones finish, on one
+    # runner that never holds more than 10 rows.
     monkeypatch.setattr(tiny_model, "max_sequences", 10, raising=False)
-    waves = generate_sweep(tiny_model, PROMPTS, SETTINGS)
-    assert [s["rows"] for s in sizes] == [6, 6, 3]
+    limited = generate_sweep(tiny_model, PROMPTS, SETTINGS)
+    assert seen["runners"] == 1 and seen["peak"] <= 10
+    assert seen["live_at_add"][0] == 0 and len(seen["live_at_add"]) > 1
+    assert any(live > 0 for live in seen["live_at_add"][1:])  # a prompt joined while others ran
     for i in range(len(PROMPTS)):
         for j in range(len(SETTINGS)):
-            assert waves[i][j].thinking_token_ids == whole[i][j].thinking_token_ids, (i, j)
-            assert waves[i][j].answer_token_ids == whole[i][j].answer_token_ids, (i, j)
-            assert (waves[i][j].num_ignored, waves[i][j].hit_budget) == (whole[i][j].num_ignored, whole[i][j].hit_budget)
+            assert limited[i][j].thinking_token_ids == whole[i][j].thinking_token_ids, (i, j)
+            assert limited[i][j].answer_token_ids == whole[i][j].answer_token_ids, (i, j)
+            assert (limited[i][j].num_ignored, limited[i][j].hit_budget) == (whole[i][j].num_ignored, whole[i][j].hit_budget)
 
 
-def test_more_prompts_than_the_model_holds_run_in_waves_with_the_same_results(tiny_model, monkeypatch):
-    """generate: 5 prompts where the model holds 2 sequences at once: waves of 2, 2 and 1."""
+def test_settings_that_leave_the_trace_at_the_same_point_share_one_answer(tiny_model, monkeypatch):
+    """Budget 8 with 0, 1 and 2 ignores where the thinking never ends before the budget: all three
+    are forced to end at token 8 and answer the same ids, so the sweep generates that answer once
+    (the trace's row takes it: no fork at all) and hands each setting the same result, equal to a
+    separate run."""
+    prompts = PROMPTS[:2]
+    settings = [BudgetForcing(max_thinking_tokens=8, num_ignore=k, max_answer_tokens=6) for k in (0, 1, 2)]
+    separate = [generate(tiny_model, prompts, s) for s in settings]
+    seen = record_rows(tiny_model, monkeypatch)
+    swept = generate_sweep(tiny_model, prompts, settings)
+    assert seen["forks"] == 0
+    for i in range(len(prompts)):
+        for j, runs in enumerate(separate):
+            assert swept[i][j].hit_budget and runs[i].hit_budget
+            assert swept[i][j].thinking_token_ids == runs[i].thinking_token_ids, (i, j)
+            assert swept[i][j].answer_token_ids == runs[i].answer_token_ids, (i, j)
+    assert swept[0][0] is not swept[0][1]  # each setting its own Result
+
+
+def test_more_prompts_than_the_model_holds_start_as_others_finish_with_the_same_results(tiny_model, monkeypatch):
+    """generate: 5 prompts where the model holds 2 sequences at once."""
     settings = BudgetForcing(max_thinking_tokens=6, max_answer_tokens=3, temperature=0.8, seed=3)
     prompts = [f"What is {i} + 1?" for i in range(5)]
     whole = generate(tiny_model, prompts, settings)
-    sizes = record_runners(tiny_model, monkeypatch)
+    seen = record_rows(tiny_model, monkeypatch)
     monkeypatch.setattr(tiny_model, "max_sequences", 2, raising=False)
-    waves = generate(tiny_model, prompts, settings)
-    assert [s["rows"] for s in sizes] == [2, 2, 1]
-    assert [r.thinking_token_ids + r.answer_token_ids for r in waves] == [r.thinking_token_ids + r.answer_token_ids for r in whole]
+    limited = generate(tiny_model, prompts, settings)
+    assert seen["runners"] == 1 and seen["peak"] == 2
+    assert [r.thinking_token_ids + r.answer_token_ids for r in limited] == [r.thinking_token_ids + r.answer_token_ids for r in whole]
 
 
 def test_a_policy_runs_its_prompts_in_waves_within_the_models_limit(tiny_model, monkeypatch):

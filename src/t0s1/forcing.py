@@ -110,8 +110,7 @@ def generate_from_ids(
             sequences.append(rules.sequence(i, prompt, settings, on_text=on_delta))
         except UserError as error:
             raise UserError(f"Prompt {i}: {error}") from None
-    waves = _waves(sequences, getattr(lm, "max_sequences", None), lambda sequence: 1)  # llama.cpp holds 256 at once
-    return _run_waves(lm, waves, len(prompts), is_cancelled=is_cancelled, progress=progress)
+    return _run_admitting(lm, [[sequence] for sequence in sequences], len(prompts), is_cancelled=is_cancelled, progress=progress)
 
 
 def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForcing], *, chat_template_kwargs: dict | None = None,
@@ -121,8 +120,8 @@ def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForci
     Greedy only. The settings may differ in ``max_thinking_tokens`` and ``num_ignore``; each prompt
     is thought through once with the largest of both, and every setting's answer is generated from
     the point where its thinking ends. The results equal separate ``generate`` calls per setting.
-    A model that holds a limited number of sequences at once (llama.cpp: 256) runs the prompts in
-    waves, each within the limit even if every setting forks at once.
+    A model that holds a limited number of sequences at once (llama.cpp: 256) starts a prompt as
+    soon as its rows fit within the limit even if every setting forks at once (``_run_admitting``).
     """
     settings = list(settings)
     if not settings:
@@ -144,9 +143,7 @@ def generate_sweep(lm, prompts: Sequence[Prompt], settings: Sequence[BudgetForci
         # Settings with a zero budget never share any thinking: sequences of their own.
         group += [rules.sequence(i * len(settings) + j, rendered, s) for j, s in enumerate(settings) if limits[j] == 0]
         groups.append(group)
-    # every setting may fork off the trace at the same token, while the trace still holds its row
-    waves = _waves(groups, getattr(lm, "max_sequences", None), lambda group: sum(1 + len(s.riders) for s in group))
-    flat = _run_waves(lm, [[s for group in wave for s in group] for wave in waves], len(prompts) * len(settings), progress=progress)
+    flat = _run_admitting(lm, groups, len(prompts) * len(settings), progress=progress)
     return [flat[i * len(settings) : (i + 1) * len(settings)] for i in range(len(prompts))]
 
 
@@ -273,11 +270,15 @@ class Engine:
             raise ForwardPassError(error, finished) from error
         return finished
 
-    def run(self, sequences: list[ForcedSequence], num_results: int, *, progress: bool = False) -> list[Result]:
-        """Generate ``sequences`` to the end; ``results[sequence.index]`` for each."""
+    def run(self, sequences: list[ForcedSequence], num_results: int, *, progress: bool = False,
+            admit: Callable[[list[ForcedSequence]], list[ForcedSequence]] | None = None, planned: int | None = None) -> list[Result]:
+        """Generate ``sequences`` to the end; ``results[sequence.index]`` for each (and for each of
+        its ``twins``). ``admit(finished)`` is called after every step with the sequences that
+        finished in it and returns more sequences to start (continuous batching); ``planned``: the
+        tokens the progress bar counts to (default: those of ``sequences``)."""
         started = time.perf_counter()
         results: list[Result | None] = [None] * num_results
-        bar = _Progress(progress, total=sum(s.max_thinking + s.settings.max_answer_tokens for s in sequences))
+        bar = _Progress(progress, total=planned if planned is not None else _planned_tokens(sequences))
         try:
             with torch.inference_mode():
                 self.add(sequences)
@@ -292,7 +293,12 @@ class Engine:
                     for sequence in finished:
                         if sequence.index is not None:
                             results[sequence.index] = sequence.result(time.perf_counter() - started)
+                            for twin in sequence.twins:  # sweep settings that answered as one
+                                results[twin] = replace(results[sequence.index])
                     bar.advance(len(self.rows))
+                    if admit is not None:
+                        sequences = admit(finished)
+                        self.add(sequences)
         finally:
             bar.close()
             self.runner.close()
@@ -554,15 +560,29 @@ class _Progress:
             self.bar.stop()
 
 
-def _runner_for(lm, sequences: list[ForcedSequence]):
-    """A runner sized for ``sequences``, as long as the longest may grow (a fork is never longer
-    than its trace): a row for each, and one for a trace with two or more sweep settings (when its
-    thinking ends, the last setting to leave takes over its row; another one forks off it, earlier
-    or at the same token). A llama.cpp runner allocates its KV cache by rows: more forks at once
-    take theirs when they exist (the runner grows)."""
+def _runner_for(lm, sequences: list[ForcedSequence], *, later: Sequence[ForcedSequence] = ()):
+    """A runner sized for ``sequences``, as long as the longest of them and of the ``later`` ones
+    may grow (a fork is never longer than its trace): a row for each, and one for a trace with two
+    or more sweep settings (when its thinking ends, the last setting to leave takes over its row;
+    another one forks off it, earlier or at the same token). A llama.cpp runner allocates its KV
+    cache by rows: more forks at once take theirs when they exist (the runner grows)."""
     rows = sum(1 + (len(sequence.riders) >= 2) for sequence in sequences)
-    length = max((sequence.max_length for sequence in sequences), default=1)
+    length = max((sequence.max_length for sequence in [*sequences, *later]), default=1)
     return lm.new_runner(rows=max(rows, 1), length=length)
+
+
+def _planned_tokens(sequences: Sequence[ForcedSequence]) -> int:
+    return sum(s.max_thinking + s.settings.max_answer_tokens for s in sequences)
+
+
+def _rows_needed(group: list[ForcedSequence]) -> int:
+    """The most rows a prompt's sequences hold at once: each its own, and every sweep setting may
+    fork off its trace while the trace still holds its row."""
+    return sum(1 + len(sequence.riders) for sequence in group)
+
+
+def _result_indices(group: list[ForcedSequence]) -> set[int]:
+    return {i for sequence in group for i in [sequence.index, *(rider.index for rider in sequence.riders)] if i is not None}
 
 
 def _waves(items: list, limit: int | None, need: Callable[[object], int]) -> list[list]:
@@ -580,16 +600,48 @@ def _waves(items: list, limit: int | None, need: Callable[[object], int]) -> lis
     return [wave for wave in waves if wave]
 
 
-def _run_waves(lm, waves: list[list[ForcedSequence]], num_results: int, *, is_cancelled: Callable[[int], bool] | None = None,
-               progress: bool = False) -> list[Result | None]:
-    """Each wave's sequences to the end on an engine of its own: ``results[sequence.index]``."""
-    results: list[Result | None] = [None] * num_results
-    for wave in waves:
-        engine = Engine(lm, is_cancelled=is_cancelled, runner=_runner_for(lm, wave))
-        for k, result in enumerate(engine.run(wave, num_results, progress=progress)):
-            if result is not None:
-                results[k] = result
-    return results
+def _run_admitting(lm, groups: list[list[ForcedSequence]], num_results: int, *,
+                   is_cancelled: Callable[[int], bool] | None = None, progress: bool = False) -> list[Result | None]:
+    """Run ``groups`` (the sequences of one prompt each) on one engine: ``results[index]``.
+
+    Continuous batching within the model's limit of sequences at once (llama.cpp: 256; none: all
+    start together): the next prompt starts as soon as the rows it may need (``_rows_needed``) fit
+    beside those the running prompts may still need, and a prompt stops counting once all its
+    results are in. A prompt that alone needs more than the limit starts when nothing else runs.
+    """
+    limit = getattr(lm, "max_sequences", None)
+    queue = list(reversed(groups))  # the next prompt last
+    owner: dict[int, int] = {}  # result index -> the number of its prompt
+    missing: dict[int, set[int]] = {}  # prompt -> its results not yet in
+    needs: dict[int, int] = {}  # prompt -> the rows it may hold at once
+    engine: Engine | None = None
+
+    def admit(finished: list[ForcedSequence]) -> list[ForcedSequence]:
+        for sequence in finished:
+            for index in [sequence.index, *sequence.twins] if sequence.index is not None else []:
+                prompt = owner.pop(index)
+                missing[prompt].discard(index)
+                if not missing[prompt]:
+                    del missing[prompt], needs[prompt]
+        started = []
+        while queue:
+            reserved = sum(needs.values())
+            if reserved and limit is not None and reserved + _rows_needed(queue[-1]) > limit:
+                break
+            if engine is not None and engine.active and not getattr(engine.runner, "can_join", True):
+                break
+            group = queue.pop()
+            prompt = len(groups) - len(queue) - 1
+            indices = _result_indices(group)
+            owner.update(dict.fromkeys(indices, prompt))
+            missing[prompt], needs[prompt] = indices, _rows_needed(group)
+            started += group
+        return started
+
+    everything = [sequence for group in groups for sequence in group]
+    first = admit([])
+    engine = Engine(lm, is_cancelled=is_cancelled, runner=_runner_for(lm, first, later=everything))
+    return engine.run(first, num_results, progress=progress, admit=admit, planned=_planned_tokens(everything))
 
 
 def _render_numbered(lm, prompt: Prompt, index: int, chat_template_kwargs: dict | None = None) -> RenderedPrompt:

@@ -372,6 +372,12 @@ class ForcingRules:
 # One sequence
 
 
+def _answer_key(settings: BudgetForcing) -> BudgetForcing:
+    """What decides a setting's answer once its thinking has ended: all but the budget and the
+    number of ignores."""
+    return replace(settings, max_thinking_tokens=0, num_ignore=0)
+
+
 @dataclass
 class Rider:
     """A sweep setting that follows a wider setting's thinking until its own thinking ends."""
@@ -406,6 +412,7 @@ class Sequence:
         self.hit_budget = False
         self.ban_stop = False  # the next sampled token may not be a stop token (after an ignore string)
         self.riders = riders or []
+        self.twins: list[int] = []  # sweep settings that share this sequence's result (``_forks``)
         self.finish_reason: str | None = None
         self.rewound_to: int | None = None
         self.on_text = on_text
@@ -495,9 +502,7 @@ class Sequence:
                 return self._end_of_thinking()
         self._stream("thinking")
         thinking_tokens = len(self.thinking_ids)
-        for rider in list(self.riders):
-            if rider.max_thinking == thinking_tokens:
-                forks.append(self._fork(rider, forced=True))
+        forks += self._forks([rider for rider in self.riders if rider.max_thinking == thinking_tokens], forced=True)
         if self.on_thinking is not None and thinking_tokens < self.max_thinking:
             written = self._written_ignore()
             forks += self.on_thinking(self, "ignore" if written else "token", written)
@@ -508,10 +513,10 @@ class Sequence:
     def _end_of_thinking(self) -> list[Sequence]:
         """The model ended its thinking: fork the sweep settings that stop here, then ignore the
         end (append the ignore string) or end naturally (append the end delimiter)."""
-        forks = []
-        for rider in list(self.riders):
-            if not self.rules.may_ignore(rider.settings, rider.max_thinking, len(self.thinking_ids), self.num_ignored):
-                forks.append(self._fork(rider, forced=False))
+        thinking_tokens = len(self.thinking_ids)
+        forks = self._forks([rider for rider in self.riders
+                             if not self.rules.may_ignore(rider.settings, rider.max_thinking, thinking_tokens, self.num_ignored)],
+                            forced=False)
         if self.rules.may_ignore(self.settings, self.max_thinking, len(self.thinking_ids), self.num_ignored):
             if self.on_thinking is not None:
                 forks += self.on_thinking(self, "end", 0)
@@ -591,7 +596,7 @@ class Sequence:
         neither changes this sequence nor counts its tokens (``sampled`` starts at 0)."""
         fork = Sequence.__new__(Sequence)
         fork.__dict__.update(self.__dict__)
-        fork.settings, fork.riders, fork.streams, fork.ban_stop = settings, [], None, False
+        fork.settings, fork.riders, fork.twins, fork.streams, fork.ban_stop = settings, [], [], None, False
         fork.ids, fork.thinking_ids, fork.answer_ids = list(self.ids), list(self.thinking_ids), []
         fork.on_thinking, fork.top_logprobs, fork.sampled = None, [], 0
         if drop_last:
@@ -600,12 +605,30 @@ class Sequence:
         fork.hit_budget = False  # the policy ended this thinking, not the budget
         return fork
 
-    def _fork(self, rider: Rider, *, forced: bool) -> Sequence:
-        """A copy of this sequence that stops thinking here and answers under ``rider``'s settings."""
-        self.riders.remove(rider)
+    def _forks(self, riders: list[Rider], *, forced: bool) -> list[Sequence]:
+        """The sweep settings ``riders`` leave the trace here: one fork per distinct answer. Riders
+        whose settings differ only in the budget and the number of ignores would answer the same
+        ids from the same point (greedy), so they share one fork and its result (``twins``)."""
+        groups: list[list[Rider]] = []
+        for rider in riders:
+            key = _answer_key(rider.settings)
+            same = next((group for group in groups if _answer_key(group[0].settings) == key), None)
+            if same is None:
+                groups.append([rider])
+            else:
+                same.append(rider)
+        return [self._fork(group, forced=forced) for group in groups]
+
+    def _fork(self, riders: list[Rider], *, forced: bool) -> Sequence:
+        """A copy of this sequence that stops thinking here and answers under the first rider's
+        settings; the others (``twins``) get the same result."""
+        first, *twins = riders
+        for rider in riders:
+            self.riders.remove(rider)
         fork = Sequence.__new__(Sequence)
         fork.__dict__.update(self.__dict__)
-        fork.index, fork.settings, fork.max_thinking, fork.riders = rider.index, rider.settings, rider.max_thinking, []
+        fork.index, fork.settings, fork.max_thinking, fork.riders = first.index, first.settings, first.max_thinking, []
+        fork.twins = [rider.index for rider in twins]
         fork.ids, fork.thinking_ids, fork.answer_ids = list(self.ids), list(self.thinking_ids), []
         fork.streams = None
         fork.ban_stop = False
