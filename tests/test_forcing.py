@@ -268,7 +268,8 @@ def test_per_prompt_settings_keep_their_own_seed(tiny_model):
 @pytest.mark.slow
 def test_s1_outputs_on_the_embedded_model_are_unchanged(smollm2, one_torch_thread):
     """Greedy (and seeded) outputs of the s1 profile on the embedded SmolLM2, recorded before the
-    decisions moved into model profiles (tests/fixtures/s1_reference_smollm2.json), stay the same."""
+    decisions moved into model profiles (tests/fixtures/s1_reference_smollm2.json), stay the same.
+    The seeded case was recorded again when the engine's draw changed (its ``note``)."""
     import json
     from pathlib import Path
 

@@ -302,6 +302,35 @@ def test_the_gguf_tokenizer_in_transformers_agrees_with_llama_cpp(gguf, scratch)
         assert llama.detokenize(ids, special=True).decode() == text
 
 
+def test_a_gguf_tokenizer_is_kept_converted_and_loads_the_same(gguf, tmp_path, monkeypatch):
+    """The first load of a GGUF file reads its tokenizer from the file and keeps a converted copy
+    in the cache directory; the next load reads the copy, and it tokenizes, renders the chat
+    template, decodes and detects the profile as the one read from the GGUF. A changed file is read
+    again."""
+    from t0s1.backends.llamacpp import gguf_tokenizer
+    from t0s1.profiles import detect_profile
+
+    monkeypatch.setenv("T0S1_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    model.symlink_to(gguf)
+    read = gguf_tokenizer(model)
+    [kept] = (tmp_path / "cache" / "gguf-tokenizers").iterdir()
+    again = gguf_tokenizer(model)
+    assert again.name_or_path == str(kept)  # the copy, not the GGUF
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2? 🤔"}]
+    assert again.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == \
+        read.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    for text in [*CHAT_TEXTS, "Wait", "  tabs\t\tünïcode\n\nand 42\\boxed{7}"]:
+        assert again(text, add_special_tokens=False).input_ids == read(text, add_special_tokens=False).input_ids, text
+    assert again.get_vocab() == read.get_vocab() and again.all_special_ids == read.all_special_ids
+    assert again.decode(list(range(0, 49152, 97))) == read.decode(list(range(0, 49152, 97)))
+    assert detect_profile(again).profile == detect_profile(read).profile
+    model.unlink()
+    model.write_bytes(gguf.read_bytes())  # another file at the same path
+    gguf_tokenizer(model)
+    assert len(list((tmp_path / "cache" / "gguf-tokenizers").iterdir())) == 2
+
+
 # ---- the backend: the engine's budget forcing on llama.cpp ----------------------------------------
 
 BACKEND_PROMPTS = ["How many r are in the word raspberry?", "What is 17 * 23?", "Name a colour.", "What is 7 + 5?"]

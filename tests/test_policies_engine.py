@@ -207,7 +207,11 @@ def test_deepconf_keeps_log_probs_and_votes(tiny_model):
     budget = BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4, temperature=0.8, seed=0)
     offline = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget, make_policy("deepconf", {"window": "4"}, n=4))[0]
     for trace in offline.traces:
-        assert len(trace.confs) == trace.result.thinking_tokens + trace.result.answer_tokens + (trace.result.finish_reason == "stop")
+        # one confidence per sampled token: the thinking, the end of thinking the model wrote (when the
+        # budget did not end it; it is no thinking token), the answer and its end of turn
+        result = trace.result
+        sampled = result.thinking_tokens + (not result.hit_budget) + result.answer_tokens + (result.finish_reason == "stop")
+        assert len(trace.confs) == sampled
         assert all(c > 0 for c in trace.confs) and trace.confidence is not None
         assert len(trace.result.top_logprobs[0]) == 20
     assert sum(t.voted for t in offline.traces) >= 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,3 +72,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A staging directory beside ``path`` for a writer that fills a directory (a converted model);
+    renamed to ``path`` when the block ends without an error, removed otherwise, so a killed writer
+    never leaves half a directory. Where another process renamed its own there first, that one is
+    kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    with writing(path, f"{path} is unchanged."):
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            os.replace(staging, path)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not path.exists():
+                raise

@@ -9,9 +9,6 @@ directory.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +18,7 @@ from rich.console import Console
 
 from t0s1.embedded import EMBEDDED_BASE_ID, EMBEDDED_MODEL, embedded_cache_path, embedded_gguf_path
 from t0s1.errors import ModelNotFoundError, UserError
+from t0s1.files import atomic_directory
 from t0s1.profiles import Detection, ModelProfile, detect_profile
 from t0s1.transformers_compat import cache_argument, check_takes_cache  # noqa: F401 (cache_argument: re-exported)
 
@@ -191,16 +189,9 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     clear_quantization_flags(model)
     model.config.name_or_path = EMBEDDED_BASE_ID
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    with atomic_directory(target) as staging:  # a killed conversion never leaves a half directory
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a killed conversion never leaves a half directory
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process did not win the race
-            raise
     _stderr.print(f"[bold]Converted; later loads read {target}.[/]")
     return target
 

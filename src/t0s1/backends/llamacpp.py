@@ -669,6 +669,37 @@ class LlamaCppLoadedModel:
         return LlamaCppRunner(self.weights, context_length=length, max_slots=rows or 8, n_threads=self.n_threads)
 
 
+def gguf_tokenizer(path: Path, *, trust_remote_code: bool = False):
+    """The GGUF file's tokenizer as transformers reads it. Reading it from the GGUF takes about 6 s
+    for a 49,000-token vocabulary (every entry goes through gguf-py), so it is kept, converted, in
+    the cache directory per file (its path, size and modification time) and transformers release,
+    and later loads read that copy (a tenth of the time). A cache that cannot be written only costs
+    the time."""
+    import hashlib
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from t0s1.embedded import cache_dir
+    from t0s1.files import atomic_directory
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    kept = cache_dir() / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if (kept / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(kept))
+        except (OSError, ValueError) as error:  # a damaged copy: read the GGUF again
+            log.info("Ignoring the kept tokenizer %s (%s)", kept, error)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code)
+    try:
+        with atomic_directory(kept) as staging:
+            tokenizer.save_pretrained(staging)
+    except (OSError, UserError) as error:
+        log.info("Could not keep the tokenizer of %s in %s (%s)", path, kept, error)
+    return tokenizer
+
+
 def load_llamacpp(name_or_path: str, *, trust_remote_code: bool = False, reasoning_format=None,
                   context_length: int | None = None, n_threads: int | None = None) -> LlamaCppLoadedModel:
     """A GGUF file (or the embedded default) on llama.cpp, with its tokenizer and model profile."""
@@ -683,14 +714,12 @@ def load_llamacpp(name_or_path: str, *, trust_remote_code: bool = False, reasoni
             f"--backend llamacpp runs a .gguf model file, not {name_or_path!r}; use --backend transformers for a "
             "model directory or a hub id."
         )
-    # The GGUF's tokenizer as transformers reads it; for the embedded model, its converted copy when
-    # there is one (it loads in a tenth of the time).
-    tokenizer_source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
-    if name_or_path == EMBEDDED_MODEL and (embedded_cache_path() / "tokenizer.json").exists():
-        tokenizer_source = {"pretrained_model_name_or_path": str(embedded_cache_path())}
     weights = LlamaCppModel(path)  # checks the file is GGUF first
     try:
-        tokenizer = AutoTokenizer.from_pretrained(**tokenizer_source, trust_remote_code=trust_remote_code)
+        if name_or_path == EMBEDDED_MODEL and (embedded_cache_path() / "tokenizer.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(str(embedded_cache_path()))  # its converted copy
+        else:
+            tokenizer = gguf_tokenizer(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         weights.close()
         raise UserError(f"Could not read the tokenizer of {str(path)!r}: {error}") from None
