@@ -15,7 +15,9 @@ same for every runner.
 
 ``generate_sweep`` runs several budgets (or numbers of ignores) at once under greedy decoding: one
 thinking trace per prompt, and each setting forks off the trace, with a copy of its KV cache, at
-the point where its own thinking ends. Each fork then only generates its answer.
+the point where its own thinking ends. Each fork then only generates its answer; settings that
+leave at the same point the same way share one fork. Prompts start as others finish, within the
+number of sequences a model holds at once (``_run_admitting``).
 """
 
 from __future__ import annotations
@@ -620,6 +622,8 @@ def _run_admitting(lm, groups: list[list[ForcedSequence]], num_results: int, *,
     beside those the running prompts may still need, and a prompt stops counting once all its
     results are in. A prompt that alone needs more than the limit starts when nothing else runs.
     """
+    if not groups:
+        return [None] * num_results
     limit = getattr(lm, "max_sequences", None)
     queue = list(reversed(groups))  # the next prompt last
     owner: dict[int, int] = {}  # result index -> the number of its prompt
@@ -634,6 +638,9 @@ def _run_admitting(lm, groups: list[list[ForcedSequence]], num_results: int, *,
                 missing[prompt].discard(index)
                 if not missing[prompt]:
                     del missing[prompt], needs[prompt]
+        if engine is not None and not engine.active:  # nothing runs, so nothing still needs rows
+            missing.clear()
+            needs.clear()
         started = []
         while queue:
             reserved = sum(needs.values())
