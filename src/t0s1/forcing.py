@@ -367,10 +367,16 @@ class Engine:
         probs = torch.softmax(logits.cpu() / settings.temperature, dim=-1)
         if not torch.isfinite(probs).all():  # a temperature so small the scaled logits overflow: its limit, greedy
             return argmax
-        if settings.top_p < 1:
-            probs, ids = _nucleus(probs, settings.top_p)
-            return int(ids[_draw(probs, row.generator)])
-        return _draw(probs, row.generator)
+        return draw_token(probs, settings.top_p, row.generator)
+
+
+def draw_token(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> int:
+    """A token id drawn from ``probs`` (a softmax of the scaled logits) within the top-p nucleus:
+    how the engine samples, and the vLLM plugin for the rows it decides."""
+    if top_p < 1:
+        kept, ids = _nucleus(probs, top_p)
+        return int(ids[_draw(kept, generator)])
+    return _draw(probs, generator)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float, first: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +398,7 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     cumulative sum (in float64). ``torch.multinomial`` draws one exponential per entry, about 1 ms
     for a 50,000-token vocabulary: as much as a llama.cpp step's row."""
     cumulative = probs.double().cumsum(0)
-    point = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[-1]
+    point = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device) * cumulative[-1]
     index = int(torch.searchsorted(cumulative, point, right=True))
     return min(index, probs.numel() - 1)
 

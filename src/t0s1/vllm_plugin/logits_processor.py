@@ -23,6 +23,7 @@ from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1Logit
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from t0s1.errors import UserError
+from t0s1.forcing import draw_token
 from t0s1.vllm_plugin import fields
 from t0s1.vllm_plugin.rows import ForcedRow
 from t0s1.vllm_plugin.served_model import served_model_for
@@ -168,12 +169,7 @@ class BudgetForcingLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if params.top_k and 0 < params.top_k < scores.numel():
             kth = torch.topk(scores, params.top_k).values[-1]
             scores[scores < kth] = float("-inf")
-        probs = torch.softmax(scores, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > params.top_p
-            probs[order[outside]] = 0.0
-        return int(torch.multinomial(probs, 1, generator=row.generator))
+        return draw_token(torch.softmax(scores, dim=-1), params.top_p, row.generator)
 
     # ---- the V1 runner ------------------------------------------------------------------------
 
