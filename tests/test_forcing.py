@@ -416,3 +416,21 @@ def test_a_prompt_longer_than_the_context_says_so_without_a_negative_budget():
     with pytest.raises(UserError, match="leaves no room to think or answer. Shorten the prompt") as error:
         BudgetForcing(max_thinking_tokens=64).thinking_budget(prompt_length=9000, context_length=8192, forced_end_length=7)
     assert "-" not in str(error.value).split("context is")[1]
+
+
+def test_the_draw_follows_the_probabilities_within_the_nucleus_and_never_takes_an_impossible_id(monkeypatch):
+    """``draw_token``: one uniform number against the cumulative probabilities. Ids of probability 0
+    (masked, or outside the top-p nucleus) are never drawn, even when the uniform number times the
+    total rounds up to the total; the others come in proportion; a seed repeats its draws."""
+    from t0s1.forcing import draw_token
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0])
+    draws = [draw_token(probs, 1.0, torch.Generator().manual_seed(seed)) for seed in range(3000)]
+    assert set(draws) == {1, 3, 4}
+    assert [round(draws.count(i) / len(draws), 1) for i in (1, 3, 4)] == [0.1, 0.6, 0.3]
+    generator, again = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert [draw_token(probs, 1.0, generator) for _ in range(20)] == [draw_token(probs, 1.0, again) for _ in range(20)]
+    # top_p 0.8: the nucleus is 3 (0.6) and 4 (0.3), the ids whose mass before them is at most 0.8
+    assert {draw_token(probs, 0.8, torch.Generator().manual_seed(seed)) for seed in range(500)} == {3, 4}
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor(1.0, dtype=torch.float64))
+    assert draw_token(probs, 1.0, None) == 4

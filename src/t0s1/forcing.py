@@ -399,8 +399,10 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     for a 50,000-token vocabulary: as much as a llama.cpp step's row."""
     cumulative = probs.double().cumsum(0)
     point = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device) * cumulative[-1]
-    index = int(torch.searchsorted(cumulative, point, right=True))
-    return min(index, probs.numel() - 1)
+    index = int(torch.searchsorted(cumulative, point, right=True))  # never an id of probability 0
+    if index >= probs.numel():  # the product rounded up to the total: the last possible id
+        index = int(probs.nonzero()[-1])
+    return index
 
 
 # --------------------------------------------------------------------------------------------
