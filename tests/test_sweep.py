@@ -119,20 +119,22 @@ def test_more_prompts_than_the_model_holds_start_as_others_finish_with_the_same_
     assert [r.thinking_token_ids + r.answer_token_ids for r in limited] == [r.thinking_token_ids + r.answer_token_ids for r in whole]
 
 
-def test_a_policy_runs_its_prompts_in_waves_within_the_models_limit(tiny_model, monkeypatch):
-    """A vote over 3 traces per prompt where the model holds 7 sequences: two prompts per wave,
-    the same traces as one wave; a prompt whose traces alone exceed the limit is refused."""
+def test_a_policy_starts_prompts_as_others_finish_within_the_models_limit(tiny_model, monkeypatch):
+    """A vote over 3 traces per prompt where the model holds 7 sequences: two prompts to start
+    with, the others as earlier ones finish, on one runner that never holds more than 7 rows; the
+    same traces as with no limit. A prompt whose traces alone exceed the limit is refused."""
     from t0s1.errors import UserError
     from t0s1.policies import make_policy
     from t0s1.policies.run import generate_with_policy
 
-    settings = BudgetForcing(max_thinking_tokens=6, max_answer_tokens=3, temperature=0.8, seed=3)
+    settings = [BudgetForcing(max_thinking_tokens=2 + 4 * (i % 2), max_answer_tokens=3, temperature=0.8, seed=3) for i in range(5)]
     prompts = [f"What is {i} + 1?" for i in range(5)]
     whole = generate_with_policy(tiny_model, prompts, settings, make_policy("vote", n=3))
-    sizes = record_runners(tiny_model, monkeypatch)
+    seen = record_rows(tiny_model, monkeypatch)
     monkeypatch.setattr(tiny_model, "max_sequences", 7, raising=False)
-    waves = generate_with_policy(tiny_model, prompts, settings, make_policy("vote", n=3))
-    assert [s["rows"] for s in sizes] == [6, 6, 3]
-    assert [[t.result.thinking_token_ids for t in o.traces] for o in waves] == [[t.result.thinking_token_ids for t in o.traces] for o in whole]
+    limited = generate_with_policy(tiny_model, prompts, settings, make_policy("vote", n=3))
+    assert seen["runners"] == 1 and seen["peak"] <= 7
+    assert any(live > 0 for live in seen["live_at_add"][1:])  # a prompt joined while others ran
+    assert [[t.result.thinking_token_ids for t in o.traces] for o in limited] == [[t.result.thinking_token_ids for t in o.traces] for o in whole]
     with pytest.raises(UserError, match="runs up to 8 sequences of a prompt at once; this backend holds at most 7"):
-        generate_with_policy(tiny_model, prompts, settings, make_policy("vote", n=8))
+        generate_with_policy(tiny_model, prompts, settings[0], make_policy("vote", n=8))

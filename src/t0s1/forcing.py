@@ -606,63 +606,55 @@ def _result_indices(group: list[ForcedSequence]) -> set[int]:
     return {i for sequence in group for i in [sequence.index, *(rider.index for rider in sequence.riders)] if i is not None}
 
 
-def _waves(items: list, limit: int | None, need: Callable[[object], int]) -> list[list]:
-    """``items`` (a prompt's sequences, or what runs them) in consecutive waves whose rows at once,
-    ``need(item)`` each, stay within ``limit``. No limit: one wave."""
-    waves: list[list] = []
-    rows = 0
-    for item in items:
-        rows_needed = need(item)
-        if not waves or limit is not None and rows + rows_needed > limit:
-            waves.append([])
-            rows = 0
-        waves[-1].append(item)
-        rows += rows_needed
-    return [wave for wave in waves if wave]
+class Admission:
+    """Continuous batching within a model's limit of sequences at once (llama.cpp: 256; none: all
+    start together): which waiting items (prompts) start now. An item starts as soon as the rows it
+    may hold at once (``need``) fit beside those of the running items that are not ``done``; an
+    item that alone needs more starts when nothing else runs. Items start in order."""
+
+    def __init__(self, items: Sequence, limit: int | None, need: Callable[[object], int], done: Callable[[object], bool]):
+        self.waiting = list(reversed(items))  # the next item last
+        self.running: list = []
+        self.limit, self.need, self.done = limit, need, done
+
+    def next(self, engine: Engine | None = None) -> list:
+        """The items that start now, beside ``engine``'s running rows (call it after the step's
+        own additions): none while a runner that cannot take new rows runs some."""
+        if engine is not None and not engine.active:  # nothing runs, so nothing still needs rows
+            self.running = []
+        self.running = [item for item in self.running if not self.done(item)]
+        reserved = sum(self.need(item) for item in self.running)
+        started = []
+        while self.waiting:
+            if reserved and self.limit is not None and reserved + self.need(self.waiting[-1]) > self.limit:
+                break
+            if engine is not None and engine.active and not getattr(engine.runner, "can_join", True):
+                break
+            item = self.waiting.pop()
+            self.running.append(item)
+            reserved += self.need(item)
+            started.append(item)
+        return started
 
 
 def _run_admitting(lm, groups: list[list[ForcedSequence]], num_results: int, *,
                    is_cancelled: Callable[[int], bool] | None = None, progress: bool = False) -> list[Result | None]:
-    """Run ``groups`` (the sequences of one prompt each) on one engine: ``results[index]``.
-
-    Continuous batching within the model's limit of sequences at once (llama.cpp: 256; none: all
-    start together): the next prompt starts as soon as the rows it may need (``_rows_needed``) fit
-    beside those the running prompts may still need, and a prompt stops counting once all its
-    results are in. A prompt that alone needs more than the limit starts when nothing else runs.
-    """
+    """Run ``groups`` (the sequences of one prompt each) on one engine: ``results[index]``. The
+    prompts start as ``Admission`` lets them: each may hold a row per sequence and one per sweep
+    setting at once (``_rows_needed``), and counts until all its results are in."""
     if not groups:
         return [None] * num_results
-    limit = getattr(lm, "max_sequences", None)
-    queue = list(reversed(groups))  # the next prompt last
-    owner: dict[int, int] = {}  # result index -> the number of its prompt
-    missing: dict[int, set[int]] = {}  # prompt -> its results not yet in
-    needs: dict[int, int] = {}  # prompt -> the rows it may hold at once
+    indices = [_result_indices(group) for group in groups]
+    arrived: set[int] = set()
+    admission = Admission(range(len(groups)), getattr(lm, "max_sequences", None),
+                          need=lambda k: _rows_needed(groups[k]), done=lambda k: indices[k] <= arrived)
     engine: Engine | None = None
 
     def admit(finished: list[ForcedSequence]) -> list[ForcedSequence]:
         for sequence in finished:
-            for index in [sequence.index, *sequence.twins] if sequence.index is not None else []:
-                prompt = owner.pop(index)
-                missing[prompt].discard(index)
-                if not missing[prompt]:
-                    del missing[prompt], needs[prompt]
-        if engine is not None and not engine.active:  # nothing runs, so nothing still needs rows
-            missing.clear()
-            needs.clear()
-        started = []
-        while queue:
-            reserved = sum(needs.values())
-            if reserved and limit is not None and reserved + _rows_needed(queue[-1]) > limit:
-                break
-            if engine is not None and engine.active and not getattr(engine.runner, "can_join", True):
-                break
-            group = queue.pop()
-            prompt = len(groups) - len(queue) - 1
-            indices = _result_indices(group)
-            owner.update(dict.fromkeys(indices, prompt))
-            missing[prompt], needs[prompt] = indices, _rows_needed(group)
-            started += group
-        return started
+            if sequence.index is not None:
+                arrived.update([sequence.index, *sequence.twins])
+        return [sequence for k in admission.next(engine) for sequence in groups[k]]
 
     everything = [sequence for group in groups for sequence in group]
     first = admit([])

@@ -133,29 +133,27 @@ def generate_with_policy(lm, prompts: Sequence[Prompt], budget: BudgetForcing | 
         rendered = prompt if isinstance(prompt, RenderedPrompt) else _render_numbered(lm, prompt, i, chat_template_kwargs)
         controllers.append(_controller(lm, policy, budgets[i], rendered, i, extract))
     with ProgressBar(progress, len(prompts), "policy", unit="prompts") as bar:
-        for wave in _waves(controllers, getattr(lm, "max_sequences", None), policy):
-            _run_wave(lm, wave, started, bar)
+        _run(lm, controllers, policy, started, bar)
     return [c.outcome(time.perf_counter() - started) for c in controllers]
 
 
-def _waves(controllers: list, limit: int | None, policy: Policy) -> list[list]:
-    """The prompts in consecutive waves whose sequences at once stay within ``limit`` (llama.cpp
-    holds 256), counting each prompt's most (``peak_rows``); a prompt that alone needs more is refused."""
-    from t0s1.forcing import _waves as waves_within
+def _run(lm, controllers: list, policy: Policy, started: float, bar) -> None:
+    """Every prompt's traces on one engine, the prompts starting as ``Admission`` lets them within
+    the model's limit (llama.cpp holds 256): each counts its most sequences at once
+    (``peak_rows``) until it is complete and has left the engine. A prompt that alone needs more
+    than the limit is refused."""
+    from t0s1.forcing import Admission, Engine, ForwardPassError, _runner_for
 
+    limit = getattr(lm, "max_sequences", None)
     need = max((c.peak_rows() for c in controllers), default=0)
     if limit is not None and need > limit:
         raise UserError(f"policy {policy.label()} runs up to {need} sequences of a prompt at once; this backend holds at most "
                         f"{limit}: lower n.")
-    return waves_within(controllers, limit, lambda c: c.peak_rows())
-
-
-def _run_wave(lm, controllers: list, started: float, bar) -> None:
-    """Run the prompts of ``controllers`` to the end on one engine."""
-    from t0s1.forcing import Engine, ForwardPassError, _runner_for
-
-    sequences = [s for c in controllers for s in c.start()]
-    engine = Engine(lm, runner=_runner_for(lm, sequences + [s for c in controllers for s in c.reserve()]))
+    admission = Admission(controllers, limit, need=lambda c: c.peak_rows(), done=lambda c: c.complete and not c.live)
+    first = admission.next()
+    sequences = [s for c in first for s in c.start()]
+    longest = [lm.rules.sequence(None, c.prompt, c.budget) for c in controllers]  # sizes the runner for every prompt
+    engine = Engine(lm, runner=_runner_for(lm, sequences + [s for c in first for s in c.reserve()], later=longest))
     done = 0
     try:
         with torch.inference_mode():
@@ -168,10 +166,11 @@ def _run_wave(lm, controllers: list, started: float, bar) -> None:
                 for sequence in finished:  # each sequence knows its prompt's controller (branches too)
                     sequence.controller.finished(sequence, time.perf_counter() - started)
                 added = []
-                for c in controllers:
+                for c in admission.running:
                     added += c.after_step(engine)
                 if added:
                     engine.add(added)
+                engine.add([s for c in admission.next(engine) for s in c.start()])
                 now = sum(c.complete for c in controllers)
                 bar.advance(now - done)
                 done = now
