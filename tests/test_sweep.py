@@ -88,6 +88,21 @@ def test_a_sweep_starts_prompts_as_rows_free_up_within_the_models_limit_with_the
             assert (limited[i][j].num_ignored, limited[i][j].hit_budget) == (whole[i][j].num_ignored, whole[i][j].hit_budget)
 
 
+def test_a_prompt_counts_the_rows_it_may_hold_from_its_start_while_its_settings_fork(tiny_model, monkeypatch):
+    """8 budgets, each forking at its own token and answering for up to 12 tokens, where the model
+    holds 12 sequences: a prompt counts 9 rows until all its results are in, though its trace
+    carries fewer settings as they fork (the forks still hold rows), so no more than 12 rows are
+    ever live; the results equal one run without a limit."""
+    settings = [BudgetForcing(max_thinking_tokens=b, max_answer_tokens=12) for b in range(1, 9)]
+    prompts = PROMPTS[:3]
+    whole = generate_sweep(tiny_model, prompts, settings)
+    seen = record_rows(tiny_model, monkeypatch)
+    monkeypatch.setattr(tiny_model, "max_sequences", 12, raising=False)
+    limited = generate_sweep(tiny_model, prompts, settings)
+    assert seen["runners"] == 1 and seen["peak"] <= 12
+    assert [[r.answer_token_ids for r in row] for row in limited] == [[r.answer_token_ids for r in row] for row in whole]
+
+
 def test_settings_that_leave_the_trace_at_the_same_point_share_one_answer(tiny_model, monkeypatch):
     """Budget 8 with 0, 1 and 2 ignores where the thinking never ends before the budget: all three
     are forced to end at token 8 and answer the same ids, so the sweep generates that answer once

@@ -609,30 +609,32 @@ def _result_indices(group: list[ForcedSequence]) -> set[int]:
 class Admission:
     """Continuous batching within a model's limit of sequences at once (llama.cpp: 256; none: all
     start together): which waiting items (prompts) start now. An item starts as soon as the rows it
-    may hold at once (``need``) fit beside those of the running items that are not ``done``; an
-    item that alone needs more starts when nothing else runs. Items start in order."""
+    may hold at once (``need``, taken when it starts: a sweep's trace has fewer settings left as they
+    fork, but the forks still hold rows) fit beside those of the running items that are not
+    ``done``; an item that alone needs more starts when nothing else runs. Items start in order."""
 
     def __init__(self, items: Sequence, limit: int | None, need: Callable[[object], int], done: Callable[[object], bool]):
         self.waiting = list(reversed(items))  # the next item last
-        self.running: list = []
+        self.running: dict = {}  # item -> the rows it may hold at once, in the order they started
         self.limit, self.need, self.done = limit, need, done
 
     def next(self, engine: Engine | None = None) -> list:
         """The items that start now, beside ``engine``'s running rows (call it after the step's
         own additions): none while a runner that cannot take new rows runs some."""
         if engine is not None and not engine.active:  # nothing runs, so nothing still needs rows
-            self.running = []
-        self.running = [item for item in self.running if not self.done(item)]
-        reserved = sum(self.need(item) for item in self.running)
+            self.running = {}
+        self.running = {item: need for item, need in self.running.items() if not self.done(item)}
+        reserved = sum(self.running.values())
         started = []
         while self.waiting:
-            if reserved and self.limit is not None and reserved + self.need(self.waiting[-1]) > self.limit:
+            need = self.need(self.waiting[-1])
+            if reserved and self.limit is not None and reserved + need > self.limit:
                 break
             if engine is not None and engine.active and not getattr(engine.runner, "can_join", True):
                 break
             item = self.waiting.pop()
-            self.running.append(item)
-            reserved += self.need(item)
+            self.running[item] = need
+            reserved += need
             started.append(item)
         return started
 
