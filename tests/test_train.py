@@ -15,6 +15,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_prepare import s1k_rows, write_jsonl
 from typer.testing import CliRunner
@@ -59,21 +60,24 @@ def tiny_recipe(path: Path, model_dir: Path, data_dir: Path, **overrides) -> Pat
 
 
 def test_the_batch_fed_to_the_model_trains_only_the_completion(tmp_path, tiny_model_dir, prepared, monkeypatch):
-    """Capture the real forward() inputs: prompt tokens are -100; thinking, answer and end token are trained."""
+    """Capture the real batches the loss is computed on: prompt tokens are -100; thinking, answer and
+    end token are trained."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
     batches = []
-
-    def capture(module, args, kwargs):  # a forward pre-hook sees exactly what the model is called with
-        if module.training:
-            batches.append({key: kwargs[key].clone() for key in ("input_ids", "labels", "attention_mask")})
-
     original_train = SFTTrainer.train
 
     def train_with_hook(self, *args, **kwargs):
-        self.model.register_forward_pre_hook(capture, with_kwargs=True)
+        compute_loss = self.compute_loss
+
+        def capture(model, inputs, *rest, **options):
+            if model.training:
+                batches.append({key: inputs[key].clone() for key in ("input_ids", "labels", "attention_mask")})
+            return compute_loss(model, inputs, *rest, **options)
+
+        self.compute_loss = capture
         return original_train(self, *args, **kwargs)
 
     monkeypatch.setattr(SFTTrainer, "train", train_with_hook)
@@ -104,6 +108,61 @@ def test_the_batch_fed_to_the_model_trains_only_the_completion(tmp_path, tiny_mo
             assert ids[length - 1] == end_id and labels[length - 1] == end_id  # the model learns to stop
             checked += 1
     assert checked == 6
+
+
+def test_on_a_cpu_the_loss_projects_only_the_completion_and_equals_trls_loss_gradients_and_metrics(
+    tmp_path, tiny_model_dir, prepared, monkeypatch
+):
+    """The CPU loss (t0s1.training.loss) against TRL's fused head on the same batch: the same loss,
+    gradients, entropy and token accuracy, with the LM head applied to fewer positions; a batch
+    whose logits would pass the size bound goes to TRL's head."""
+    from trl import SFTTrainer
+
+    from t0s1.training import loss as completion_loss
+
+    trainers = []
+    original_train = SFTTrainer.train
+
+    def keep_trainer(self, *args, **kwargs):
+        trainers.append(self)
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "train", keep_trainer)
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, prepared, per_device_train_batch_size=4)
+    train_main([str(recipe), "--max_steps", "1"])
+    trainer = trainers[0]
+    assert isinstance(trainer, SFTTrainer) and type(trainer) is not SFTTrainer
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model = trainer.model
+    model.train()
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(out.shape[:-1].numel()))
+
+    def loss_gradients_and_metrics(compute_loss):
+        model.zero_grad()
+        head_rows.clear()
+        loss = compute_loss(trainer, model, dict(batch))
+        loss.backward()
+        metrics = trainer._metrics["train"]
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, metrics["entropy"][-1], metrics["mean_token_accuracy"][-1], list(head_rows)
+
+    ours = loss_gradients_and_metrics(type(trainer).compute_loss)
+    trls = loss_gradients_and_metrics(SFTTrainer.compute_loss)
+    assert ours[0] == pytest.approx(trls[0], rel=1e-5)
+    assert ours[1].keys() == trls[1].keys() and len(ours[1]) > 10
+    for name, grad in ours[1].items():
+        torch.testing.assert_close(grad, trls[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ours[2] == pytest.approx(trls[2], rel=1e-5) and ours[3] == pytest.approx(trls[3])
+    labels = batch["labels"]
+    first_target = int(torch.nonzero((labels[:, 1:] != -100).any(0))[0])
+    assert first_target > 0  # the prompts are not projected
+    assert ours[4] == [labels.shape[0] * (labels.shape[1] - first_target)]
+    assert trls[4] == []  # TRL's head multiplies by the weight itself
+
+    monkeypatch.setattr(completion_loss, "MAX_LOGITS_BYTES", 0)
+    bounded = loss_gradients_and_metrics(type(trainer).compute_loss)
+    assert bounded[4] == [] and bounded[0] == pytest.approx(trls[0], rel=1e-6)
 
 
 def test_a_completion_cut_by_max_length_gets_no_end_token_and_the_profile_is_recorded(

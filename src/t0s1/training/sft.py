@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None):
 def train(script_args, training_args, model_args, ours):
     import torch
     from datasets import Dataset
-    from trl import SFTTrainer, get_peft_config
+    from trl import get_peft_config
+
+    from t0s1.training.loss import trainer_class
 
     # peft reads the model's is_gradient_checkpointing, deprecated by transformers 5: not ours to fix.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -89,7 +91,7 @@ def train(script_args, training_args, model_args, ours):
     if ours.merge_lora and peft_config is None:
         log("merge_lora is set but use_peft is not: nothing to merge, the full model is saved.")
 
-    trainer = SFTTrainer(
+    trainer = trainer_class()(  # trl.SFTTrainer, with a loss that scores only the completion on a CPU
         model=model,
         args=training_args,
         train_dataset=dataset,
