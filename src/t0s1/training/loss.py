@@ -31,20 +31,19 @@ def trainer_class():
 
     class CompletionLossTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.get("labels")
-            if return_outputs or not self._scores_kept_logits(model, labels, inputs):
+            first = None if return_outputs else self._first_completion_position(model, inputs)
+            if first is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # Logits at position p predict the token at p + 1: keep the positions from the first
-            # one whose next token is a completion token to the end of the batch.
-            targets = labels[:, 1:]
-            first = int(torch.nonzero((targets != -100).any(0))[0])
+            # Logits at position p predict the token at p + 1: keep the positions from ``first``
+            # (the first one whose next token is a completion token) to the end of the batch.
+            labels = inputs["labels"]
             kept = labels.shape[1] - first
             forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-            outputs = model(**forward_inputs, use_cache=False, logits_to_keep=kept)
-            targets = targets[:, first:]
+            logits = model(**forward_inputs, use_cache=False, logits_to_keep=kept).logits[:, -kept:]
+            targets = labels[:, first + 1 :]
             mask = targets != -100
             targets = targets[mask]  # the rows of other examples' prompts and padding drop out here
-            log_probs = outputs.logits[:, :-1][mask].float().log_softmax(-1)
+            log_probs = logits[:, :-1][mask].float().log_softmax(-1)
             loss_sum = F.nll_loss(log_probs, targets, reduction="sum")
             num_tokens = len(targets) if num_items_in_batch is None else num_items_in_batch
             loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
@@ -53,22 +52,29 @@ def trainer_class():
             self._log_token_metrics(log_probs.detach(), targets, inputs)
             return loss
 
-        def _scores_kept_logits(self, model, labels, inputs) -> bool:
-            """True where this loss applies (see the module's docstring); TRL's otherwise."""
-            if labels is None or labels.device.type != "cpu" or "attention_mask" not in inputs:
-                return False  # padding-free and sequence-parallel batches: TRL's
-            if "shift_labels" in inputs:
-                return False
+        def _first_completion_position(self, model, inputs) -> int | None:
+            """The first position whose logits the loss needs, where this loss applies (see the
+            module's docstring); None: TRL's loss."""
+            labels = inputs.get("labels")
+            if labels is None or labels.device.type != "cpu":
+                return None
+            if "attention_mask" not in inputs or "shift_labels" in inputs:
+                return None  # padding-free and sequence-parallel batches
             if self.args.loss_type != "nll" or self.label_smoother is not None:
-                return False
+                return None
             if self.compute_loss_func is not None or getattr(self, "aux_loss_enabled", False):
-                return False
-            targets = labels[:, 1:] != -100
-            if not bool(targets.any()):
-                return False  # TRL's head turns an all-masked batch into a differentiable zero
-            first = int(torch.nonzero(targets.any(0))[0])
-            vocab = model.get_output_embeddings().weight.shape[0]
-            return labels.shape[0] * (labels.shape[1] - first) * vocab * 4 <= MAX_LOGITS_BYTES
+                return None
+            unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper has no get_output_embeddings
+            if not _takes_logits_to_keep(unwrapped):
+                return None
+            predicts_completion = (labels[:, 1:] != -100).any(0)
+            if not bool(predicts_completion.any()):
+                return None  # TRL's head turns an all-masked batch into a differentiable zero
+            first = int(torch.nonzero(predicts_completion)[0])
+            vocab = unwrapped.get_output_embeddings().weight.shape[0]
+            if labels.shape[0] * (labels.shape[1] - first) * vocab * 4 > MAX_LOGITS_BYTES:
+                return None
+            return first
 
         def _log_token_metrics(self, log_probs, targets, inputs) -> None:
             """The per-step metrics TRL logs: entropy and top-1 accuracy on the completion tokens,
@@ -89,3 +95,12 @@ def trainer_class():
                 metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     return CompletionLossTrainer
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward has ``logits_to_keep``, as transformers' causal
+    LMs do; a remote-code model may not."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
