@@ -119,7 +119,11 @@ def test_settings_that_leave_the_trace_at_the_same_point_share_one_answer(tiny_m
             assert swept[i][j].hit_budget and runs[i].hit_budget
             assert swept[i][j].thinking_token_ids == runs[i].thinking_token_ids, (i, j)
             assert swept[i][j].answer_token_ids == runs[i].answer_token_ids, (i, j)
-    assert swept[0][0] is not swept[0][1]  # each setting its own Result
+    assert swept[0][0] is not swept[0][1]  # each setting its own Result, lists included
+    swept[0][0].answer_token_ids.append(-1)
+    swept[0][0].thinking_token_ids.clear()
+    assert swept[0][1].answer_token_ids == separate[1][0].answer_token_ids
+    assert swept[0][1].thinking_token_ids == separate[1][0].thinking_token_ids
 
 
 def test_more_prompts_than_the_model_holds_start_as_others_finish_with_the_same_results(tiny_model, monkeypatch):

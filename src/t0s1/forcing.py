@@ -22,6 +22,7 @@ number of sequences a model holds at once (``_run_admitting``).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -296,7 +297,7 @@ class Engine:
                         if sequence.index is not None:
                             results[sequence.index] = sequence.result(time.perf_counter() - started)
                             for twin in sequence.twins:  # sweep settings that answered as one
-                                results[twin] = replace(results[sequence.index])
+                                results[twin] = copy.deepcopy(results[sequence.index])
                     bar.advance(len(self.rows))
                     if admit is not None:
                         sequences = admit(finished)
