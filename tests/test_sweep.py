@@ -157,3 +157,49 @@ def test_a_policy_starts_prompts_as_others_finish_within_the_models_limit(tiny_m
     assert [[t.result.thinking_token_ids for t in o.traces] for o in limited] == [[t.result.thinking_token_ids for t in o.traces] for o in whole]
     with pytest.raises(UserError, match="runs up to 8 sequences of a prompt at once; this backend holds at most 7"):
         generate_with_policy(tiny_model, prompts, settings[0], make_policy("vote", n=8))
+
+
+def test_a_trace_ends_when_its_last_setting_leaves_even_while_it_could_think_on(monkeypatch):
+    """Settings (budget 20, 2 ignores) and (200, 0): the trace thinks under the widest, (200, 2).
+    The model ends its thinking at token 5, where (200, 0) answers, and thinks on after each Wait;
+    at token 20 the last setting leaves, and the trace ends there instead of thinking on to 200 for
+    no setting while its prompt no longer counts against the model's limit of 3 sequences."""
+    from scripted_model import ScriptedLM
+    from transformers import AutoTokenizer
+
+    from t0s1.forcing import render_prompt
+    from t0s1.models import embedded_model_dir
+    from t0s1.profiles import profile_by_name
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    lm = ScriptedLM(tokenizer, profile_by_name("think"))
+    settings = [BudgetForcing(max_thinking_tokens=20, num_ignore=2, max_answer_tokens=4),
+                BudgetForcing(max_thinking_tokens=200, num_ignore=0, max_answer_tokens=4)]
+    widest = BudgetForcing(max_thinking_tokens=200, num_ignore=2, max_answer_tokens=4)
+    words = tokenizer(" so it is", add_special_tokens=False).input_ids
+    end = tokenizer("</think>", add_special_tokens=False).input_ids
+    prompts = ["What is 1+1?", "Count.", "Hi"]
+    for prompt in prompts:
+        lm.write(render_prompt(lm, prompt), widest, (words * 2)[:5] + end + words * 100)
+    separate = [generate(lm, prompts, s) for s in settings]
+    seen = record_rows(lm, monkeypatch)
+    fed = []
+    monkeypatch.setattr(lm, "max_sequences", 3, raising=False)
+    original = lm.new_runner
+
+    def counting(**kwargs):
+        runner = original(**kwargs)
+        step = runner.step
+        runner.step = lambda slots, tokens: (fed.append(len(slots)), step(slots, tokens))[1]
+        return runner
+
+    monkeypatch.setattr(lm, "new_runner", counting)
+    swept = generate_sweep(lm, prompts, settings)
+    for i in range(len(prompts)):
+        for j, runs in enumerate(separate):
+            assert swept[i][j].thinking_token_ids == runs[i].thinking_token_ids, (i, j)
+            assert swept[i][j].answer_token_ids == runs[i].answer_token_ids, (i, j)
+    assert [r.thinking_tokens for r in swept[0]] == [20, 5] and swept[0][0].hit_budget
+    assert seen["peak"] <= 3
+    assert sum(fed) < 3 * 40  # each prompt: about 20 thinking tokens and short answers, not 200
+

@@ -255,7 +255,7 @@ class Engine:
                 continue
             for current in rows:
                 sequence = current.sequence
-                if not sequence.done and sequence.index is None and not sequence.thinking:
+                if not sequence.done and sequence.index is None and not sequence.riders:
                     sequence.finish_reason = "trace"  # a sweep trace whose riders have all left
                 if not sequence.done and current.fed + 1 > self.context_length:
                     sequence.finish_reason = "length"
@@ -336,9 +336,11 @@ class Engine:
 
     def _forks(self, row: _Row, forks: list[ForcedSequence]) -> list[_Row]:
         """``row`` and a row for each sweep setting that forked off it. A trace whose last
-        settings leave now hands its slot (its cache) to the last of them instead of copying it."""
+        settings leave now (it may still be thinking: it thinks under the largest budget and the
+        most ignores, which no setting left may have) hands its slot (its cache) to the last of
+        them instead of copying it, and ends."""
         sequence = row.sequence
-        if forks and sequence.index is None and not sequence.thinking and not sequence.riders and not sequence.done:
+        if forks and sequence.index is None and not sequence.riders and not sequence.done:
             *copied, last = forks
             rows = [self._fork(row, fork) for fork in copied]
             heir = _Row(last, row.slot, row.fed)
