@@ -377,6 +377,22 @@ def test_probes_pending_at_once_are_bounded(tiny_model, monkeypatch):
     assert max(most) == MAX_PENDING_PROBES and out.probes >= MAX_PENDING_PROBES
 
 
+def test_a_dropped_probe_frees_its_row_before_the_trace_forks_the_next(tiny_model, monkeypatch):
+    """A probe every token, each decided after 2 tokens and dropped (they never agree): the trace
+    forks a new probe in the step after one is dropped, and the runner never holds more rows than
+    the policy counts on (``peak_rows``, what admission reserves for the prompt)."""
+    from test_sweep import record_rows
+
+    from t0s1.policies.run import _Probe
+
+    seen = record_rows(tiny_model, monkeypatch)
+    budget = BudgetForcing(max_thinking_tokens=24, max_answer_tokens=8)
+    out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget,
+                               make_policy("probe", {"interval": "1", "probe_tokens": "2", "agree": "30"}))[0]
+    assert out.probes >= 5
+    assert seen["peak"] <= _Probe.peak_rows(None), seen
+
+
 def test_generate_file_with_a_policy_runs_in_batches_with_a_seed_per_prompt(tiny_model_dir, tmp_path):
     """Prompt i of a file samples its traces from seed + i, whatever the batch size: two copies of
     one prompt get different traces, and batches of 1 give what one batch of 2 gives."""

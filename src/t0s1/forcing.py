@@ -244,7 +244,15 @@ class Engine:
         logits = self._mask_logits(self.logits)
         argmax = logits.argmax(dim=-1).tolist()  # one call for every greedy row
         finished, kept, feeds = [], [], []
+        # Sequences ended between steps (a policy dropped them) free their slots before any row
+        # forks: a policy's rows at once stay within what it counted.
+        ended = {b for b, row in enumerate(self.rows) if row.sequence.done}
+        for b in sorted(ended):
+            self.runner.release(self.rows[b].slot)
+            finished.append(self.rows[b].sequence)
         for b, row in enumerate(self.rows):
+            if b in ended:
+                continue
             try:
                 rows = self._advance(row, logits[b], argmax[b])
             except Exception as error:
