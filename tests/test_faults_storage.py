@@ -193,3 +193,24 @@ def test_a_full_disk_during_an_eval_stops_it_clearly_and_a_rerun_completes_it(tm
     assert code == 0, err
     assert (tmp_path / "resumed" / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()
     assert log.read_text(encoding="utf-8").splitlines()[: len(kept)] == kept
+
+
+def test_a_directory_written_atomically_is_whole_or_absent_and_has_the_usual_mode(tmp_path):
+    """``files.atomic_directory``: a failing writer leaves nothing; a finished directory has the mode
+    a plain ``mkdir`` gives (mkdtemp's 0700 would hide a shared cache from other users); a second
+    writer of the same directory keeps the first one's."""
+    from t0s1.files import atomic_directory
+
+    target = tmp_path / "converted"
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "half").write_text("x")
+        raise RuntimeError("killed midway")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as staging:
+        (staging / "whole").write_text("first")
+    (tmp_path / "plain").mkdir()
+    assert target.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 != 0o700
+    with atomic_directory(target) as staging:
+        (staging / "whole").write_text("second")
+    assert (target / "whole").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["converted", "plain"]
+

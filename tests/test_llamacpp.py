@@ -5,6 +5,7 @@ greedy decoding through it equals llama.cpp's own; bad files and short contexts 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -326,9 +327,35 @@ def test_a_gguf_tokenizer_is_kept_converted_and_loads_the_same(gguf, tmp_path, m
     assert again.decode(list(range(0, 49152, 97))) == read.decode(list(range(0, 49152, 97)))
     assert detect_profile(again).profile == detect_profile(read).profile
     model.unlink()
-    model.write_bytes(gguf.read_bytes())  # another file at the same path
-    gguf_tokenizer(model)
-    assert len(list((tmp_path / "cache" / "gguf-tokenizers").iterdir())) == 2
+    model.write_bytes(gguf.read_bytes())  # another file at the same path (a re-export): read again, replacing the copy
+    assert gguf_tokenizer(model).name_or_path == str(model.parent)
+    assert list((tmp_path / "cache" / "gguf-tokenizers").iterdir()) == [kept]
+    assert gguf_tokenizer(model).name_or_path == str(kept)
+    (kept / "tokenizer.json").write_text("{damaged")  # a copy that no longer loads is read again and replaced
+    assert gguf_tokenizer(model).name_or_path == str(model.parent)
+    assert gguf_tokenizer(model).name_or_path == str(kept)
+
+
+def test_kept_gguf_tokenizers_are_bounded_the_least_recently_used_go(gguf, tmp_path, monkeypatch):
+    from t0s1.backends import llamacpp
+
+    monkeypatch.setenv("T0S1_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(llamacpp, "MAX_KEPT_TOKENIZERS", 2)
+    models = []
+    for name in "abc":
+        models.append(tmp_path / f"{name}.gguf")
+        models[-1].symlink_to(gguf)
+    kept = tmp_path / "cache" / "gguf-tokenizers"
+    llamacpp.gguf_tokenizer(models[0])
+    time.sleep(0.01)
+    llamacpp.gguf_tokenizer(models[1])
+    time.sleep(0.01)
+    assert llamacpp.gguf_tokenizer(models[0]).name_or_path.startswith(str(kept))  # a is used again: b is the oldest
+    time.sleep(0.01)
+    llamacpp.gguf_tokenizer(models[2])
+    assert len(list(kept.iterdir())) == 2
+    assert llamacpp.gguf_tokenizer(models[0]).name_or_path.startswith(str(kept))
+    assert not llamacpp.gguf_tokenizer(models[1]).name_or_path.startswith(str(kept))  # b was forgotten
 
 
 # ---- the backend: the engine's budget forcing on llama.cpp ----------------------------------------

@@ -4,6 +4,7 @@ disk is a clear error (``UserError``: exit code 2) naming the file, not a traceb
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -83,6 +84,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cache from other users
     with writing(path, f"{path} is unchanged."):
         try:
             yield staging
@@ -95,3 +97,12 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
             if not path.exists():
                 raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: setting it back and forth is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+

@@ -669,13 +669,22 @@ class LlamaCppLoadedModel:
         return LlamaCppRunner(self.weights, context_length=length, max_slots=rows or 8, n_threads=self.n_threads)
 
 
+#: Converted GGUF tokenizers kept at most (one per GGUF path; the least recently used go first).
+MAX_KEPT_TOKENIZERS = 16
+
+
 def gguf_tokenizer(path: Path, *, trust_remote_code: bool = False):
     """The GGUF file's tokenizer as transformers reads it. Reading it from the GGUF takes about 6 s
     for a 49,000-token vocabulary (every entry goes through gguf-py), so it is kept, converted, in
-    the cache directory per file (its path, size and modification time) and transformers release,
-    and later loads read that copy (a tenth of the time). A cache that cannot be written only costs
-    the time."""
+    the cache directory, and later loads read that copy (a tenth of the time).
+
+    One copy per GGUF path (as given: a link is a path of its own), with the file it came from (size, modification time) and the
+    transformers release that wrote it: a new file at that path (a re-export) replaces it, and so
+    does a copy that no longer loads. At most ``MAX_KEPT_TOKENIZERS`` copies are kept; the least
+    recently used go. A cache that cannot be written only costs the time."""
     import hashlib
+    import json
+    import shutil
 
     import transformers
     from transformers import AutoTokenizer
@@ -684,20 +693,43 @@ def gguf_tokenizer(path: Path, *, trust_remote_code: bool = False):
     from t0s1.files import atomic_directory
 
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    kept = cache_dir() / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
-    if (kept / "tokenizer_config.json").exists():
+    source = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              "transformers": transformers.__version__}
+    kept_dir = cache_dir() / "gguf-tokenizers"
+    kept = kept_dir / hashlib.sha256(source["path"].encode()).hexdigest()[:24]
+    record = kept / "t0s1-source.json"
+    try:
+        current = record.is_file() and json.loads(record.read_text()) == source
+    except (OSError, ValueError):
+        current = False
+    if current:
         try:
-            return AutoTokenizer.from_pretrained(str(kept))
-        except (OSError, ValueError) as error:  # a damaged copy: read the GGUF again
-            log.info("Ignoring the kept tokenizer %s (%s)", kept, error)
+            tokenizer = AutoTokenizer.from_pretrained(str(kept))
+            os.utime(kept)  # recently used
+            return tokenizer
+        except (OSError, ValueError) as error:  # a damaged copy: read the GGUF again and replace it
+            log.info("Replacing the kept tokenizer %s (%s)", kept, error)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code)
     try:
+        shutil.rmtree(kept, ignore_errors=True)  # an older file's copy, or a damaged one
         with atomic_directory(kept) as staging:
             tokenizer.save_pretrained(staging)
+            (staging / record.name).write_text(json.dumps(source))
+        _forget_least_used(kept_dir, MAX_KEPT_TOKENIZERS)
     except (OSError, UserError) as error:
         log.info("Could not keep the tokenizer of %s in %s (%s)", path, kept, error)
     return tokenizer
+
+
+def _forget_least_used(directory: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used entries of ``directory`` (staging
+    directories of writers still at work, hidden, are left alone)."""
+    import shutil
+
+    entries = [entry for entry in directory.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+    entries.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
+    for entry in entries[keep:]:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def load_llamacpp(name_or_path: str, *, trust_remote_code: bool = False, reasoning_format=None,

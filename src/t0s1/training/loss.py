@@ -44,6 +44,7 @@ def trainer_class():
             mask = targets != -100
             targets = targets[mask]  # the rows of other examples' prompts and padding drop out here
             log_probs = logits[:, :-1][mask].float().log_softmax(-1)
+            del logits  # only the completion's rows stay in memory
             loss_sum = F.nll_loss(log_probs, targets, reduction="sum")
             num_tokens = len(targets) if num_items_in_batch is None else num_items_in_batch
             loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
@@ -90,8 +91,9 @@ def trainer_class():
             entropy, correct = gather(entropy).sum(), gather(correct).sum()
             metrics[mode]["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
             metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
-            if mode == "train" and hasattr(self, "_total_train_tokens"):
-                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            if hasattr(self, "_total_train_tokens"):
+                if mode == "train":
+                    self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
                 metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     return CompletionLossTrainer
