@@ -271,6 +271,48 @@ def test_eval_cli_bad_input_exits_2(args, message, shared_data_dir):
     assert message in " ".join(result.output.split())
 
 
+def test_eval_cli_refuses_before_loading_a_model_an_out_that_is_a_file_and_a_benchmark_file_without_questions(tmp_path, shared_data_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / get_task("gsm8k").local_file).write_text("")
+    result = CliRunner().invoke(app, ["eval", "--tasks", "gsm8k", "--out", str(tmp_path / "run"), "--data-dir", str(data)])
+    assert result.exit_code == 2 and "holds no questions" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    result = CliRunner().invoke(app, ["eval", "--tasks", "gsm8k", "--out", str(taken), "--data-dir", str(shared_data_dir)])
+    assert result.exit_code == 2 and "is a file; give a directory" in " ".join(result.output.split())
+    assert taken.read_text() == "keep me"
+
+
+def test_a_rerun_with_another_reasoning_format_or_dtype_is_refused_and_older_run_keys_still_resume(tiny_model, shared_data_dir, tmp_path):
+    """The delimiters (--reasoning-format) and the weights' dtype change the samples: a rerun that
+    changes them would mix samples of two setups in one results.json. A key written before these
+    fields were recorded still resumes."""
+    backend = EngineBackend(tiny_model)
+    first = _config(max_thinking_tokens=[4], num_ignore=[0], reasoning_format="think", dtype="bfloat16")
+    run_eval(backend, [get_task("gsm8k")], first, tmp_path / "run", data_dir=shared_data_dir, limit=1, progress=False)
+    for change in ({"reasoning_format": "s1"}, {"dtype": "float32"}):
+        changed = _config(max_thinking_tokens=[4], num_ignore=[0], **{"reasoning_format": "think", "dtype": "bfloat16", **change})
+        with pytest.raises(UserError, match=next(iter(change))):
+            run_eval(backend, [get_task("gsm8k")], changed, tmp_path / "run", data_dir=shared_data_dir, limit=1, progress=False)
+    older = tmp_path / "older"
+    run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0]), older, data_dir=shared_data_dir, limit=1, progress=False)
+    run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], dtype="float32"), older,
+             data_dir=shared_data_dir, limit=1, progress=False)
+
+
+@pytest.mark.parametrize("damage", [("config.json", "[]"), ("samples/gsm8k.jsonl", "[1, 2]\n"), ("samples/gsm8k.jsonl", b"\xff\xfe\n")])
+def test_damaged_run_files_are_a_clear_error(tiny_model, shared_data_dir, tmp_path, damage):
+    backend = EngineBackend(tiny_model)
+    config = _config(max_thinking_tokens=[4], num_ignore=[0])
+    run_eval(backend, [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+    name, content = damage
+    (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match="not"):
+        run_eval(backend, [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+
+
 def test_list_tasks(shared_data_dir):
     result = CliRunner().invoke(app, ["eval", "--list-tasks"])
     assert result.exit_code == 0

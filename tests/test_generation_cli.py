@@ -77,3 +77,20 @@ def test_bad_prompt_files_name_the_line(tiny_model_dir, tmp_path):
     result = run("--file", path, "--model", tiny_model_dir)
     assert result.exit_code == 2
     assert "line 2" in result.output and "prompt" in result.output
+
+
+def test_out_is_written_whole_or_not_at_all(tiny_model_dir, tmp_path):
+    """--out without --file, or naming a directory, is refused before the model loads; a run that
+    fails on a later batch (a prompt longer than the context) leaves the earlier file as it was."""
+    out = tmp_path / "out.jsonl"
+    result = run("hi", "--out", out, "--model", tiny_model_dir)
+    assert result.exit_code == 2 and "--out writes the rows of --file" in " ".join(result.output.split())
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 5000}) + "\n")
+    result = run("--file", path, "--out", tmp_path, "--model", tiny_model_dir)
+    assert result.exit_code == 2 and "is a directory" in " ".join(result.output.split())
+    out.write_text("an earlier run\n")
+    result = run("--file", path, "--out", out, "--model", tiny_model_dir, "--max-thinking-tokens", 4, "--batch-size", 1)
+    assert result.exit_code == 2, result.output
+    assert out.read_text() == "an earlier run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl"]  # no temporary file left

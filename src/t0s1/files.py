@@ -106,3 +106,33 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output file that cannot be written: a directory, or a file in
+    a folder that cannot be created or written to (a missing folder is created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give the path of a file.")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot create the folder {folder} ({error.strerror or error}).") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: the folder {folder} is not writable.")
+    return path
+
+
+def check_output_directory(path: str | Path, flag: str = "--out") -> Path:
+    """Create the output directory ``path`` now (before any work), or say why it cannot be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; give a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot create the directory ({error.strerror or error}).") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: the directory is not writable.")
+    return path
+

@@ -37,6 +37,7 @@ from t0s1.cli_support import (
     parse_chat_template_kwargs,
 )
 from t0s1.errors import UserError
+from t0s1.files import atomic_path, check_output_file
 from t0s1.forcing import BudgetForcing, generate
 from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL, load_model
@@ -62,7 +63,7 @@ def generate_command(
     file: Annotated[
         Path | None, typer.Option(help="JSONL file of prompts (field 'prompt'): generated in batches, JSONL out.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="With --file: write the JSONL here instead of standard output.")] = None,
+    out: Annotated[Path | None, typer.Option(help="With --file: write the JSONL here instead of standard output (when every prompt is done; an earlier file stays until then).")] = None,
     batch_size: Annotated[int, typer.Option(help="With --file: prompts per batch.")] = 8,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -100,6 +101,10 @@ def generate_command(
         raise UserError("Give either a PROMPT or --file prompts.jsonl (not both).")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    if out is not None:
+        if file is None:
+            raise UserError("--out writes the rows of --file prompts.jsonl; for one PROMPT use --json and redirect the output.")
+        check_output_file(out)
     settings = budget_from_flags(max_thinking_tokens, num_ignore, ignore_str, max_answer_tokens, temperature, top_p, seed,
                                  end_phrase=end_phrase, answer_prefix=answer_prefix)
     template_kwargs = parse_chat_template_kwargs(chat_template_kwargs, thinking)
@@ -166,23 +171,29 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def _generate_file(run, prompts: list[str], settings: BudgetForcing, out: Path | None, batch_size: int) -> None:
+    """One JSON row per prompt, to standard output as each batch finishes, or to ``out`` when all
+    have: the rows go to a temporary file beside it, renamed over it at the end, so a failed or
+    interrupted run leaves an earlier file there as it was."""
+    if out is None:
+        _write_rows(run, prompts, settings, batch_size, sys.stdout)
+        return
+    with atomic_path(out) as temporary, temporary.open("w", encoding="utf-8") as sink:
+        _write_rows(run, prompts, settings, batch_size, sink)
+
+
+def _write_rows(run, prompts: list[str], settings: BudgetForcing, batch_size: int, sink) -> None:
     from rich.progress import Progress
 
-    sink = out.open("w", encoding="utf-8") if out else sys.stdout
-    try:
-        with Progress(console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("prompts", total=len(prompts))
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                results = run(batch, _with_seed(settings, start))
-                for offset, result in enumerate(results):
-                    row = {"index": start + offset, "prompt": batch[offset], **result.to_dict()}
-                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                sink.flush()
-                progress.advance(task, len(batch))
-    finally:
-        if out:
-            sink.close()
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("prompts", total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            results = run(batch, _with_seed(settings, start))
+            for offset, result in enumerate(results):
+                row = {"index": start + offset, "prompt": batch[offset], **result.to_dict()}
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sink.flush()
+            progress.advance(task, len(batch))
 
 
 def _with_seed(settings: BudgetForcing, offset: int) -> BudgetForcing:

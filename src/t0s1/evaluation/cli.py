@@ -27,6 +27,7 @@ from t0s1.cli_support import (
     parse_int_list,
 )
 from t0s1.errors import UserError
+from t0s1.files import check_output_directory, check_output_file, write_text_atomic
 from t0s1.evaluation.tasks import DATA_DIR_ENV, TASKS, get_task, parse_task_list
 from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL
@@ -59,6 +60,13 @@ def parse_policies(policy: str | None, n: int | None, policy_arg: list[str] | No
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("grade")(grade_command)
+
+
+def _weights_dtype(engine) -> str | None:
+    """The dtype of the loaded PyTorch weights (what ``--dtype auto`` chose here); None for
+    backends without them (llama.cpp's GGUF, an endpoint)."""
+    dtype = getattr(getattr(getattr(engine, "lm", None), "model", None), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def _judge(judge_model: str | None, judge_base_url: str | None):
@@ -136,13 +144,18 @@ def eval_command(
         answer_prefix=answer_prefix,
         chat_template_kwargs=parse_chat_template_kwargs(chat_template_kwargs, thinking),
         policies=parse_policies(policy, n, policy_arg),
+        reasoning_format=reasoning_format,
+        tokenizer=tokenizer,
+        context_length=context_length,
     )
     for task in chosen:  # fail on missing data before loading a model
         task.load(data_dir, limit=1)
+    check_output_directory(out)
     engine = make_backend(
         backend, model, device=device, dtype=dtype, base_url=base_url, api_key=api_key, tokenizer=tokenizer,
         reasoning_format=reasoning_format, chat_template_kwargs=config.chat_template_kwargs, context_length=context_length,
     )
+    config.dtype = _weights_dtype(engine)
     results = run_eval(engine, chosen, config, out, data_dir=data_dir, limit=limit, judge=_judge(judge_model, judge_base_url))
     _print_results(results)
     console.print(f"Wrote {out}/results.json, results.md, samples/<task>.jsonl and a plot per task.", highlight=False)
@@ -161,6 +174,8 @@ def grade_command(
     from t0s1.evaluation.runner import grade_output
 
     chosen = get_task(task)
+    if out is not None:
+        check_output_file(out)
     rows = read_predictions(predictions)
     examples = chosen.load(data_dir)
     by_id = {e.id: e for e in examples}
@@ -171,10 +186,7 @@ def grade_command(
         verdicts.append({"id": example.id, **grade_output(chosen, example, row["output"], judge)})
     correct = sum(v["correct"] for v in verdicts)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as handle:
-            for verdict in verdicts:
-                handle.write(json.dumps(verdict, ensure_ascii=False) + "\n")
+        write_text_atomic(out, "".join(json.dumps(verdict, ensure_ascii=False) + "\n" for verdict in verdicts))
     accuracy = 100.0 * correct / len(verdicts)
     console.print(f"{chosen.name}: accuracy {accuracy:.2f}% ({correct}/{len(verdicts)})", highlight=False)
 
@@ -239,4 +251,5 @@ def _print_results(results: dict) -> None:
         for method, m in task["methods"].items():
             scaling = "n/a" if m["scaling"] is None else f"{m['scaling']:.2f}"
             control = "n/a" if m["control"] is None else f"{m['control']:.0f}%"
-            console.print(f"  {escape(method)}: Control {control}, Scaling {scaling} (accuracy points per 1,000 {unit}), Performance {m['performance']:.1f}%", highlight=False)
+            performance = "n/a" if m["performance"] is None else f"{m['performance']:.1f}%"
+            console.print(f"  {escape(method)}: Control {control}, Scaling {scaling} (accuracy points per 1,000 {unit}), Performance {performance}", highlight=False)

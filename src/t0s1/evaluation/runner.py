@@ -81,6 +81,10 @@ class Setting:
         return self.max_thinking_tokens if isinstance(self.max_thinking_tokens, int) else None
 
 
+#: Fields of the run key that earlier versions did not record: a stored key without them still resumes.
+LATER_KEY_FIELDS = ("reasoning_format", "tokenizer", "context_length", "dtype")
+
+
 @dataclass
 class EvalConfig:
     """What the samples depend on (model, backend and decoding), plus what is evaluated."""
@@ -101,6 +105,11 @@ class EvalConfig:
     chat_template_kwargs: dict | None = None
     policies: list[Policy] = field(default_factory=list)
     """Test-time policies (``expand_policies``); empty: plain budget forcing, as before policies."""
+    reasoning_format: str | None = None
+    tokenizer: str | None = None
+    context_length: int | None = None
+    dtype: str | None = None
+    """The loaded weights' dtype where the backend has one (``--dtype auto`` resolves per machine)."""
 
     def __post_init__(self) -> None:
         if not self.max_thinking_tokens:
@@ -152,7 +161,7 @@ class EvalConfig:
         """The fields a rerun in the same directory must share (the rest may change)."""
         data = asdict(self)
         keys = ["model", "backend", "ignore_str", "max_answer_tokens", "temperature", "top_p", "seed", "batch_size"]
-        keys += [key for key in ("end_phrase", "answer_prefix", "chat_template_kwargs") if data[key] is not None]
+        keys += [key for key in ("end_phrase", "answer_prefix", "chat_template_kwargs", *LATER_KEY_FIELDS) if data[key] is not None]
         return {key: data[key] for key in keys}
 
 
@@ -243,14 +252,17 @@ class SampleLog:
             self._load()
 
     def _load(self) -> None:
-        complete = drop_partial_last_line(self.path)  # a run killed mid-write leaves a partial last line
+        try:
+            complete = drop_partial_last_line(self.path)  # a run killed mid-write leaves a partial last line
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path} is not UTF-8 text: not a sample log of t0s1 eval; use a fresh --out directory.") from None
         for number, line in enumerate(complete.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 self.rows[(row["setting"], row["id"], row["sample"])] = row
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError):  # TypeError: a row that is not an object
                 raise UserError(f"{self.path}, line {number}: not a sample row of t0s1 eval; use a fresh --out directory.") from None
 
     def has(self, key: tuple[str, str, int]) -> bool:
@@ -350,7 +362,7 @@ def run_eval(
         raise UserError(f"--policy runs on the engine backends ({', '.join(ENGINE_BACKENDS)}); the {backend.name} backend "
                         "has no loaded model to fork traces from.")
     out.mkdir(parents=True, exist_ok=True)
-    check_run_key(out / "config.json", config.generation_key(), holds="samples made with other settings")
+    check_run_key(out / "config.json", config.generation_key(), holds="samples made with other settings", later=LATER_KEY_FIELDS)
     loaded = [(task, task.load(data_dir, limit)) for task in tasks]
     total = sum(len(examples) * len(config.settings) * config.samples for _, examples in loaded)
     timings = {}
@@ -641,17 +653,22 @@ def _fmt(value, digits=1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def check_run_key(path: Path, key: dict, *, holds: str, retired: tuple[str, ...] = ()) -> None:
+def check_run_key(path: Path, key: dict, *, holds: str, retired: tuple[str, ...] = (), later: tuple[str, ...] = ()) -> None:
     """Write ``key`` (what the samples in ``path``'s folder depend on) on the first run; on a rerun,
     refuse a different one, naming the fields that changed. ``holds`` says what the folder holds
     ("samples made with other settings"); ``retired``: fields earlier versions wrote that no longer
-    bind a rerun (they are ignored in a stored key)."""
+    bind a rerun (they are ignored in a stored key); ``later``: fields earlier versions did not
+    write (a stored key without them is compared without them)."""
     if path.exists():
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not readable JSON; it is not the settings file of a t0s1 run. Choose a new --out directory.") from None
+            stored = None
+        if not isinstance(stored, dict):
+            raise UserError(f"{path} is not readable JSON; it is not the settings file of a t0s1 run. Choose a new --out directory.")
         stored = {name: value for name, value in stored.items() if name not in retired}
+        if not any(name in stored for name in later):  # written before these fields were recorded
+            key = {name: value for name, value in key.items() if name not in later}
         if stored != key:
             changed = sorted(name for name in set(stored) | set(key) if stored.get(name) != key.get(name))
             raise UserError(
@@ -667,5 +684,7 @@ def _append_timings(path: Path, timings: dict) -> None:
         runs = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
     except (json.JSONDecodeError, UnicodeDecodeError):
         runs = []  # timings are informative only; an unreadable file starts over
+    if not isinstance(runs, list):
+        runs = []
     runs.append({"seconds_per_task": timings, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     write_text_atomic(path, json.dumps(runs, indent=2) + "\n")

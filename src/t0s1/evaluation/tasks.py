@@ -93,6 +93,9 @@ class Task:
             rows, source = [row for _, row in read_jsonl(path, limit=limit)], self.local
         else:
             rows, source = self._load_hub(limit, missing_local=path), self.hub
+        if not rows:
+            where = path if path is not None and path.is_file() else f"the dataset {self.hub_id!r}"
+            raise UserError(f"Task {self.name}: {where} holds no questions.")
         examples = [self._example(row, source, i) for i, row in enumerate(rows)]
         seen = set()
         for example in examples:
