@@ -57,20 +57,21 @@ def test_wait_effects_report_a_gain_on_all_and_on_the_self_stopped_problems():
 
 
 def test_budget_curves_give_the_s1_metrics_of_each_num_ignore():
-    settings, rows = [], []
+    settings = []
     for budget, accuracy, wait_accuracy in ((16, 10.0, 10.0), (64, 50.0, 60.0)):
         for ignore, value in ((0, accuracy), (1, wait_accuracy)):
             tokens = budget if budget == 16 else 40 + 20 * ignore
             settings.append({"max_thinking_tokens": budget, "num_ignore": ignore, "accuracy": value,
                              "avg_thinking_tokens": float(tokens)})
-            rows.append(sample(budget, ignore, "p", correct=True, hit_budget=False, tokens=tokens))
-    curves = budget_curves({"settings": settings}, rows, [16, 64], [0, 1])
+    settings.append({"max_thinking_tokens": 8, "num_ignore": 0, "accuracy": 0.0, "avg_thinking_tokens": 9.5})  # over its budget
+    curves = budget_curves({"settings": settings}, [16, 64], [0, 1])
     assert list(curves) == ["no Wait", "1 Wait"]
     assert curves["no Wait"]["points"] == [[16.0, 10.0], [40.0, 50.0]]
     assert curves["1 Wait"]["points"] == [[16.0, 10.0], [60.0, 60.0]]
     assert curves["no Wait"]["performance"] == 50.0 and curves["1 Wait"]["performance"] == 60.0
     assert curves["no Wait"]["scaling"] == pytest.approx(40 / 24 * 1000, abs=1e-2)
     assert curves["no Wait"]["control"] == 100.0
+    assert budget_curves({"settings": settings}, [8, 16, 64], [0])["no Wait"]["control"] == pytest.approx(200 / 3)  # s1: a share of runs
 
 
 @pytest.mark.slow

@@ -20,12 +20,14 @@ TOTAL_SCALING_UNIT = "accuracy points (%) per 1,000 average total generated toke
 """The unit when test-time policies are compared: their runs are placed by every token they generate."""
 
 
-def control(samples: list[tuple[int, int | None]]) -> float | None:
-    """Percent of ``(thinking_tokens, budget)`` pairs within the budget (None: no limit)."""
-    if not samples:
+def control(runs: list[tuple[float, int | None]]) -> float | None:
+    """Percent of ``(thinking_tokens, budget)`` pairs within the budget (None: no limit). s1's
+    Control takes one pair per run, its average thinking tokens; a run's own ``control`` field
+    takes one per sample."""
+    if not runs:
         return None
-    within = sum(1 for tokens, budget in samples if budget is None or tokens <= budget)
-    return 100.0 * within / len(samples)
+    within = sum(1 for tokens, budget in runs if budget is None or tokens <= budget)
+    return 100.0 * within / len(runs)
 
 
 def scaling(points: list[tuple[float, float]]) -> float | None:
@@ -63,11 +65,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def summarize(points: list[tuple[float, float]], budget_samples: list[tuple[int, int | None]] | None = None) -> dict:
-    """Control, Scaling and Performance of one method's runs, rounded for stable output."""
+def summarize(points: list[tuple[float, float]], runs: list[tuple[float, int | None]] | None = None) -> dict:
+    """Control, Scaling and Performance of one method's runs (``runs``: each one's average thinking
+    tokens and budget, for Control), rounded for stable output."""
     return {
         "points": [[round(tokens, 4), round(accuracy, 4)] for tokens, accuracy in sorted(points)],
-        "control": _round(control(budget_samples)) if budget_samples is not None else None,
+        "control": _round(control(runs)) if runs is not None else None,
         "scaling": _round(scaling(points)),
         "performance": _round(performance(points)),
     }

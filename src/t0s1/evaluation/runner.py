@@ -529,14 +529,16 @@ def _summarize_task(task: Task, examples: list[Example], config: EvalConfig, row
     tokens_field = "avg_total_tokens" if config.policies else "avg_thinking_tokens"
 
     def points(chosen: list[Setting]) -> tuple[list, list]:
-        pts, budget_samples = [], []
+        """The runs' (tokens, accuracy) points, and each run's (average thinking tokens, budget) for
+        s1's Control."""
+        pts, runs = [], []
         for setting in chosen:
             entry = next((s for s in settings_out if s["setting"] == setting.key), None)
             if entry is None:
                 continue
             pts.append((entry[tokens_field], entry["accuracy"]))
-            budget_samples += [(row["thinking_tokens"], setting.budget_limit) for q in by_setting[setting] for row in q]
-        return pts, budget_samples
+            runs.append((entry["avg_thinking_tokens"], setting.budget_limit))
+        return pts, runs
 
     methods = {}
     base_ignore = config.num_ignore[0]

@@ -158,7 +158,7 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
 
     seconds = stages.seconds
     rows = [row for _, row in read_jsonl(out / _eval_dir("trained", settings) / "samples" / f"{TASK.name}.jsonl")]
-    curves = budget_curves(trained["tasks"][TASK.name], rows, settings.budgets, settings.num_ignore)
+    curves = budget_curves(trained["tasks"][TASK.name], settings.budgets, settings.num_ignore)
     wait = wait_effects(rows, settings.budgets, settings.num_ignore)
     base_points = base["tasks"][TASK.name]["methods"].get("budget")
     plotted = dict(curves)
@@ -198,14 +198,14 @@ def curve_name(num_ignore: int) -> str:
     return "no Wait" if num_ignore == 0 else f"{num_ignore} Wait" + ("s" if num_ignore > 1 else "")
 
 
-def budget_curves(task_results: dict, rows: list[dict], budgets: list, num_ignore: list) -> dict:
+def budget_curves(task_results: dict, budgets: list, num_ignore: list) -> dict:
     """The s1 metrics of one budget sweep per ``num_ignore``: ``{"no Wait": {...}, "1 Wait": ...}``."""
-    accuracy = {(s["max_thinking_tokens"], s["num_ignore"]): s for s in task_results["settings"]}
+    runs = {(s["max_thinking_tokens"], s["num_ignore"]): s for s in task_results["settings"]}
     curves = {}
     for ignore in num_ignore:
-        points = [(accuracy[(b, ignore)]["avg_thinking_tokens"], accuracy[(b, ignore)]["accuracy"]) for b in budgets]
-        within = [(row["thinking_tokens"], Setting(row["max_thinking_tokens"], ignore).budget_limit)
-                  for row in rows if row["num_ignore"] == ignore and row["max_thinking_tokens"] in budgets]
+        chosen = [runs[(b, ignore)] for b in budgets]
+        points = [(run["avg_thinking_tokens"], run["accuracy"]) for run in chosen]
+        within = [(run["avg_thinking_tokens"], Setting(b, ignore).budget_limit) for b, run in zip(budgets, chosen, strict=True)]
         curves[curve_name(ignore)] = metrics.summarize(points, within)
     return curves
 
