@@ -383,14 +383,14 @@ def test_a_dropped_probe_frees_its_row_before_the_trace_forks_the_next(tiny_mode
     the policy counts on (``peak_rows``, what admission reserves for the prompt)."""
     from test_sweep import record_rows
 
-    from t0s1.policies.run import _Probe
+    from t0s1.policies.run import rows_at_once
 
     seen = record_rows(tiny_model, monkeypatch)
     budget = BudgetForcing(max_thinking_tokens=24, max_answer_tokens=8)
     out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget,
                                make_policy("probe", {"interval": "1", "probe_tokens": "2", "agree": "30"}))[0]
     assert out.probes >= 5
-    assert seen["peak"] <= _Probe.peak_rows(None), seen
+    assert seen["peak"] <= rows_at_once(make_policy("probe")), seen
 
 
 def test_generate_file_with_a_policy_runs_in_batches_with_a_seed_per_prompt(tiny_model_dir, tmp_path):

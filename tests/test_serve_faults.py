@@ -178,6 +178,39 @@ def test_a_failed_forward_pass_fails_the_running_requests_and_the_server_goes_on
         assert again.status_code == 200
 
 
+def test_a_policy_request_failed_with_the_batch_it_waited_for_does_not_run_after(tiny_model, monkeypatch):
+    """A policy request waits for the running batch to drain; the batch's forward pass fails, which
+    fails the waiting request too (a 500). It must not then run anyway for nobody: the counters
+    show it failed once and never finished."""
+    app = create_app(tiny_model, BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4), max_batch=4)
+    step, fail = TorchRunner.step, threading.Event()
+
+    def step_that_fails_once(self, slots, tokens):
+        if fail.is_set():
+            fail.clear()
+            raise RuntimeError("forward pass failed")
+        time.sleep(0.02)
+        return step(self, slots, tokens)
+
+    monkeypatch.setattr(TorchRunner, "step", step_that_fails_once)
+    with serve_in_background(app) as url:
+        before = health(url)
+        vote = {"messages": QUESTION, "policy": "vote", "n": 2, "temperature": 0.8, "seed": 1, "max_thinking_tokens": 8,
+                "max_tokens": 4}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=LONG, timeout=120)
+            wait_until(lambda: health(url)["running"] == 1, 30, "the long request did not start")
+            waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=vote, timeout=120)
+            wait_until(lambda: health(url)["running"] == 2, 30, "the policy request was not taken from the queue")
+            fail.set()
+            replies = [running.result(), waiting.result()]
+        assert [reply.status_code for reply in replies] == [500, 500], [reply.text for reply in replies]
+        time.sleep(2)  # long enough for a wrongly kept policy job to have run
+        report = health(url)
+        assert report["running"] == 0 and report["requests"] == before["requests"]
+        assert report["failed"] == before["failed"] + 2
+
+
 # ---- clients that leave -------------------------------------------------------------------------------
 
 

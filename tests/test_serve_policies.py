@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def server(tiny_model, one_torch_thread):
-    app = create_app(tiny_model, DEFAULTS, max_batch=4)
+    app = create_app(tiny_model, DEFAULTS, max_batch=10)
     with serve_in_background(app) as url:
         yield url
 
@@ -117,6 +117,13 @@ def test_n_choices_are_independent_samples(client, tiny_model):
     ({"policy": "deepconf", "policy_args": {"top_k": 10**6}, **SAMPLED}, "policy_args", "is above 100"),
     ({"policy": "deepconf", "policy_args": {"keep_percent": "nan"}, **SAMPLED}, "policy_args", "keep_percent must be a number"),
     ({"policy": "vote", "policy_args": {"x": "y" * 65}, **SAMPLED}, "policy_args", "at most 64"),
+    ({"policy": "vote", "n": 11, **SAMPLED}, "n", "its --max-batch"),
+    ({"policy": "deepconf", "policy_args": {"mode": "online", "warmup": 12}, "n": 16, **SAMPLED}, "n", "runs 12 sequences at once"),
+    ({"chat_template_kwargs": {"chat_template": "{{ 'x' * 10 }}"}}, "chat_template_kwargs.chat_template", "apply_chat_template"),
+    ({"chat_template_kwargs": {"tools": [{"type": "function"}]}}, "chat_template_kwargs.tools", "not a template variable"),
+    ({"chat_template_kwargs": {"note": "x" * 300}}, "chat_template_kwargs.note", "at most 256"),
+    ({"chat_template_kwargs": {"deep": {"a": [1]}}}, "chat_template_kwargs.deep", "boolean, a number"),
+    ({"chat_template_kwargs": {f"v{i}": 1 for i in range(17)}}, "chat_template_kwargs", "at most 16"),
 ])
 def test_bad_input_is_a_400_that_says_why(server, fields, param, says):
     response = httpx.post(f"{server}/v1/chat/completions", json={"messages": QUESTION, **fields}, timeout=60)

@@ -108,6 +108,7 @@ def test_k_zero_turns_retrieval_off(server, tiny_model, corpus):
     ("rag", "messages", "param"),
     [
         ({"k": -1}, None, "rag"),
+        ({"k": 65}, None, "rag"),  # each source is searched, packed and tokenized: at most 64
         ({"k": 2, "retriever": "dense"}, None, "rag"),  # a bm25 index
         ({"k": 2, "rerank": True}, None, "rag"),
         ({"k": 2}, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "messages"),

@@ -221,8 +221,13 @@ class _Controller:
         return []
 
     def peak_rows(self) -> int:
-        """The most sequences of this prompt in the engine at once: its n traces by default."""
-        return self.policy.n
+        """The most sequences of this prompt in the engine at once."""
+        return self.rows_at_once(self.policy)
+
+    @staticmethod
+    def rows_at_once(policy) -> int:
+        """``peak_rows`` of a prompt under ``policy``: its n traces by default."""
+        return policy.n
 
     # ---- the engine's events ----------------------------------------------------------------
 
@@ -284,9 +289,10 @@ class _DeepConf(_Controller):
     def first_wave(self) -> int:
         return self.policy.warmup if self.policy.mode == "online" else self.policy.n
 
-    def peak_rows(self) -> int:
+    @staticmethod
+    def rows_at_once(policy) -> int:
         # online: the later traces start once the warm-up has finished
-        return max(self.policy.warmup, self.policy.wave) if self.policy.mode == "online" else self.policy.n
+        return max(policy.warmup, policy.wave) if policy.mode == "online" else policy.n
 
     def reserve(self) -> list:
         if self.policy.mode != "online":
@@ -436,7 +442,8 @@ class _Branching(_Controller, ABC):
         """Room for a branch and the trace's continuation beside the trace."""
         return [self.sequences[0]] * 2
 
-    def peak_rows(self) -> int:
+    @staticmethod
+    def rows_at_once(policy) -> int:
         """The trace and its undecided branch (one at a time)."""
         return 2
 
@@ -501,7 +508,8 @@ class _EarlyExit(_Branching):
 class _Probe(_Branching):
     policy: Probe
 
-    def peak_rows(self) -> int:
+    @staticmethod
+    def rows_at_once(policy) -> int:
         return 1 + MAX_PENDING_PROBES
 
     def wants_branch(self, sequence, event: str) -> bool:
@@ -519,6 +527,11 @@ class _Probe(_Branching):
 _CONTROLLERS: dict[type[Policy], type[_Controller]] = {
     Budget: _Controller, Vote: _Controller, DeepConf: _DeepConf, ShortMOfK: _ShortMOfK, EarlyExit: _EarlyExit, Probe: _Probe,
 }
+
+
+def rows_at_once(policy: Policy) -> int:
+    """The most sequences one prompt runs at once under ``policy`` (traces and branches)."""
+    return _CONTROLLERS[type(policy)].rows_at_once(policy)
 
 
 def _controller(lm, policy: Policy, budget: BudgetForcing, prompt, index: int, extract: Extract) -> _Controller:

@@ -21,12 +21,17 @@ from t0s1.rag.retrievers import Hit, Retriever, check_k
 from t0s1.rag.store import Index
 
 
+MAX_REQUEST_SOURCES = 64
+"""Sources a request (or a server's default) may ask for: each is searched, packed and tokenized."""
+
+
 class RagRequest(BaseModel):
     """Retrieval settings of one request (the ``rag`` object of a chat request's extra body)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(5, ge=0, description="How many sources to retrieve; 0 turns retrieval off.")
+    k: int = Field(5, ge=0, le=MAX_REQUEST_SOURCES, description="How many sources to retrieve; 0 turns retrieval off "
+                   f"(at most {MAX_REQUEST_SOURCES}).")
     retriever: Literal["bm25", "dense", "hybrid"] | None = Field(
         None, description="bm25, dense or hybrid (reciprocal rank fusion); default: the one the index was built for."
     )

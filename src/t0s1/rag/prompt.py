@@ -102,10 +102,19 @@ def build_rag_messages(
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return messages, len(tokenizer(text, add_special_tokens=False).input_ids)
 
+    # The most sources that fit, best first: the prompt grows with each source, so a binary search
+    # renders it about log2(len(hits)) times (a long conversation with many sources took seconds).
     count = len(hits)
     messages, length = render(count)
-    while length > room and count > 0:
-        count -= 1
+    if length > room and count > 0:
+        fits, over = 0, count  # render(fits) is tried below; render(over) is too long
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            if render(middle)[1] <= room:
+                fits = middle
+            else:
+                over = middle
+        count = fits
         messages, length = render(count)
     if length > room:
         raise UserError(

@@ -438,6 +438,8 @@ class Batcher:
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._running.pop(job.id, None)
+        if self._policy_job is job:  # it waited for the batch to drain: it must not run after its answer
+            self._policy_job = None
         self.stats.failed += not isinstance(error, ServerShuttingDown)
         job.emit("error", error)
 

@@ -160,9 +160,10 @@ def _open_index(index: Path | None, k: int, retriever: str | None, qdrant_url: s
                 raise UserError(f"{flag} is for retrieval: give the index with --index DIR.")
         return None, None
     from t0s1.rag import RagRequest, open_index
+    from t0s1.rag.answer import MAX_REQUEST_SOURCES
 
-    if k < 0:
-        raise UserError(f"--k must be 0 or more (the number of sources), got {k}.")
+    if not 0 <= k <= MAX_REQUEST_SOURCES:
+        raise UserError(f"--k must be 0 to {MAX_REQUEST_SOURCES} (the number of sources), got {k}.")
     opened = open_index(index, qdrant_url=qdrant_url, qdrant_api_key=qdrant_api_key)
     opened.retriever(retriever)  # an unknown retriever fails now; a dense one loads its embedder once
     return opened, RagRequest(k=k, retriever=retriever)

@@ -16,6 +16,7 @@ answers with the trace that carries the vote, and a ``policy`` report beside the
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import replace
@@ -93,6 +94,20 @@ def refused_unless(*allowed, description: str):
     """The schema of a field the server refuses unless it is one of ``allowed`` (``None`` among
     them): validation takes any value of the field's type, so the refusal can say why."""
     return WithJsonSchema({"enum": list(allowed), "description": description})
+
+
+TEMPLATE_VARIABLES = 16
+"""Entries of a request's ``chat_template_kwargs`` at most."""
+
+
+@functools.cache
+def _template_parameters() -> frozenset[str]:
+    """The parameters of transformers' ``apply_chat_template`` (the release installed)."""
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    return frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
 
 
 class FieldError(Exception):
@@ -265,6 +280,28 @@ class ChatCompletionRequest(BudgetFields):
 
     def template_messages(self) -> list[dict]:
         return [message.for_template() for message in self.messages]
+
+    def template_variables(self) -> dict | None:
+        """``chat_template_kwargs``, checked: they become variables of the chat template and
+        nothing else. ``apply_chat_template``'s own parameters are refused (``chat_template``
+        would run a client's Jinja on the server, ``tools`` and ``documents`` grow the prompt
+        unchecked), and so are values other than short scalars."""
+        kwargs = self.chat_template_kwargs
+        if kwargs is None:
+            return None
+        if len(kwargs) > TEMPLATE_VARIABLES:
+            raise FieldError("chat_template_kwargs", f"chat_template_kwargs has {len(kwargs)} entries; at most "
+                             f"{TEMPLATE_VARIABLES} are taken.")
+        for name, value in kwargs.items():
+            where = f"chat_template_kwargs.{name}"[:NAME_CHARS]
+            if name in _template_parameters():
+                raise FieldError(where, f"chat_template_kwargs.{name} is a parameter of the tokenizer's "
+                                 "apply_chat_template, not a template variable: it is not taken from a request.")
+            if len(name) > NAME_CHARS or not (value is None or isinstance(value, bool | int | float)
+                                              or isinstance(value, str) and len(value) <= NAME_CHARS):
+                raise FieldError(where, f"chat_template_kwargs.{name[:NAME_CHARS]} must be a short name with a "
+                                 f"boolean, a number, null or a string of at most {NAME_CHARS} characters.")
+        return kwargs
 
 
 class CompletionRequest(BudgetFields):

@@ -44,6 +44,7 @@ from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, render_prompt
 from t0s1.models import LoadedModel
 from t0s1.policies import POLICIES, Policy, make_policy
+from t0s1.policies.run import rows_at_once
 from t0s1.serving.batcher import (
     Batcher,
     Continuation,
@@ -215,9 +216,12 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
                 "max_tokens (/v1/completions takes stop for plain continuations).")
         _refuse(body.logprobs, "logprobs", "logprobs are not supported by this server.")
         _log_ignored(body)
-        template_kwargs = body.chat_template_kwargs
+        try:
+            template_kwargs = body.template_variables()
+        except FieldError as error:
+            raise APIError(400, error.message, param=error.param, code=error.code) from None
         settings = _settings(body, defaults, efforts, template_kwargs)
-        policy = _policy(body, settings, lm)
+        policy = _policy(body, settings, lm, batcher.max_batch)
         messages, sources = body.template_messages(), None
         rag = _rag_settings(body, retrieval)
         if rag is not None:
@@ -255,7 +259,7 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
             _refuse(getattr(body, name), name, f"{name} applies to plain continuations (a request with stop or "
                     "stop_token_ids); a budget-forced reply keeps the thinking and the answer apart instead.")
         settings = _settings(body, defaults, efforts)
-        policy = _policy(body, settings, lm)
+        policy = _policy(body, settings, lm, batcher.max_batch)
         prompt = await asyncio.to_thread(completion_prompt_ids, lm, body.text)
         jobs = _submit_all(batcher, body, prompt, settings, policy, prompt_field="prompt")
         reply = _CompletionReply(reply_id, lm.name, jobs, prompt)
@@ -444,7 +448,7 @@ def _submit(batcher: Batcher, body: BudgetFields, prompt: RenderedPrompt, settin
         raise APIError(503, str(error), code="engine_failed", kind="server_error") from None
 
 
-def _policy(body: BudgetFields, settings: BudgetForcing, lm: LoadedModel) -> Policy | None:
+def _policy(body: BudgetFields, settings: BudgetForcing, lm: LoadedModel, max_batch: int) -> Policy | None:
     """The request's test-time policy (None: none); a 400 for what cannot run. ``n`` > 1 without
     a policy is n independent choices, which cannot be streamed."""
     if body.policy is None:
@@ -465,6 +469,9 @@ def _policy(body: BudgetFields, settings: BudgetForcing, lm: LoadedModel) -> Pol
         raise APIError(400, str(error), param="n" if about_n else "policy_args") from None
     if policy.n > MAX_TRACES:
         raise APIError(400, f"{body.policy} runs n={policy.n} traces; this server runs at most {MAX_TRACES}.", param="n")
+    if rows_at_once(policy) > max_batch:
+        raise APIError(400, f"{body.policy} with n={policy.n} runs {rows_at_once(policy)} sequences at once; this server "
+                       f"runs at most {max_batch} (its --max-batch): lower n.", param="n")
     if getattr(policy, "top_k", 0) > lm.vocab_size:
         raise APIError(400, f"{body.policy}: top_k={policy.top_k} is more candidates than the model's vocabulary of "
                        f"{lm.vocab_size} ids.", param="policy_args")
@@ -548,8 +555,9 @@ class _Retrieval:
         question = messages[-1]["content"]
         hits = await asyncio.to_thread(self._search, question, rag)
         try:
-            packed = build_rag_messages(self.lm.tokenizer, question, hits, context_length=self.lm.context_length,
-                                        reserved=reserve_tokens(settings, self.lm.context_length), history=messages[:-1])
+            packed = await asyncio.to_thread(  # tokenizing the packed prompt: not on the event loop
+                build_rag_messages, self.lm.tokenizer, question, hits, context_length=self.lm.context_length,
+                reserved=reserve_tokens(settings, self.lm.context_length), history=messages[:-1])
         except UserError as error:
             raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
         sources = [Source(number=n, **hit.to_dict(snippet_chars=SNIPPET_CHARS)) for n, hit in enumerate(packed.sources, 1)]
