@@ -87,6 +87,9 @@ log = logging.getLogger("t0s1.serving")
 
 POLICY_NAMES = tuple(POLICIES)
 MAX_TRACES = MAX_N
+SEND_TIMEOUT_SECONDS = 60
+"""A streamed reply whose client takes no event for this long (connected, not reading) is ended
+and its generation stopped."""
 """The most traces of one policy request (a policy's default n included)."""
 
 DISCONNECT_POLL_SECONDS = 0.5
@@ -663,7 +666,7 @@ def _event_stream(chunks, job: Job) -> EventSourceResponse:
         finally:
             job.cancel()  # stops the generation if the client left; a no-op once it has finished
 
-    return EventSourceResponse(events(), sep="\n", headers={"Cache-Control": "no-cache"},
+    return EventSourceResponse(events(), sep="\n", headers={"Cache-Control": "no-cache"}, send_timeout=SEND_TIMEOUT_SECONDS,
                                shutdown_event=anyio.Event(), shutdown_grace_period=SHUTDOWN_GRACE_SECONDS)
 
 
