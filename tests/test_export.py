@@ -128,6 +128,36 @@ def test_a_failed_conversion_leaves_the_output_as_it_was(tmp_path, tiny_model_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "model.gguf"]  # no temporary folder left
 
 
+def test_an_export_removes_what_a_killed_one_left_and_checks_the_modelfiles_inputs_first(tmp_path, tiny_smollm2_dir):
+    """A killed export leaves its working folder (converted weights) beside OUT: the next export
+    to OUT removes it, not one of a process still running. A generation config that is not JSON
+    stops --ollama before anything is converted."""
+    import subprocess
+
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    alive = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        abandoned = out.parent / f".model.gguf.t0s1-export.{gone.pid}.x1"
+        running = out.parent / f".model.gguf.t0s1-export.{alive.pid}.x2"
+        for folder in (abandoned, running):
+            folder.mkdir()
+            (folder / "converted.f32.gguf").write_bytes(b"weights")
+        result = export(tiny_smollm2_dir, "--gguf", out, "--quant", "q8_0")
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in out.parent.iterdir()) == [running.name, "model.gguf"]
+    finally:
+        alive.kill()
+    model = tmp_path / "model"
+    shutil.copytree(tiny_smollm2_dir, model)
+    (model / "generation_config.json").write_text("{not json")
+    result = export(model, "--gguf", tmp_path / "other.gguf", "--ollama")
+    assert result.exit_code == 2 and "not a generation config" in error_text(result)
+    assert not (tmp_path / "other.gguf").exists() and not list(tmp_path.glob(".other.gguf*"))
+
+
 def test_a_small_model_exports_to_a_k_quant_that_llama_cpp_runs(tmp_path, tiny_smollm2_dir):
     import t0s1
     from t0s1.models import load_model

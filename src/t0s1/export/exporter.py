@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from t0s1.backends.llamacpp import GGUF_PROFILE_KEY
 from t0s1.errors import UserError
+from t0s1.files import writing
 from t0s1.export.converter import convert
 from t0s1.export.quantize import check_quant, quantize, read_metadata
 
@@ -93,11 +95,19 @@ def export_gguf(
     tokenizer = _load_tokenizer(model_dir)
     profile, recorded = _profile(tokenizer)
     metadata = {GGUF_PROFILE_KEY: profile} if recorded else {}
+    stop = _stop_tokens(model_dir, tokenizer) if ollama else []  # a bad generation_config.json fails now, not after
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise UserError(f"Cannot write {str(out)!r}: a part of its folder path is a file, not a folder.") from None
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+    except OSError as error:
+        raise UserError(f"Cannot write {str(out)!r}: {error.strerror or error}.") from None
+    _remove_abandoned_work(out)
+    try:
+        staging = tempfile.TemporaryDirectory(dir=out.parent, prefix=_work_prefix(out) + f"{os.getpid()}.")
+    except OSError as error:
+        raise UserError(f"Cannot write in {str(out.parent)!r} ({error.strerror or error}): choose another path.") from None
+    with staging as work:
         work = Path(work)
         source = merge_adapter(model_dir, work / "merged", base_model, log) if is_adapter else model_dir
         config = _config(source)
@@ -115,9 +125,34 @@ def export_gguf(
     if ollama:
         from t0s1.export.ollama import write_modelfile
 
-        modelfile = write_modelfile(out, tokenizer, stop=_stop_tokens(model_dir, tokenizer), context_length=_context(config))
+        modelfile = write_modelfile(out, tokenizer, stop=stop, context_length=_context(config))
     return ExportResult(out, quant, out.stat().st_size, round(time.perf_counter() - started, 1), profile, recorded,
                         is_adapter, modelfile)
+
+
+def _work_prefix(out: Path) -> str:
+    """The name start of an export's working folder beside ``out`` (then the process id)."""
+    return f".{out.name}.t0s1-export."
+
+
+def _remove_abandoned_work(out: Path) -> None:
+    """Working folders beside ``out`` left by exports that were killed (their process is gone):
+    they hold converted weights, gigabytes for a large model."""
+    prefix = _work_prefix(out)
+    for entry in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def merge_adapter(adapter_dir: Path, target: Path, base_model: str | None = None, log=print) -> Path:
@@ -142,8 +177,9 @@ def merge_adapter(adapter_dir: Path, target: Path, base_model: str | None = None
     if gguf_file:
         clear_quantization_flags(model)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(target)
-    _load_tokenizer(adapter_dir).save_pretrained(target)
+    with writing(target, "Nothing was exported."):
+        merged.save_pretrained(target)
+        _load_tokenizer(adapter_dir).save_pretrained(target)
     if (adapter_dir / "generation_config.json").exists():
         shutil.copy(adapter_dir / "generation_config.json", target / "generation_config.json")
     return target
@@ -215,7 +251,13 @@ def _stop_tokens(model_dir: Path, tokenizer) -> list[str]:
     ids = []
     path = model_dir / "generation_config.json"
     if path.is_file():
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            config = None
+        if not isinstance(config, dict):
+            raise UserError(f"{str(path)!r} is not a generation config (a JSON object): fix or remove it.")
+        eos = config.get("eos_token_id")
         ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
     tokens = [tokenizer.convert_ids_to_tokens(i) for i in ids]
     if tokenizer.eos_token:
