@@ -225,6 +225,8 @@ def test_requests_without_budget_fields_are_plain_vllm(servers, expected):
         ({"thinking_token_budget": 10, "vllm_xargs": {"max_thinking_tokens": 20}}, "disagree"),
         ({"vllm_xargs": {"num_ignore": -1}}, "num_ignore"),
         ({"vllm_xargs": {"max_thinking_tokens": "lots"}}, "max_thinking_tokens"),
+        ({"vllm_xargs": {"max_thinking_tokens": 8}, "repetition_penalty": 1.2}, "repetition_penalty"),  # acts after the choice
+        ({"vllm_xargs": {"max_thinking_tokens": 8}, "min_p": 0.1}, "min_p"),
     ],
 )
 def test_budget_fields_that_cannot_be_honoured_are_refused(servers, body, named):

@@ -87,3 +87,19 @@ def request_budget(extra_args: dict | None, thinking_token_budget: int | None = 
 
 UNCAPPED_ANSWER = 2**31 - 1
 """``max_answer_tokens`` of a request that gives none: the request's ``max_tokens`` ends the answer."""
+
+
+#: vLLM sampling fields that act after the processor has chosen the token, with their no-op values.
+AFTER_THE_CHOICE = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
+
+
+def check_sampling(params) -> None:
+    """Refuse sampling fields a budget-forced request would ignore: the processor draws the token
+    itself (the engine's rule), and vLLM applies its penalties and ``min_p`` after it, to a row
+    with one possible token."""
+    for name, neutral in AFTER_THE_CHOICE.items():
+        value = getattr(params, name, neutral)
+        if value is not None and value != neutral:
+            raise FieldError(f"{name}={value!r} has no effect on a budget-forced request: t0s1 chooses each token before "
+                             f"vLLM applies it. Leave {name} out, or send the request without budget fields.")
+

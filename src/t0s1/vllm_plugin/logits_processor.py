@@ -55,7 +55,8 @@ class BudgetForcingLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         t0s1 serves is moved into ``extra_args`` here, so vLLM's own budget does not act on it too."""
         budget = sampling_params.thinking_token_budget
         extra = sampling_params.extra_args
-        fields.request_budget(extra, budget if t0s1_serves_thinking_token_budget() else None)
+        if fields.request_budget(extra, budget if t0s1_serves_thinking_token_budget() else None) is not None:
+            fields.check_sampling(sampling_params)
         if budget is not None and t0s1_serves_thinking_token_budget():
             sampling_params.extra_args = {**(extra or {}), fields.MOVED_BUDGET: budget}
             sampling_params.thinking_token_budget = None
