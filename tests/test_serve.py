@@ -502,6 +502,19 @@ def test_shutdown_stops_running_work_within_a_step_and_answers_everyone(tiny_mod
         assert refused.status_code == 503
 
 
+def test_a_loopback_server_without_a_key_answers_only_requests_addressed_to_this_machine(tiny_model_dir):
+    """DNS rebinding: a page's request reaches 127.0.0.1 under its own name, which the Host header
+    carries; a server open to this machine without --api-key refuses it."""
+    from test_serve_faults import serve_process
+
+    with serve_process(tiny_model_dir, "--max-thinking-tokens", "2", "--max-answer-tokens", "2") as (process, url):
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url.replace('127.0.0.1', 'localhost')}/v1/models", timeout=10).status_code == 200
+        rebound = httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION}, timeout=10,
+                             headers={"Host": "attacker.example:80"})
+        assert rebound.status_code == 400
+
+
 def test_serve_command_binds_loopback_and_stops_on_sigterm(tiny_model_dir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

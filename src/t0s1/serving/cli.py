@@ -108,6 +108,12 @@ def serve(
         lm = load_model(model, device=device, dtype=dtype, reasoning_format=reasoning_format, backend=backend)
     app = create_app(lm, defaults, api_key=api_key, max_batch=max_batch, ui=ui, effort_budgets=efforts,
                      index=opened, rag_defaults=rag_defaults)
+    if not api_key and is_loopback_host(host):
+        # Open to this machine only, without a key: a web page the user visits could still reach it
+        # through a name it points at 127.0.0.1 (DNS rebinding); such requests carry that name.
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_NAMES)
     batcher = app.state.batcher
     try:
         batcher.start()  # builds the engine now: what the runtime refuses stops the server before it listens
@@ -209,6 +215,10 @@ def chat(
     with stderr.status(f"Loading {model}..."):
         lm = load_model(model, device=device, dtype=dtype, reasoning_format=reasoning_format, backend=backend)
     run_chat(lm, budget, chat_template_kwargs=template_kwargs, index=opened, rag=rag)
+
+
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
+"""The Host headers a loopback server without --api-key answers (others: a 400)."""
 
 
 def is_loopback_host(host: str) -> bool:
