@@ -313,6 +313,16 @@ def test_damaged_run_files_are_a_clear_error(tiny_model, shared_data_dir, tmp_pa
         run_eval(backend, [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
 
 
+def test_a_rerun_with_nothing_to_plot_leaves_no_earlier_plot(tiny_model, shared_data_dir, tmp_path):
+    backend = EngineBackend(tiny_model)
+    run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4, 8], num_ignore=[0]), tmp_path, data_dir=shared_data_dir,
+             limit=1, progress=False)
+    assert (tmp_path / "gsm8k.png").exists()
+    results = run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0]), tmp_path,
+                       data_dir=shared_data_dir, limit=1, progress=False)
+    assert not results["tasks"]["gsm8k"]["methods"] and not (tmp_path / "gsm8k.png").exists()
+
+
 def test_list_tasks(shared_data_dir):
     result = CliRunner().invoke(app, ["eval", "--list-tasks"])
     assert result.exit_code == 0

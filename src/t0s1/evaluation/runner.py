@@ -621,6 +621,8 @@ def write_outputs(out: Path, results: dict) -> None:
                     plot_task(name, task["methods"], temporary, model=results["model"], x_label=TOTAL_TOKENS_LABEL, labels={})
                 else:
                     plot_task(name, task["methods"], temporary, model=results["model"])
+        else:  # nothing to plot now: an earlier run's plot would not match results.json
+            (out / f"{name}.png").unlink(missing_ok=True)
 
 
 def markdown_report(results: dict) -> str:
