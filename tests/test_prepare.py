@@ -318,3 +318,33 @@ def test_tokenized_rows_train_the_completion_and_cut_without_an_end_token(tiny_m
     [cut] = tokenize_rows([row], tokenizer, prompt_length + 3)
     assert cut["input_ids"] == whole["input_ids"][: prompt_length + 3]  # cut there, nothing appended
     assert tokenize_rows([row], tokenizer, prompt_length) == []  # a prompt alone trains nothing
+
+
+def test_a_benchmark_question_shorter_than_the_ngram_is_found_whole_or_inside_a_training_question():
+    from t0s1.data.decontaminate import BenchmarkIndex
+
+    index = BenchmarkIndex({"math500": [("test/1", "Compute $\\dbinom{8}{4}$."), ("test/2", "Evaluate.")]})
+    assert index.match(0, "compute $\\dbinom{8}{4}$").benchmark_id == "test/1"  # an exact copy, 4 words
+    assert index.match(1, "Please compute $\\dbinom{8}{4}$ by hand.").ngram == "compute dbinom 8 4"
+    assert index.match(2, "Evaluate.").benchmark_id == "test/2"  # one word: only as the whole question
+    assert index.match(3, "Evaluate the integral of x from 0 to 1.") is None
+    assert index.match(4, "Compute 8 choose 4.") is None
+
+
+def test_rows_are_tokenized_as_at_inference_one_bos_when_the_template_writes_it(tiny_model_dir):
+    """A template that writes the BOS token itself (Llama 3, Gemma) and a tokenizer that would add
+    one too: the training ids hold it once, as the prompt the engine feeds does."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from t0s1.data.prepare import token_lengths, tokenize_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos = "<|im_start|>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    row = {"prompt": f"{bos}user\nWhat is 2 + 2?<|im_end|>\n{bos}assistant\n", "completion": "Answer: 4<|im_end|>"}
+    assert tokenizer(row["prompt"]).input_ids[:2] == [tokenizer.convert_tokens_to_ids(bos)] * 2  # what adding would do
+    [tokenized] = tokenize_rows([row], tokenizer, None)
+    expected = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False).input_ids
+    assert tokenized["input_ids"] == expected and token_lengths([row], tokenizer) == [len(expected)]

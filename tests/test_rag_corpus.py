@@ -109,6 +109,9 @@ def test_chunking_counts_the_embedder_tokens():
     lengths = [len(tokenizer(document.text[s:e], add_special_tokens=False).input_ids) for s, e in zip(chunks.start, chunks.end)]
     assert len(chunks) > 3
     assert max(lengths) <= 32 and lengths[0] == 32
+    # to the document's end: the embedder's tokenizer.json truncates at 128 tokens, the chunker must not
+    assert len(tokenizer(document.text, add_special_tokens=False).input_ids) > 128
+    assert document.text[chunks.end[-1]:].strip() == ""
 
 
 def test_bad_chunker_settings_name_the_flag():

@@ -17,9 +17,16 @@ DEFAULT_BENCHMARKS = ("math500", "aime24", "gpqa_diamond")
 _WORD = re.compile(r"\w+")
 
 
+SHORT_MIN = 4
+"""Benchmark questions shorter than NGRAM words are found inside training questions from this many words."""
+
+
 def ngrams(text: str, n: int = NGRAM) -> list[tuple[str, ...]]:
-    """Word n-grams of ``text``, lowercased, punctuation and LaTeX markup ignored."""
+    """Word n-grams of ``text``, lowercased, punctuation and LaTeX markup ignored. A text of fewer
+    than ``n`` words has one: all its words (a short question is then found whole)."""
     words = _WORD.findall(text.lower())
+    if 0 < len(words) < n:
+        return [tuple(words)]
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
@@ -46,6 +53,10 @@ class BenchmarkIndex:
             for example_id, question in questions:
                 for gram in ngrams(question):
                     self._owner.setdefault(gram, (name, example_id))
+        # Benchmark questions shorter than NGRAM words: a training question holding all their words
+        # in a row overlaps them.
+        # (Of at least SHORT_MIN words: a question of one or two words is matched only whole.)
+        self._short_lengths = sorted({len(gram) for gram in self._owner if SHORT_MIN <= len(gram) < NGRAM})
 
     @classmethod
     def load(cls, names: list[str], data_dir: str | None = None) -> BenchmarkIndex:
@@ -64,7 +75,11 @@ class BenchmarkIndex:
         return cls(benchmarks)
 
     def match(self, row: int, question: str) -> Contamination | None:
-        for gram in ngrams(question):
+        grams = ngrams(question)
+        words = _WORD.findall(question.lower())
+        for length in self._short_lengths:
+            grams += [tuple(words[i : i + length]) for i in range(len(words) - length + 1)]
+        for gram in grams:
             owner = self._owner.get(gram)
             if owner:
                 return Contamination(row, owner[0], owner[1], " ".join(gram))

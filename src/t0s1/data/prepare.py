@@ -163,7 +163,7 @@ def split_chatml_text(trace: Trace) -> tuple[str, str]:
 def token_lengths(rows: list[dict], tokenizer) -> list[int]:
     """Tokens of prompt + completion as the trainer tokenizes them."""
     texts = [row["prompt"] + row["completion"] for row in rows]
-    return [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
 def percentiles(values: list[int]) -> dict:
@@ -187,13 +187,14 @@ def percentiles(values: list[int]) -> dict:
 
 def tokenize_rows(rows, tokenizer, max_length: int | None) -> list[dict]:
     """``{"input_ids", "completion_mask"}`` per prompt/completion row, as the trainer reads them:
-    the completion starts where the ids of prompt and prompt + completion diverge, and a row
+    the rendered text's ids with no special tokens added (the chat template writes its own BOS, as
+    at inference: a tokenizer that adds one too gave two), the completion starts where the ids of prompt and prompt + completion diverge, and a row
     longer than ``max_length`` is cut there with no end token appended (TRL would append one to a
     completion that does not end with it: a truncated trace must not teach the model to stop)."""
     out = []
     for row in rows:
-        prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]
         start = 0
         while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
             start += 1
@@ -208,8 +209,8 @@ def tokenize_rows(rows, tokenizer, max_length: int | None) -> list[dict]:
 def truncate_row(row: dict, tokenizer, block_size: int) -> dict | None:
     """Cut the completion so prompt + completion fit in ``block_size`` tokens (None: the prompt alone
     does not fit)."""
-    prompt_ids = tokenizer(row["prompt"])["input_ids"]
-    full_ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]
     prefix = 0
     while prefix < min(len(prompt_ids), len(full_ids)) and prompt_ids[prefix] == full_ids[prefix]:
         prefix += 1

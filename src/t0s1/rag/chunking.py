@@ -64,10 +64,17 @@ def word_spans(texts: list[str]) -> list[list[Token]]:
 
 
 def tokenizer_spans(tokenizer) -> SpanFunction:
-    """Tokens of a Hugging Face fast tokenizer (its Rust backend: no length warnings)."""
+    """Tokens of a Hugging Face fast tokenizer (its Rust backend: no length warnings), over the
+    whole text: a copy without the truncation and padding an embedder's tokenizer.json may set
+    (all-MiniLM's cuts at 128 tokens, which left the rest of every document out of the index)."""
+    from tokenizers import Tokenizer
+
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError("Chunking by tokens needs a fast tokenizer (one with a tokenizer.json).")
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_truncation()
+    backend.no_padding()
 
     def spans(texts: list[str]) -> list[list[Token]]:
         result = []

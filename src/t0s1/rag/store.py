@@ -202,7 +202,9 @@ def build_index(
         "corpus_source": source,
         "corpus_sha256": corpus_sha256(documents),
         "documents": len(documents),
-        "chunker": {**settings.to_dict(), "title_in_chunks": True},
+        # whole_text: chunks cover each document to its end (indexes built before cut dense
+        # chunking at the embedder's 128 tokens: their chunker entry differs, so they are rebuilt)
+        "chunker": {**settings.to_dict(), "title_in_chunks": True, "whole_text": True},
         "bm25": {**BM25_ANALYSIS, **BM25_PARAMETERS},
         "dense": (
             {"embedder": embedder.describe(), "store": qdrant.describe() if qdrant else {"kind": "embedded", "file": "dense/embeddings.npy"}}
