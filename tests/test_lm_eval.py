@@ -188,6 +188,22 @@ def test_every_t0s1_task_has_a_harness_config_that_reads_its_data(shared_data_di
     assert {f"t0s1_{name}" for name in TASKS} <= set(manager.all_tasks)
 
 
+def test_the_tasks_decode_as_the_model_arguments_say(shared_data_dir, tiny_model):
+    """The tasks' generation_kwargs, as the harness hands them to the model, leave the decoding to
+    --model_args: temperature=0.6 there samples (a task temperature overrode it to greedy)."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = task_manager(shared_data_dir, include_defaults=False)
+    task = get_task_dict(["t0s1_gsm8k"], manager)["t0s1_gsm8k"]
+    gen_kwargs = task.config.generation_kwargs
+    model = T0S1LM(backend=EngineBackend(tiny_model), max_thinking_tokens=4, max_answer_tokens=2, temperature=0.6, seed=3,
+                   progress=False)
+    request = Instance("generate_until", {}, ("What is 1 + 1?", dict(gen_kwargs)), 0)
+    request.task_name, request.doc_id = "t0s1_gsm8k", 0
+    [job] = model._jobs([request])
+    assert job.budget.temperature == 0.6 and not job.budget.greedy
+
+
 # ---- the acceptance run on SmolLM2 -----------------------------------------------------------
 
 
