@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from t0s1.cli import app
+from t0s1.errors import UserError
 from t0s1.evaluation.grading import grade
 from t0s1.rag.synthetic import KnowledgeBase
 
@@ -22,6 +23,9 @@ def test_knowledge_base_questions_need_one_or_two_documents_and_the_template_rea
     assert len(by_id) == 60 and len({p.name.split()[0] for p in knowledge_base.people}) < 60  # shared first names
     questions = knowledge_base.questions(knowledge_base.people[:30], 40, seed=2, prefix="t")
     assert {q.kind for q in questions} == {"town", "goats", "sum"} and len({q.question for q in questions}) == 40
+    assert len(knowledge_base.questions(knowledge_base.people[:5], 20, seed=2)) == 20  # every town and goats question
+    with pytest.raises(UserError, match="at most 20 questions"):  # more would loop for ever looking for a new town question
+        knowledge_base.questions(knowledge_base.people[:5], 21, seed=2)
     for question in questions:
         people = [by_id[doc] for doc in question.gold_ids]
         assert all(person.name in question.question for person in people)

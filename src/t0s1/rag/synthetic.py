@@ -17,9 +17,11 @@ For tests, benchmarks and demos of retrieval; nothing in it is medical advice.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import random
 from dataclasses import dataclass
 
+from t0s1.errors import UserError
 from t0s1.rag.corpus import Document
 from t0s1.rag.prompt import INCONCLUSIVE
 
@@ -224,6 +226,12 @@ class KnowledgeBase:
         seen: set[str] = set()
         result: list[KnowledgeQuestion] = []
         kinds = ["town", "goats", "sum", "sum"]
+        needed = Counter(kinds[i % len(kinds)] for i in range(count))
+        possible = {"town": len(people), "goats": len(people), "sum": len(people) * (len(people) - 1)}
+        short = [kind for kind in needed if needed[kind] > possible[kind]]
+        if short:
+            raise UserError(f"{count} questions need {needed[short[0]]} distinct {short[0]!r} questions, but {len(people)} "
+                            f"people give {possible[short[0]]}: ask for at most {4 * len(people)} questions or use more people.")
         while len(result) < count:
             kind = kinds[len(result) % len(kinds)]
             if kind == "sum":
