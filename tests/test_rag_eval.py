@@ -176,6 +176,16 @@ def test_grid_runs_and_a_killed_run_resumes_to_the_same_results(index, tmp_path,
         rows = (tmp_path / "killed" / "samples" / f"{name}.jsonl").read_text().splitlines()
         assert len(rows) == 5 * 2 and len({(r["id"], r["setting"]) for r in map(json.loads, rows)}) == 10
 
+    # The same corpus indexed again (another build, which may chunk or rank otherwise) is refused,
+    # and the refused run leaves the folder's retrieval log as it was.
+    rebuilt = build_index(DOCUMENTS, tmp_path / "rebuilt", progress=False).index
+    logged = (tmp_path / "killed" / "retrieval.jsonl").read_bytes()
+    other_build = runner.invoke(app, _eval_args(rebuilt, questions, tmp_path / "killed", tiny_model_dir))
+    assert other_build.exit_code == 2 and "index_build_id" in " ".join(other_build.output.split())
+    assert (tmp_path / "killed" / "retrieval.jsonl").read_bytes() == logged
+    only = runner.invoke(app, [*_eval_args(index, questions, tmp_path / "killed", tiny_model_dir), "--retrieval-only"])
+    assert only.exit_code == 2 and "holds a full evaluation" in " ".join(only.output.split())
+
     # Other prompts (a changed questions file) are refused instead of mixed in.
     write_questions(questions, QUESTIONS[:4])
     changed = runner.invoke(app, _eval_args(index, questions, tmp_path / "killed", tiny_model_dir))

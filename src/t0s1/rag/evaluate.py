@@ -201,8 +201,11 @@ def run_rag_eval(
         "inconclusive_counts": spec.inconclusive_counts,
     }
     retrieval_summary = {"retriever": retrieval.retriever, **retrieval.scores.to_dict()}
-    _write_jsonl_atomic(out / RETRIEVAL_LOG, retrieval.rows)
     if backend is None:
+        if (out / RAG_CONFIG).exists():
+            raise UserError(f"{out} holds a full evaluation (answers and their accuracy), which --retrieval-only would "
+                            "replace with retrieval scores alone: choose another --out.")
+        _write_jsonl_atomic(out / RETRIEVAL_LOG, retrieval.rows)
         results = {"retrieval": retrieval_summary, "rag": summary}
         _write_results(out, results, "")
         return results
@@ -214,10 +217,13 @@ def run_rag_eval(
     # re-grades logged rows that other rules graded.
     check_run_key(out / RAG_CONFIG, holds="samples of other prompts (index, questions or packing)", key={
         "index_corpus_sha256": index.manifest.get("corpus_sha256"),
+        # the build: the same corpus chunked or embedded otherwise ranks otherwise
+        "index_build_id": index.manifest.get("build_id"),
         "retriever": retrieval.retriever,
         "questions_sha256": _file_sha256(questions.path),
         "reserved_tokens": reserved,
-    }, retired=("answer_kind", "inconclusive_counts"))
+    }, retired=("answer_kind", "inconclusive_counts"), later=("index_build_id",))
+    _write_jsonl_atomic(out / RETRIEVAL_LOG, retrieval.rows)  # after the key: a refused rerun changes nothing
     tasks = build_tasks(index, chosen, retrieval, spec, tokenizer=tokenizer, context_length=context_length, reserved_tokens=reserved)
     results = run_eval(backend, tasks, config, out, progress=progress)
     for task in tasks:
