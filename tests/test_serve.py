@@ -639,6 +639,70 @@ def test_openai_backend_sends_vllm_sampling_fields(tiny_model):
     assert result[0].num_ignored == 1 and backend.sampling_fields is True
 
 
+class ScriptedServer:
+    """``completions.create`` of a server that answers each request by what it asks (thinking or
+    answer), safe to call from several threads; ``refuse``: fields it refuses with a 400 (the
+    first round's requests meet at a barrier first, so they are all in flight when the first 400
+    comes back); ``longest``: the longest prompt + max_tokens it takes (vLLM's rule)."""
+
+    def __init__(self, thinking, answer, *, refuse=(), together=1, longest=None, tokenizer=None):
+        self.thinking, self.answer, self.refuse = list(thinking), answer, set(refuse)
+        self.barrier = threading.Barrier(together) if together > 1 else None
+        self.longest, self.tokenizer = longest, tokenizer
+        self.requests, self.lock = [], threading.Lock()
+        self.completions = self
+
+    def create(self, **request):
+        with self.lock:
+            self.requests.append(request)
+            first_round = len(self.requests) <= (self.barrier.parties if self.barrier else 1)
+        if self.longest is not None:
+            size = len(self.tokenizer(request["prompt"], add_special_tokens=False).input_ids) + request["max_tokens"]
+            if size > self.longest:
+                raise openai.BadRequestError(f"prompt + max_tokens = {size} is more than {self.longest}",
+                                             response=httpx.Response(400, request=httpx.Request("POST", "http://s/v1")), body=None)
+        if self.barrier is not None and first_round and request.get("extra_body"):
+            self.barrier.wait(timeout=10)
+        unknown = self.refuse & set(request.get("extra_body") or {})
+        if unknown:
+            time.sleep(0.05)
+            raise openai.BadRequestError(f"Unrecognized request argument supplied: {sorted(unknown)[0]}",
+                                         response=httpx.Response(400, request=httpx.Request("POST", "http://s/v1")), body=None)
+        answering = request["prompt"].rstrip().endswith("<|im_start|>answer") or "Final Answer" in request["prompt"][-40:]
+        with self.lock:
+            text, finish = self.answer if answering else (self.thinking.pop(0) if len(self.thinking) > 1 else self.thinking[0])
+        return type("Reply", (), {"choices": [type("Choice", (), {"text": text, "finish_reason": finish})()]})()
+
+
+def test_openai_backend_learns_a_refusal_once_while_requests_are_in_flight(tiny_model):
+    """Four prompts at once to a server that refuses vLLM's fields: every request of the first round
+    is refused; each is sent again without them (one failed the whole call before)."""
+    from t0s1.backends.openai_compat import OpenAIBackend
+
+    server = ScriptedServer([("Let me count", "stop")], (" 82", "stop"), refuse={"stop_token_ids"}, together=4)
+    backend = OpenAIBackend(server, "m", tiny_model.tokenizer, concurrency=4)
+    results = backend.generate([f"What is {i} + 1?" for i in range(4)], BudgetForcing(max_thinking_tokens=100, max_answer_tokens=9))
+    assert backend.sampling_fields is False and [r.answer for r in results] == ["82"] * 4
+
+
+def test_openai_backend_asks_again_when_the_reply_reencodes_to_fewer_tokens_and_fits_the_context(tiny_model):
+    """A server that wrote the budget's 20 tokens in pieces that re-encode to 10 says "length": the
+    thinking is not over (it was ended with no answer); the next request asks for the rest, then
+    the forced end and the answer. A request never asks past the context (vLLM refuses it)."""
+    from t0s1.backends.openai_compat import OpenAIBackend
+
+    tokenizer = tiny_model.tokenizer
+    piece = " one"
+    assert len(tokenizer(piece * 10, add_special_tokens=False).input_ids) == 10
+    server = ScriptedServer([(piece * 10, "length")], (" 82", "stop"), longest=160, tokenizer=tokenizer)
+    backend = OpenAIBackend(server, "m", tokenizer, concurrency=1, context_length=160, sampling_fields=True)
+    [result] = backend.generate(["What is 12 + 35 * 2?"], BudgetForcing(max_thinking_tokens=20, max_answer_tokens=512))
+    assert result.hit_budget and result.thinking_tokens == 20 and "82" in result.answer
+    assert [r["max_tokens"] for r in server.requests][:2] == [20, 10]
+    prompt_length = len(tokenizer(server.requests[-1]["prompt"], add_special_tokens=False).input_ids)
+    assert server.requests[-1]["max_tokens"] == 160 - prompt_length < 512  # the answer's request within the context
+
+
 def test_openai_backend_drops_the_fields_a_server_refuses(tiny_model):
     from t0s1.backends.openai_compat import OpenAIBackend
 
@@ -759,3 +823,31 @@ def test_openai_backend_loses_no_stop_when_the_server_takes_stop_ids(tiny_model)
     backend = OpenAIBackend(client, "m", tokenizer, concurrency=1, sampling_fields=True)
     backend.generate(["What is 12 + 35 * 2?"], BudgetForcing(max_thinking_tokens=100, max_answer_tokens=9))
     assert all(r["stop"] == [] and r["extra_body"]["stop_token_ids"] for r in client.requests)
+
+
+def test_client_side_forcing_sees_an_ignored_end_written_in_ordinary_tokens_even_at_the_same_length():
+    """SmolLM2 writes `</think>` as 3 ordinary tokens; ignoring it cuts them and appends "\\nWait"
+    (2 ids) after the space before it (1 id): the sequence's length is what it would have been.
+    What the backend generated after the delimiter (the answer) must not be taken as thinking after
+    the Wait: the next request continues from the Wait."""
+    from transformers import AutoTokenizer
+
+    from t0s1.backends.client_forcing import ClientForcing, Completion
+    from t0s1.models import embedded_model_dir
+    from t0s1.profiles import profile_by_name
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    assert len(encode(" </think>")) == 3 and len(encode("\nWait")) == 2
+    replies = iter([("Let me see </think> The answer is 42", False), (" so it is 42</think>", False), (" 42", True)])
+
+    def complete(requests):
+        return [Completion(encode(text)[: request.max_tokens], stopped) for request, (text, stopped) in zip(requests, replies)]
+
+    forcing = ClientForcing(tokenizer, profile_by_name("think"), complete, context_length=None)
+    settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, ignore_str="\nWait", max_answer_tokens=5)
+    [result] = forcing.generate(["What is 6 * 7?"], [settings])
+    assert (result.thinking, result.answer, result.num_ignored) == ("Let me see \nWait so it is 42", "42", 1)

@@ -75,6 +75,10 @@ class ClientForcing:
         ]
         finished_at = {}
         while True:
+            for s in sequences:  # no room left in the context: what a server would refuse to continue
+                if not s.done and self.context_length is not None and len(s.ids) >= self.context_length:
+                    s.finish_reason = "length"
+                    finished_at[s.index] = time.perf_counter() - started
             active = [s for s in sequences if not s.done]
             if not active:
                 break
@@ -88,19 +92,27 @@ class ClientForcing:
     def _request(self, s: ForcedSequence) -> Request:
         seed = None if s.settings.greedy else s.settings.seed
         stop_text = self.rules.written_end if s.thinking else None
-        return Request(list(s.ids), s.tokens_left(), sorted(s.stop_ids()), int(s.ban_stop), s.settings, seed, stop_text)
+        max_tokens = s.tokens_left()
+        if self.context_length is not None:  # prompt + max_tokens within the context, as vLLM requires
+            max_tokens = min(max_tokens, self.context_length - len(s.ids))
+        return Request(list(s.ids), max_tokens, sorted(s.stop_ids()), int(s.ban_stop), s.settings, seed, stop_text)
 
     def _take(self, s: ForcedSequence, completion: Completion) -> None:
         """Hand the continuation to the rules, token by token, until they intervene (what the
         backend generated after that point is not part of the sequence)."""
         for token in completion.ids:
             expected = len(s.ids) + 1
-            phase = s.thinking
+            phase, ignored = s.thinking, s.num_ignored
             s.accept(token)
-            s.take_rewind()  # the next request re-submits ``s.ids`` as they are now
-            if s.done or s.thinking != phase or len(s.ids) != expected:
+            rewound = s.take_rewind()  # the next request re-submits ``s.ids`` as they are now
+            # An intervention: the phase changed, an end was ignored (a written delimiter cut and
+            # the ignore string appended can leave the length as it was), or ids were added or cut.
+            if s.done or s.thinking != phase or s.num_ignored != ignored or rewound is not None or len(s.ids) != expected:
                 return
         if completion.stopped:
             s.accept_stop()
-        elif s.tokens_left() > 0 and not s.done:
-            s.finish_reason = "length"  # the backend ran out of context
+        elif not completion.ids and not s.done:
+            s.finish_reason = "length"  # nothing more came back: the backend ran out of context
+        # Otherwise the backend stopped at its max_tokens with tokens left here: the text it returned
+        # may re-encode to fewer ids than it generated. The next round asks for the rest (the
+        # context check above ends a sequence that has no room left).

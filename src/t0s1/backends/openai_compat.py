@@ -111,22 +111,25 @@ class OpenAIBackend(Backend):
             "stop": stop,
         }
         sampling = {"stop_token_ids": list(request.stop_ids), "min_tokens": request.min_tokens, "skip_special_tokens": False}
+        with_fields = self.sampling_fields is not False  # read once: other threads may learn the answer meanwhile
         try:
             try:
-                response = self.client.completions.create(**fields, extra_body=sampling if self.sampling_fields is not False else None)
+                response = self.client.completions.create(**fields, extra_body=sampling if with_fields else None)
             except openai.BadRequestError as error:
-                if self.sampling_fields is not None or not any(name in str(error) for name in SAMPLING_FIELDS):
+                # Refused for the fields while the server's answer was unknown (this request's, or
+                # one sent beside it): plain requests from now on.
+                if not with_fields or self.sampling_fields is True or not any(name in str(error) for name in SAMPLING_FIELDS):
                     raise
                 with self._lock:
-                    self.sampling_fields = False  # this server does not take them: plain requests from now on
+                    self.sampling_fields = False
                 response = self.client.completions.create(**fields)
             else:
-                if self.sampling_fields is None:
+                if with_fields and self.sampling_fields is None:
                     with self._lock:
                         self.sampling_fields = True
-        except Exception as error:  # connection refused, 404 model, ...: say which server
+            choice = response.choices[0]
+        except Exception as error:  # connection refused, 404 model, an empty reply, ...: say which server
             raise UserError(f"The completions endpoint failed for model {self.model_name!r}: {type(error).__name__}: {error}") from None
-        choice = response.choices[0]
         ids = encode(self.tokenizer, choice.text)[: request.max_tokens]
         return Completion(ids, stopped=choice.finish_reason == "stop")
 
