@@ -348,3 +348,17 @@ def test_rows_are_tokenized_as_at_inference_one_bos_when_the_template_writes_it(
     [tokenized] = tokenize_rows([row], tokenizer, None)
     expected = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False).input_ids
     assert tokenized["input_ids"] == expected and token_lengths([row], tokenizer) == [len(expected)]
+
+
+@pytest.mark.parametrize(("name", "content", "says"), [
+    ("bad.jsonl", b'{"question": "q"}\n\xff\xfe\n', "line 2: not UTF-8 text"),
+    ("bad.parquet", b"PAR1 not really", "not a readable Parquet file"),
+    ("bad.json", b"[1, 2, 3]", "neither JSON objects nor a list of them"),
+    ("bad2.json", b'{"a": 1}\xff', "not UTF-8 text"),
+])
+def test_unreadable_data_files_are_a_one_line_error(tmp_path, tiny_model_dir, name, content, says):
+    source = tmp_path / name
+    source.write_bytes(content)
+    result = CliRunner().invoke(app, ["prepare", "--dataset", str(source), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()

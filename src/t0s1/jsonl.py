@@ -16,8 +16,13 @@ def json_lines(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No file at {path}.")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, None, "not UTF-8 text"
+                continue
             if not line.strip():
                 continue
             try:

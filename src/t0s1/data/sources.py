@@ -124,19 +124,26 @@ def _read_files(files: list[Path]) -> tuple[list[dict], list[str]]:
     rows: list[dict] = []
     for file in files:
         if file.suffix == ".parquet":
+            import pyarrow
             import pyarrow.parquet as pq
 
-            rows.extend(pq.read_table(file).to_pylist())
+            try:
+                rows.extend(pq.read_table(file).to_pylist())
+            except (pyarrow.ArrowException, OSError) as error:
+                raise UserError(f"{file} is not a readable Parquet file ({error}).") from None
         elif file.suffix == ".jsonl":
             rows.extend(row for _, row in read_jsonl(file))
         else:  # .json: a list of objects, or one object per line
-            text = file.read_text(encoding="utf-8")
             try:
-                data = json.loads(text)
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise UserError(f"{file} is not UTF-8 text.") from None
             except json.JSONDecodeError:
                 data = [row for _, row in read_jsonl(file)]
             if isinstance(data, dict):
                 data = [data]
+            if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+                raise UserError(f"{file} holds neither JSON objects nor a list of them.")
             rows.extend(data)
     columns: dict[str, None] = {}
     for row in rows:

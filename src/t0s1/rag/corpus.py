@@ -95,7 +95,8 @@ def corpus_sha256(documents: list[Document]) -> str:
     """A fingerprint of the documents as loaded (ids, titles, texts, order), whatever the format."""
     digest = hashlib.sha256()
     for document in documents:
-        digest.update(json.dumps([document.id, document.title, document.text], ensure_ascii=False).encode())
+        # surrogatepass: a JSON "\ud800" escape loads as a lone surrogate, which plain UTF-8 cannot encode
+        digest.update(json.dumps([document.id, document.title, document.text], ensure_ascii=False).encode("utf-8", "surrogatepass"))
         digest.update(b"\n")
     return digest.hexdigest()
 
