@@ -362,3 +362,19 @@ def test_unreadable_data_files_are_a_one_line_error(tmp_path, tiny_model_dir, na
     result = CliRunner().invoke(app, ["prepare", "--dataset", str(source), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cut_completion_never_ends_inside_a_character():
+    """SmolLM2's byte-level tokens split a CJK character over two or three tokens: a cut between
+    them would end the trained completion on U+FFFD."""
+    from transformers import AutoTokenizer
+
+    from t0s1.data.prepare import truncate_row
+    from t0s1.models import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    row = {"prompt": "Q: ", "completion": "数学是一门研究数量结构变化以及空间模型等概念的学科"}
+    start = len(tokenizer(row["prompt"], add_special_tokens=False).input_ids)
+    cuts = [truncate_row(row, tokenizer, size)["completion"] for size in range(start + 1, start + 30)]
+    assert all("\ufffd" not in cut and row["completion"].startswith(cut) for cut in cuts)
+    assert len(set(cuts)) > 10

@@ -216,7 +216,13 @@ def truncate_row(row: dict, tokenizer, block_size: int) -> dict | None:
         prefix += 1
     if prefix >= block_size:
         return None
-    completion = tokenizer.decode(full_ids[prefix:block_size], skip_special_tokens=False)
+    end = block_size
+    completion = tokenizer.decode(full_ids[prefix:end], skip_special_tokens=False)
+    # A byte-level token may hold part of a character: cut before it rather than end on U+FFFD
+    # (a character is at most 4 bytes, so at most 3 tokens go).
+    while completion.endswith("\ufffd") and end > prefix and block_size - end < 3:
+        end -= 1
+        completion = tokenizer.decode(full_ids[prefix:end], skip_special_tokens=False)
     return {"prompt": row["prompt"], "completion": completion}
 
 
