@@ -69,6 +69,18 @@ def test_a_long_document_is_given_as_its_best_chunks(tiny_model):
     assert long.chunks[0].text.strip() in content and long.text not in content
 
 
+def test_a_long_document_without_chunks_is_given_as_its_beginning(tiny_model):
+    """The gold ceiling's documents come without chunks: a long one is cut to max_source_tokens
+    instead of filling the context (it was dropped, leaving a "gold" prompt with no sources)."""
+    tokenizer = tiny_model.tokenizer
+    [long] = make_hits(1, words=2000)
+    whole = Hit(long.doc_id, long.title, long.text, long.score, [], "gold")
+    prompt = build_rag_messages(tokenizer, "Which fact?", [whole], context_length=600, reserved=100, max_source_tokens=100)
+    assert prompt.sources == [whole] and prompt.dropped == 0
+    content = prompt.messages[-1]["content"]
+    assert "fact0_0 " in content and "fact0_1999" not in content and "…" in content
+
+
 def test_history_comes_before_the_sources_and_question(tiny_model):
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
     prompt = build_rag_messages(tiny_model.tokenizer, "Which fact?", make_hits(1), context_length=100_000, reserved=0, history=history)
