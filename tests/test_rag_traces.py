@@ -229,6 +229,9 @@ def test_filter_correct_failures_and_rerun(knowledge_base, index, tmp_path):
     report = write_traces(questions, index, teacher, out, **common)
     assert teacher.asked == [rows[2]["id"]]  # the failed one only; the incorrect one stays rejected
     assert report.written == 1 and report.already_done == 3 and len(out.read_text().splitlines()) == 3
+    with pytest.raises(UserError, match=r"traces made with other settings \(k differ"):  # would append rows made otherwise
+        write_traces(questions, index, teacher, out, **{**common, "k": 2})
+    assert len(out.read_text().splitlines()) == 3
 
 
 def _tokenizer():

@@ -73,6 +73,12 @@ def trace_key(row: dict) -> str:
     return json.loads(row["metadata"])["id"]
 
 
+def settings_path(out: str | Path) -> Path:
+    """The file beside the traces that records what they were made with (``NAME.settings.json``)."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".settings.json")
+
+
 def write_traces(
     questions: list[RagQuestion],
     index,
@@ -93,8 +99,17 @@ def write_traces(
     ``reserved_tokens``: what the student's thinking and answer need (``reserve_tokens``)."""
     from t0s1.rag.retrievers import check_k
 
+    from t0s1.evaluation.runner import check_run_key
+
     check_k(k)
     grading.extract_answer("", answer_kind)  # an unknown kind fails before any work
+    # What the rows depend on: a rerun with other settings would append rows made otherwise.
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    check_run_key(settings_path(out), holds="traces made with other settings", key={
+        "index_corpus_sha256": index.manifest.get("corpus_sha256"), "index_build_id": index.manifest.get("build_id"),
+        "retriever": retriever or index.default_retriever, "k": k, "teacher": teacher.name,
+        "reserved_tokens": reserved_tokens, "filter_correct": filter_correct, "answer_kind": answer_kind,
+    })
     log = JsonlLog(out, trace_key)
     rejected = JsonlLog(rejected_path(out), lambda row: row["id"])
     final = {row["id"] for row in rejected.rows if row["kind"] == INCORRECT}
