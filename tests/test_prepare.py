@@ -238,6 +238,46 @@ def test_failure_while_writing_keeps_the_previous_output(tmp_path, tiny_model_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s1k.jsonl"]
 
 
+def test_a_prepare_killed_midway_is_repaired_by_the_next_one(tmp_path, tiny_model_dir):
+    """Killed between its two renames, a prepare leaves the earlier output moved aside and its new
+    one staged: the next prepare puts the earlier output back before it starts, removes the
+    staging folder, and leaves a running prepare's folders alone. A full disk is a clear error."""
+    import errno
+    import subprocess
+
+    import datasets
+
+    source = write_jsonl(tmp_path / "s1k.jsonl", s1k_rows(2))
+    out = tmp_path / "out"
+    prepare(str(source), str(tiny_model_dir), out)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        out.rename(tmp_path / f".out.old-{gone.pid}")
+        (tmp_path / f".out.writing-{gone.pid}-x1").mkdir()
+        (tmp_path / f".out.writing-{alive.pid}-x2").mkdir()
+        import importlib
+
+        importlib.import_module("t0s1.data.prepare")._recover(out)  # (t0s1.data.prepare is also the function)
+        assert (out / PREPARE_REPORT).is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".out.writing-{alive.pid}-x2", "out", "s1k.jsonl"])
+    finally:
+        alive.kill()
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    original = datasets.DatasetDict.save_to_disk
+    datasets.DatasetDict.save_to_disk = full
+    try:
+        with pytest.raises(UserError, match="No space left"):
+            prepare(str(source), str(tiny_model_dir), out, block_size=50)
+    finally:
+        datasets.DatasetDict.save_to_disk = original
+    assert json.loads((out / PREPARE_REPORT).read_text())["block_size"] is None
+
+
 def test_refuses_to_overwrite_a_directory_it_did_not_write(tmp_path, tiny_model_dir):
     source = write_jsonl(tmp_path / "s1k.jsonl", s1k_rows(1))
     (tmp_path / "mine").mkdir()

@@ -84,7 +84,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cache from other users
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp's 0700 would hide a shared cache from other users
     with writing(path, f"{path} is unchanged."):
         try:
             yield staging
@@ -100,7 +100,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 @functools.cache
-def _umask() -> int:
+def umask() -> int:
     """The process's umask (read once: setting it back and forth is not thread-safe)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -135,4 +135,16 @@ def check_output_directory(path: str | Path, flag: str = "--out") -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: the directory is not writable.")
     return path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (another user's included): the owner of a staging folder named
+    after its process id may still be writing it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 

@@ -15,6 +15,7 @@ never leaves a half-written directory.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from t0s1.data.decontaminate import BenchmarkIndex
 from t0s1.data.sources import Trace, Traces, load_traces
 from t0s1.errors import UserError
+from t0s1.files import process_alive, umask, writing
 from t0s1.models import resolve_model_source
 from t0s1.profiles import ANSWER_PREFIX, S1, ModelProfile, detect_profile
 
@@ -357,21 +359,22 @@ def read_report(path: str | Path) -> dict:
 
 
 def write_atomically(rows: list[dict], report: PrepareReport, out: Path) -> None:
-    """Write everything into a temporary sibling directory, then rename it to ``out``."""
+    """Write everything into a temporary sibling directory, then rename it to ``out``. What a
+    killed run left beside ``out`` is repaired first (``_recover``)."""
     from datasets import Dataset, DatasetDict
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    _recover(out)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-{os.getpid()}-"))
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the result is an ordinary directory
     previous = None
     try:
-        DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(staging))
-        with (staging / PREVIEW).open("w", encoding="utf-8") as handle:
-            for row in rows[:PREVIEW_ROWS]:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (staging / PREPARE_REPORT).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        with writing(out, f"{out} is unchanged."):
+            DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(staging))
+            with (staging / PREVIEW).open("w", encoding="utf-8") as handle:
+                for row in rows[:PREVIEW_ROWS]:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            (staging / PREPARE_REPORT).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
         if out.exists():  # an earlier prepare output (checked by the caller) or an empty directory
             previous = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, previous)
@@ -383,3 +386,19 @@ def write_atomically(rows: list[dict], report: PrepareReport, out: Path) -> None
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def _recover(out: Path) -> None:
+    """Repair what a killed prepare left beside ``out``: put back the earlier output it had moved
+    aside (killed between its two renames), and remove its staging folders (gigabytes for a large
+    dataset). Those of a prepare still running (its process id is in their name) are left alone."""
+    for kind in ("old", "writing"):
+        prefix = f".{out.name}.{kind}-"
+        for folder in sorted(out.parent.glob(glob.escape(prefix) + "*")):
+            pid = folder.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or process_alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists() and (folder / PREPARE_REPORT).is_file():
+                os.replace(folder, out)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)

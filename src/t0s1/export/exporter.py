@@ -26,7 +26,7 @@ from pathlib import Path
 
 from t0s1.backends.llamacpp import GGUF_PROFILE_KEY
 from t0s1.errors import UserError
-from t0s1.files import writing
+from t0s1.files import process_alive, writing
 from t0s1.export.converter import convert
 from t0s1.export.quantize import check_quant, quantize, read_metadata
 
@@ -141,18 +141,8 @@ def _remove_abandoned_work(out: Path) -> None:
     prefix = _work_prefix(out)
     for entry in out.parent.glob(f"{glob.escape(prefix)}*"):
         pid = entry.name[len(prefix):].split(".", 1)[0]
-        if entry.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+        if entry.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def merge_adapter(adapter_dir: Path, target: Path, base_model: str | None = None, log=print) -> Path:

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from t0s1.errors import UserError
-from t0s1.files import is_storage_full, storage_full_error, write_text_atomic
+from t0s1.files import is_storage_full, process_alive, storage_full_error, write_text_atomic
 from t0s1.rag.chunking import ChunkerSettings, Chunks, WORDS, chunk_documents, indexed_text, tokenizer_spans, word_spans
 from t0s1.rag.corpus import Document, FieldMap, check_documents, corpus_sha256, load_corpus
 from t0s1.rag.embedders import EMBEDDED_EMBEDDER, Embedder, load_embedder
@@ -462,7 +462,7 @@ def _recover(out: Path) -> None:
         prefix = _debris_prefix(out, kind)
         for folder in out.parent.glob(prefix + "*"):
             pid = folder.name[len(prefix):].split("-", 1)[0]
-            if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            if not (pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid))):
                 debris.append((kind, folder))
     moved_aside = sorted((f for kind, f in debris if kind == "replaced" and (f / MANIFEST_FILE).is_file()), key=lambda f: f.name.rsplit("-", 1)[-1].zfill(24))
     if moved_aside and not out.exists():
@@ -470,16 +470,6 @@ def _recover(out: Path) -> None:
     for _, folder in debris:
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
