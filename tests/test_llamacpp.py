@@ -413,17 +413,10 @@ def test_backend_equals_the_from_scratch_reference(gguf_lm, reference_lm, budget
 def test_backend_sweep_shares_the_thinking_and_equals_separate_runs(gguf_lm, monkeypatch):
     from t0s1 import BudgetForcing, generate, generate_sweep
 
+    from test_sweep import count_fed_rows
+
     settings = [BudgetForcing(max_thinking_tokens=b, num_ignore=k, max_answer_tokens=8) for b in (0, 8, 64) for k in (0, 2)]
-    fed = []
-    original = gguf_lm.new_runner
-
-    def counting_runner(**kwargs):
-        runner = original(**kwargs)
-        step = runner.step
-        runner.step = lambda slots, tokens: (fed.append(len(tokens)), step(slots, tokens))[1]
-        return runner
-
-    monkeypatch.setattr(gguf_lm, "new_runner", counting_runner)
+    fed = count_fed_rows(gguf_lm, monkeypatch)
     swept = generate_sweep(gguf_lm, BACKEND_PROMPTS, settings)
     swept_tokens = sum(fed)
     fed.clear()

@@ -150,18 +150,25 @@ def test_serve_exits_non_zero_when_its_engine_dies(tiny_model_dir, tmp_path, mon
     assert "no memory for the cache" in said and "status 1" in said, said
 
 
-def test_a_failed_forward_pass_fails_the_running_requests_and_the_server_goes_on(tiny_model, monkeypatch):
-    app = create_app(tiny_model, BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4), max_batch=4)
+def fail_the_next_step(monkeypatch) -> threading.Event:
+    """Slow the transformers runner's steps (each request lasts seconds on any machine, so the
+    requests are seen running) and make the first step after the returned event is set raise."""
     step, fail = TorchRunner.step, threading.Event()
 
     def step_that_fails_once(self, slots, tokens):
         if fail.is_set():
             fail.clear()
             raise RuntimeError("forward pass failed")
-        time.sleep(0.02)  # each request lasts seconds on any machine, so all three are seen running
+        time.sleep(0.02)
         return step(self, slots, tokens)
 
     monkeypatch.setattr(TorchRunner, "step", step_that_fails_once)
+    return fail
+
+
+def test_a_failed_forward_pass_fails_the_running_requests_and_the_server_goes_on(tiny_model, monkeypatch):
+    app = create_app(tiny_model, BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4), max_batch=4)
+    fail = fail_the_next_step(monkeypatch)
     with serve_in_background(app) as url:
         body = {**LONG, "max_thinking_tokens": 200, "num_ignore": 3, "max_tokens": 20}
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -183,16 +190,7 @@ def test_a_policy_request_failed_with_the_batch_it_waited_for_does_not_run_after
     fails the waiting request too (a 500). It must not then run anyway for nobody: the counters
     show it failed once and never finished."""
     app = create_app(tiny_model, BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4), max_batch=4)
-    step, fail = TorchRunner.step, threading.Event()
-
-    def step_that_fails_once(self, slots, tokens):
-        if fail.is_set():
-            fail.clear()
-            raise RuntimeError("forward pass failed")
-        time.sleep(0.02)
-        return step(self, slots, tokens)
-
-    monkeypatch.setattr(TorchRunner, "step", step_that_fails_once)
+    fail = fail_the_next_step(monkeypatch)
     with serve_in_background(app) as url:
         before = health(url)
         vote = {"messages": QUESTION, "policy": "vote", "n": 2, "temperature": 0.8, "seed": 1, "max_thinking_tokens": 8,

@@ -70,6 +70,21 @@ def record_rows(lm, monkeypatch) -> dict:
     return seen
 
 
+def count_fed_rows(lm, monkeypatch) -> list[int]:
+    """The rows each step of ``lm``'s runners feeds, in order."""
+    fed = []
+    original = lm.new_runner
+
+    def counting(**kwargs):
+        runner = original(**kwargs)
+        step = runner.step
+        runner.step = lambda slots, tokens: (fed.append(len(slots)), step(slots, tokens))[1]
+        return runner
+
+    monkeypatch.setattr(lm, "new_runner", counting)
+    return fed
+
+
 def test_a_sweep_starts_prompts_as_rows_free_up_within_the_models_limit_with_the_same_results(tiny_model, monkeypatch):
     whole = generate_sweep(tiny_model, PROMPTS, SETTINGS)
     seen = record_rows(tiny_model, monkeypatch)
@@ -183,17 +198,8 @@ def test_a_trace_ends_when_its_last_setting_leaves_even_while_it_could_think_on(
         lm.write(render_prompt(lm, prompt), widest, (words * 2)[:5] + end + words * 100)
     separate = [generate(lm, prompts, s) for s in settings]
     seen = record_rows(lm, monkeypatch)
-    fed = []
+    fed = count_fed_rows(lm, monkeypatch)
     monkeypatch.setattr(lm, "max_sequences", 3, raising=False)
-    original = lm.new_runner
-
-    def counting(**kwargs):
-        runner = original(**kwargs)
-        step = runner.step
-        runner.step = lambda slots, tokens: (fed.append(len(slots)), step(slots, tokens))[1]
-        return runner
-
-    monkeypatch.setattr(lm, "new_runner", counting)
     swept = generate_sweep(lm, prompts, settings)
     for i in range(len(prompts)):
         for j, runs in enumerate(separate):

@@ -113,13 +113,7 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give the path of a file.")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"{flag} {path}: cannot create the folder {folder} ({error.strerror or error}).") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: the folder {folder} is not writable.")
+    check_output_directory(path.parent, f"{flag} {path}: the folder")
     return path
 
 
