@@ -309,6 +309,17 @@ def test_a_damaged_index_is_refused_when_opened_naming_the_file(tmp_path, corpus
     assert name in "".join(result.output.split())  # rich may wrap inside a long path
 
 
+def test_a_manifest_whose_file_entries_are_not_what_t0s1_writes_is_refused(tmp_path, corpus):
+    documents, queries = corpus
+    out = tmp_path / "index"
+    build_index(documents[:5], out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["chunks.npy"] = "chunks"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="records 'chunks.npy' without its size and SHA-256"):
+        open_index(out).search(queries[0].text, 3)
+
+
 def test_overwrite_rebuilds_a_damaged_index_which_a_plain_build_names(tmp_path, corpus):
     documents, queries = corpus
     out = tmp_path / "index"

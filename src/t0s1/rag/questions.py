@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from t0s1.errors import UserError
+from t0s1.files import writing
 from t0s1.jsonl import drop_partial_last_line, json_lines
 
 
@@ -159,7 +160,10 @@ class JsonlLog:
         self.keys: set[str] = set()
         self.rows: list[dict] = []
         if self.path.exists():
-            complete = drop_partial_last_line(self.path)
+            try:
+                complete = drop_partial_last_line(self.path)
+            except UnicodeDecodeError:
+                raise UserError(f"{self.path} is not UTF-8 text: not a file this command wrote; choose another output file.") from None
             for number, line in enumerate(complete.splitlines(), start=1):
                 if not line.strip():
                     continue
@@ -183,10 +187,11 @@ class JsonlLog:
         rows = list(rows)
         if not rows:
             return
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        with writing(self.path, "The rows written before are kept (a torn last line is dropped on resume)."):
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                handle.flush()
+                os.fsync(handle.fileno())
         for row in rows:
             self.keys.add(self.key(row))
             self.rows.append(row)

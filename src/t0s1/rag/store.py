@@ -332,6 +332,8 @@ def index_problem(path: Path, manifest: dict, *, full: bool = False, qdrant: Qdr
     if not isinstance(files, dict) or not files:
         return f"{path / MANIFEST_FILE} records no files"
     for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            return f"{path / MANIFEST_FILE} records {name!r} without its size and SHA-256"
         file = path / name
         if not file.is_file():
             return f"{file} is missing"
