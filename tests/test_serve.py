@@ -637,6 +637,9 @@ def test_openai_backend_sends_vllm_sampling_fields(tiny_model):
     assert after_wait["min_tokens"] == 1  # no stop right after the injected "Wait"
     assert answer["stop_token_ids"] == [end] and answer["min_tokens"] == 0  # the answer ends at the end of turn only
     assert result[0].num_ignored == 1 and backend.sampling_fields is True
+    # A server that did not refuse the fields may still ignore them (llama.cpp's server, Ollama):
+    # the stop ids keep going as strings too, after the first request as before it.
+    assert all("<|im_start|>" in request["stop"] for request in client.requests[:2])
 
 
 class ScriptedServer:

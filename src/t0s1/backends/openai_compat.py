@@ -54,6 +54,10 @@ class OpenAIBackend(Backend):
         self.tokenizer = tokenizer
         self.concurrency = concurrency
         self.sampling_fields = sampling_fields
+        # Known to act on the fields (a vLLM, SGLang or t0s1 server, or the caller says so): then
+        # the stop ids go as ids only. A server that merely did not refuse them may ignore them
+        # (llama.cpp's server, Ollama), so it keeps getting the stop strings too.
+        self._fields_act = sampling_fields is True
         self._lock = threading.Lock()
         self.forcing = ClientForcing(tokenizer, detect_profile(tokenizer, reasoning_format).profile, self._complete, context_length=context_length)
 
@@ -100,7 +104,7 @@ class OpenAIBackend(Backend):
         import openai
 
         decode = self.tokenizer.decode
-        stop = stop_strings(self.tokenizer, request, self.forcing.rules.end_of_turn, ids_sent=self.sampling_fields is True)
+        stop = stop_strings(self.tokenizer, request, self.forcing.rules.end_of_turn, ids_sent=self._fields_act)
         fields = {
             "model": self.model_name,
             "prompt": decode(request.ids, skip_special_tokens=False),
