@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import glob
+import json
 import os
 import shutil
 import tempfile
@@ -131,6 +133,18 @@ def check_output_directory(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def left_by_dead_processes(directory: Path, prefix: str) -> list[Path]:
+    """The entries of ``directory`` named ``prefix`` + a process id (then anything after a ``-`` or
+    ``.``) whose process is gone: staging folders a killed writer left. A running writer's are not
+    among them."""
+    left = []
+    for entry in sorted(Path(directory).glob(glob.escape(prefix) + "*")):
+        pid = entry.name[len(prefix):].replace(".", "-").split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            left.append(entry)
+    return left
+
+
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (another user's included): the owner of a staging folder named
     after its process id may still be writing it."""
@@ -141,4 +155,14 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in ``path``; None when the file cannot be read, is not UTF-8 JSON, or holds
+    something else (the caller says what the file should have been)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 

@@ -30,6 +30,7 @@ import functools
 import heapq
 import logging
 import os
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -684,13 +685,12 @@ def gguf_tokenizer(path: Path, *, trust_remote_code: bool = False):
     recently used go. A cache that cannot be written only costs the time."""
     import hashlib
     import json
-    import shutil
 
     import transformers
     from transformers import AutoTokenizer
 
     from t0s1.embedded import cache_dir
-    from t0s1.files import atomic_directory
+    from t0s1.files import atomic_directory, read_json_object
 
     stat = path.stat()
     source = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -698,11 +698,7 @@ def gguf_tokenizer(path: Path, *, trust_remote_code: bool = False):
     kept_dir = cache_dir() / "gguf-tokenizers"
     kept = kept_dir / hashlib.sha256(source["path"].encode()).hexdigest()[:24]
     record = kept / "t0s1-source.json"
-    try:
-        current = record.is_file() and json.loads(record.read_text()) == source
-    except (OSError, ValueError):
-        current = False
-    if current:
+    if read_json_object(record) == source:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(kept))
             os.utime(kept)  # recently used
@@ -724,8 +720,6 @@ def gguf_tokenizer(path: Path, *, trust_remote_code: bool = False):
 def _forget_least_used(directory: Path, keep: int) -> None:
     """Remove all but the ``keep`` most recently used entries of ``directory`` (staging
     directories of writers still at work, hidden, are left alone)."""
-    import shutil
-
     entries = [entry for entry in directory.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
     entries.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
     for entry in entries[keep:]:

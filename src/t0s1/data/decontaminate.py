@@ -27,6 +27,10 @@ def ngrams(text: str, n: int = NGRAM) -> list[tuple[str, ...]]:
     words = _WORD.findall(text.lower())
     if 0 < len(words) < n:
         return [tuple(words)]
+    return _runs(words, n)
+
+
+def _runs(words: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
@@ -76,9 +80,9 @@ class BenchmarkIndex:
 
     def match(self, row: int, question: str) -> Contamination | None:
         grams = ngrams(question)
-        words = _WORD.findall(question.lower())
+        words = _WORD.findall(question.lower()) if self._short_lengths else []
         for length in self._short_lengths:
-            grams += [tuple(words[i : i + length]) for i in range(len(words) - length + 1)]
+            grams += _runs(words, length)
         for gram in grams:
             owner = self._owner.get(gram)
             if owner:

@@ -15,7 +15,6 @@ never leaves a half-written directory.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 from t0s1.data.decontaminate import BenchmarkIndex
 from t0s1.data.sources import Trace, Traces, load_traces
 from t0s1.errors import UserError
-from t0s1.files import process_alive, umask, writing
+from t0s1.files import left_by_dead_processes, umask, writing
 from t0s1.models import resolve_model_source
 from t0s1.profiles import ANSWER_PREFIX, S1, ModelProfile, detect_profile
 
@@ -190,9 +189,10 @@ def percentiles(values: list[int]) -> dict:
 def tokenize_rows(rows, tokenizer, max_length: int | None) -> list[dict]:
     """``{"input_ids", "completion_mask"}`` per prompt/completion row, as the trainer reads them:
     the rendered text's ids with no special tokens added (the chat template writes its own BOS, as
-    at inference: a tokenizer that adds one too gave two), the completion starts where the ids of prompt and prompt + completion diverge, and a row
-    longer than ``max_length`` is cut there with no end token appended (TRL would append one to a
-    completion that does not end with it: a truncated trace must not teach the model to stop)."""
+    at inference: a tokenizer that adds one too gave two). The completion starts where the ids of
+    prompt and prompt + completion diverge, and a row longer than ``max_length`` is cut there with
+    no end token appended (TRL would append one to a completion that does not end with it: a
+    truncated trace must not teach the model to stop)."""
     out = []
     for row in rows:
         prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
@@ -393,11 +393,7 @@ def _recover(out: Path) -> None:
     aside (killed between its two renames), and remove its staging folders (gigabytes for a large
     dataset). Those of a prepare still running (its process id is in their name) are left alone."""
     for kind in ("old", "writing"):
-        prefix = f".{out.name}.{kind}-"
-        for folder in sorted(out.parent.glob(glob.escape(prefix) + "*")):
-            pid = folder.name[len(prefix):].split("-", 1)[0]
-            if not pid.isdigit() or process_alive(int(pid)):
-                continue
+        for folder in left_by_dead_processes(out.parent, f".{out.name}.{kind}-"):
             if kind == "old" and not out.exists() and (folder / PREPARE_REPORT).is_file():
                 os.replace(folder, out)
             else:

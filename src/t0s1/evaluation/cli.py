@@ -27,8 +27,8 @@ from t0s1.cli_support import (
     parse_int_list,
 )
 from t0s1.errors import UserError
-from t0s1.files import check_output_directory, check_output_file, write_text_atomic
 from t0s1.evaluation.tasks import DATA_DIR_ENV, TASKS, get_task, parse_task_list
+from t0s1.files import check_output_directory, check_output_file, write_text_atomic
 from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL
 

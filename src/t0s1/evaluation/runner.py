@@ -52,7 +52,7 @@ from t0s1.evaluation import metrics
 from t0s1.evaluation.grading import Verdict
 from t0s1.evaluation.plots import TOTAL_TOKENS_LABEL, plot_task
 from t0s1.evaluation.tasks import Example, Task
-from t0s1.files import atomic_path, write_text_atomic, writing
+from t0s1.files import atomic_path, read_json_object, write_text_atomic, writing
 from t0s1.forcing import BudgetForcing, Result
 from t0s1.jsonl import drop_partial_last_line
 from t0s1.policies import POLICIES, Policy, make_policy
@@ -664,11 +664,8 @@ def check_run_key(path: Path, key: dict, *, holds: str, retired: tuple[str, ...]
     bind a rerun (they are ignored in a stored key); ``later``: fields earlier versions did not
     write (a stored key without them is compared without them)."""
     if path.exists():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            stored = None
-        if not isinstance(stored, dict):
+        stored = read_json_object(path)
+        if stored is None:
             raise UserError(f"{path} is not readable JSON; it is not the settings file of a t0s1 run. Choose a new --out directory.")
         stored = {name: value for name, value in stored.items() if name not in retired}
         if not any(name in stored for name in later):  # written before these fields were recorded

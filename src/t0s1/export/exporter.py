@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from t0s1.backends.llamacpp import GGUF_PROFILE_KEY
 from t0s1.errors import UserError
-from t0s1.files import process_alive, writing
+from t0s1.files import left_by_dead_processes, read_json_object, writing
 from t0s1.export.converter import convert
 from t0s1.export.quantize import check_quant, quantize, read_metadata
 
@@ -138,10 +137,8 @@ def _work_prefix(out: Path) -> str:
 def _remove_abandoned_work(out: Path) -> None:
     """Working folders beside ``out`` left by exports that were killed (their process is gone):
     they hold converted weights, gigabytes for a large model."""
-    prefix = _work_prefix(out)
-    for entry in out.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = entry.name[len(prefix):].split(".", 1)[0]
-        if entry.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+    for entry in left_by_dead_processes(out.parent, _work_prefix(out)):
+        if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -241,11 +238,8 @@ def _stop_tokens(model_dir: Path, tokenizer) -> list[str]:
     ids = []
     path = model_dir / "generation_config.json"
     if path.is_file():
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            config = None
-        if not isinstance(config, dict):
+        config = read_json_object(path)
+        if config is None:
             raise UserError(f"{str(path)!r} is not a generation config (a JSON object): fix or remove it.")
         eos = config.get("eos_token_id")
         ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []

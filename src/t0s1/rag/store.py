@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from t0s1.errors import UserError
-from t0s1.files import is_storage_full, process_alive, storage_full_error, write_text_atomic
+from t0s1.files import is_storage_full, process_alive, storage_full_error, umask, write_text_atomic
 from t0s1.rag.chunking import ChunkerSettings, Chunks, WORDS, chunk_documents, indexed_text, tokenizer_spans, word_spans
 from t0s1.rag.corpus import Document, FieldMap, check_documents, corpus_sha256, load_corpus
 from t0s1.rag.embedders import EMBEDDED_EMBEDDER, Embedder, load_embedder
@@ -228,7 +228,7 @@ def build_index(
         return BuildResult(Index.open(out), reused=True, seconds=time.perf_counter() - started)
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f"{_debris_prefix(out, 'building')}{os.getpid()}-", dir=out.parent))
-    building.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the index gets the usual mode
+    building.chmod(0o777 & ~umask())  # mkdtemp makes it private; the index gets the usual mode
     created: list[QdrantVectors] = []  # a collection this build made, dropped if the build fails
     manifest["build_id"] = uuid.uuid4().hex
     try:
@@ -489,12 +489,6 @@ def _read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict):
         raise UserError(f"{folder / MANIFEST_FILE} is not an index manifest; rebuild the index: t0s1 index build CORPUS --out {folder} --overwrite.")
     return manifest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _version() -> str:

@@ -103,11 +103,12 @@ def write_traces(
 
     check_k(k)
     grading.extract_answer("", answer_kind)  # an unknown kind fails before any work
+    retriever_name = retriever or index.default_retriever
     # What the rows depend on: a rerun with other settings would append rows made otherwise.
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     check_run_key(settings_path(out), holds="traces made with other settings", key={
         "index_corpus_sha256": index.manifest.get("corpus_sha256"), "index_build_id": index.manifest.get("build_id"),
-        "retriever": retriever or index.default_retriever, "k": k, "teacher": teacher.name,
+        "retriever": retriever_name, "k": k, "teacher": teacher.name,
         "reserved_tokens": reserved_tokens, "filter_correct": filter_correct, "answer_kind": answer_kind,
     })
     log = JsonlLog(out, trace_key)
@@ -122,7 +123,6 @@ def write_traces(
             report.skipped.append(RowProblem(question.line, "no reference answer to check the trace against (--filter-correct)", question.id))
         else:
             todo.append(question)
-    retriever_name = retriever or index.default_retriever
 
     with ProgressBar(progress, len(todo), "traces") as bar:
         for start in range(0, len(todo), batch_size):

@@ -87,10 +87,11 @@ log = logging.getLogger("t0s1.serving")
 
 POLICY_NAMES = tuple(POLICIES)
 MAX_TRACES = MAX_N
+"""The most traces of one policy request (a policy's default n included)."""
+
 SEND_TIMEOUT_SECONDS = 60
 """A streamed reply whose client takes no event for this long (connected, not reading) is ended
 and its generation stopped."""
-"""The most traces of one policy request (a policy's default n included)."""
 
 DISCONNECT_POLL_SECONDS = 0.5
 """How often a waiting non-streamed request checks whether its client is still there."""
@@ -219,10 +220,8 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
                 "max_tokens (/v1/completions takes stop for plain continuations).")
         _refuse(body.logprobs, "logprobs", "logprobs are not supported by this server.")
         _log_ignored(body)
-        try:
+        with _field_errors_as_400():
             template_kwargs = body.template_variables()
-        except FieldError as error:
-            raise APIError(400, error.message, param=error.param, code=error.code) from None
         settings = _settings(body, defaults, efforts, template_kwargs)
         policy = _policy(body, settings, lm, batcher.max_batch)
         messages, sources = body.template_messages(), None
@@ -421,11 +420,18 @@ def _log_ignored(body: BudgetFields) -> None:
             log.warning("Ignoring the request field %r: this server does not use it.", name)
 
 
-def _settings(body: BudgetFields, defaults: BudgetForcing, efforts: dict, template_kwargs: dict | None = None) -> BudgetForcing:
+@contextmanager
+def _field_errors_as_400():
+    """A request field the checks refuse (``FieldError``) as a 400 naming it."""
     try:
-        return body.budget_forcing(defaults, efforts, template_kwargs)
+        yield
     except FieldError as error:
         raise APIError(400, error.message, param=error.param, code=error.code) from None
+
+
+def _settings(body: BudgetFields, defaults: BudgetForcing, efforts: dict, template_kwargs: dict | None = None) -> BudgetForcing:
+    with _field_errors_as_400():
+        return body.budget_forcing(defaults, efforts, template_kwargs)
 
 
 def _budget_field(body: BudgetFields) -> str | None:
@@ -472,8 +478,9 @@ def _policy(body: BudgetFields, settings: BudgetForcing, lm: LoadedModel, max_ba
         raise APIError(400, str(error), param="n" if about_n else "policy_args") from None
     if policy.n > MAX_TRACES:
         raise APIError(400, f"{body.policy} runs n={policy.n} traces; this server runs at most {MAX_TRACES}.", param="n")
-    if rows_at_once(policy) > max_batch:
-        raise APIError(400, f"{body.policy} with n={policy.n} runs {rows_at_once(policy)} sequences at once; this server "
+    rows = rows_at_once(policy)
+    if rows > max_batch:
+        raise APIError(400, f"{body.policy} with n={policy.n} runs {rows} sequences at once; this server "
                        f"runs at most {max_batch} (its --max-batch): lower n.", param="n")
     if getattr(policy, "top_k", 0) > lm.vocab_size:
         raise APIError(400, f"{body.policy}: top_k={policy.top_k} is more candidates than the model's vocabulary of "
