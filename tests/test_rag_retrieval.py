@@ -3,6 +3,7 @@ Qdrant against the embedded store, index reuse, the weights hash check, re-ranki
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 
@@ -209,13 +210,34 @@ def test_vectors_that_do_not_match_the_chunks_are_refused_naming_the_file(tmp_pa
     assert str(vectors_file) in message and "damaged" in message and "--overwrite" in message
 
 
+def copy_points(client, points, collection: str) -> None:
+    """A new collection ``collection`` holding ``points`` (scrolled with vectors and payloads)."""
+    from qdrant_client import models
+
+    client.create_collection(collection, vectors_config=models.VectorParams(size=len(points[0].vector), distance=models.Distance.COSINE))
+    client.upsert(collection, points=[models.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points])
+
+
 def test_a_qdrant_collection_of_another_build_is_refused_not_searched(tmp_path, corpus, embedder):
+    from qdrant_client import QdrantClient
+
     documents, queries = corpus
     target = QdrantTarget(path=str(tmp_path / "qdrant"), collection="shared")
     build_index(documents[:20], tmp_path / "first", retriever="dense", embedder=embedder, qdrant=target, progress=False)
-    # Another index of as many chunks takes over the collection name.
-    build_index(documents[20:40], tmp_path / "second", retriever="dense", embedder=embedder, qdrant=target, overwrite=True,
-                progress=False)
+    first = open_index(tmp_path / "first")
+    collection = first.manifest["dense"]["store"]["collection"]
+    first.close()
+    # Another build's vectors, as many, land in the collection the first index searches.
+    build_index(documents[20:40], tmp_path / "second", retriever="dense", embedder=embedder,
+                qdrant=QdrantTarget(path=target.path, collection="other"), progress=False)
+    client = QdrantClient(path=target.path)
+    try:
+        second = client.get_aliases().aliases[-1].collection_name
+        points = client.scroll(second, limit=1000, with_vectors=True, with_payload=True)[0]
+        client.delete_collection(collection)
+        copy_points(client, points, collection)
+    finally:
+        client.close()
     first = open_index(tmp_path / "first")
     first.use_embedder(embedder)
     try:
@@ -223,6 +245,81 @@ def test_a_qdrant_collection_of_another_build_is_refused_not_searched(tmp_path, 
             first.search(queries[0].text, 3)
     finally:
         first.close()
+
+
+def test_a_qdrant_rebuild_keeps_the_previous_collection_until_it_is_in_place(tmp_path, corpus, embedder):
+    from qdrant_client import QdrantClient, models
+
+    documents, queries = corpus
+    target = QdrantTarget(path=str(tmp_path / "qdrant"), collection="conditions")
+    folder = tmp_path / "index"
+
+    def collections():
+        client = QdrantClient(path=target.path)
+        try:
+            return ({c.name for c in client.get_collections().collections},
+                    {a.alias_name: a.collection_name for a in client.get_aliases().aliases})
+        finally:
+            client.close()
+
+    # An index built before aliases: its vectors are in the collection of the name given.
+    old = build_index(documents[:20], folder, retriever="dense", embedder=embedder, qdrant=target, progress=False).index
+    built = old.manifest["dense"]["store"]["collection"]
+    old.close()
+    client = QdrantClient(path=target.path)
+    try:
+        points = client.scroll(built, limit=1000, with_vectors=True, with_payload=True)[0]
+        client.update_collection_aliases(change_aliases_operations=[models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name="conditions"))])
+        client.delete_collection(built)
+        copy_points(client, points, "conditions")
+    finally:
+        client.close()
+    manifest_file = folder / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["dense"]["store"] = {k: v for k, v in manifest["dense"]["store"].items() if k != "alias"} | {"collection": "conditions"}
+    manifest_file.write_text(json.dumps(manifest))
+    assert collections() == ({"conditions"}, {})
+
+    def search():
+        index = open_index(folder)
+        index.use_embedder(embedder)
+        try:
+            return [hit.doc_id for hit in index.search(queries[0].text, 3, "dense")]
+        finally:
+            index.close()
+
+    before = search()
+    # A rebuild that fails while embedding: the previous index still searches its vectors.
+    original = embedder.encode
+
+    def failing(texts, **kwargs):
+        raise RuntimeError("the embedder broke")
+
+    embedder.encode = failing
+    try:
+        with pytest.raises(RuntimeError, match="the embedder broke"):
+            build_index(documents[20:40], folder, retriever="dense", embedder=embedder, qdrant=target, overwrite=True, progress=False)
+    finally:
+        embedder.encode = original
+    assert collections() == ({"conditions"}, {})
+    assert search() == before
+    # A rebuild that succeeds: its own collection, the name an alias of it, the old one dropped.
+    rebuilt = build_index(documents[20:40], folder, retriever="dense", embedder=embedder, qdrant=target, overwrite=True, progress=False).index
+    store = rebuilt.manifest["dense"]["store"]
+    rebuilt.close()
+    assert store["alias"] == "conditions" and store["collection"].startswith("conditions-build-")
+    assert collections() == ({store["collection"]}, {"conditions": store["collection"]})
+    assert search() != before
+    # The same corpus and settings again: reused as it is (the alias is what was asked for).
+    again = build_index(documents[20:40], folder, retriever="dense", embedder=embedder, qdrant=target, progress=False)
+    again.index.close()
+    assert again.reused
+    # Once more with overwrite: the alias moves, the collection it named goes.
+    third = build_index(documents[20:40], folder, retriever="dense", embedder=embedder, qdrant=target, overwrite=True, progress=False).index
+    moved = third.manifest["dense"]["store"]["collection"]
+    third.close()
+    assert moved != store["collection"]
+    assert collections() == ({moved}, {"conditions": moved})
 
 
 def test_an_embedder_with_the_same_weights_but_other_model_files_is_refused(tmp_path, hybrid_index):

@@ -149,7 +149,10 @@ def info_command(
     dense = info.get("dense")
     if dense:
         embedder, store = dense["embedder"], dense["store"]
-        where = store.get("file") if store["kind"] == "embedded" else f"Qdrant {store.get('url') or store.get('path')} / {store['collection']}"
+        where = store.get("file") if store["kind"] == "embedded" else (
+            f"Qdrant {store.get('url') or store.get('path')} / {store['collection']}"
+            + (f" (alias {store['alias']})" if store.get("alias") else "")
+        )
         console.print(f"dense       {embedder['name']} ({embedder['dimension']} dimensions), vectors in {where}")
         console.print(f"            weights {embedder['weights_file']} SHA-256 {embedder['weights_sha256']}")
     console.print(f"retrievers  {', '.join(['bm25', 'dense', 'hybrid'] if dense else ['bm25'])} (default {info['retriever']})")

@@ -14,7 +14,12 @@ Layout of an index folder::
 
 With a Qdrant target the vectors go to a Qdrant collection instead of ``dense/`` and the rest
 stays in the folder; every point's payload carries the build id, so a collection is matched to its
-folder by identity, not only by name and size.
+folder by identity, not only by name and size. Each build uploads to a collection of its own,
+``<name>-build-<build id>``, and the name given (``--qdrant-collection``) becomes a Qdrant alias of
+it once the folder is in place; the manifest records both. So a rebuild with ``overwrite`` never
+touches the collection the previous index searches until the new one is complete: a failed or
+killed rebuild leaves the previous index working, and the previous collection is dropped only after
+the alias has moved.
 
 A build writes a temporary folder beside ``--out`` (``.<name>.building-<pid>-*``) and swaps it
 into place when everything is written (one atomic exchange of the two folders on Linux), so a
@@ -41,6 +46,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -112,6 +118,24 @@ class QdrantVectors:
         points = self.client.query_points(self.collection, query=vector.tolist(), limit=limit, with_payload=False).points
         return [(int(point.id), float(point.score)) for point in points]
 
+    def publish(self, name: str) -> None:
+        """Point the alias ``name`` at this collection, then drop the collection it named before
+        (an index built before aliases: the collection called ``name`` itself)."""
+        from qdrant_client import models
+
+        client = self.client
+        before = aliased_collection(client, name)
+        operations = []
+        if before is not None:
+            operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=name)))
+        elif client.collection_exists(name):
+            client.delete_collection(name)
+            before = None
+        operations.append(models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=self.collection, alias_name=name)))
+        client.update_collection_aliases(change_aliases_operations=operations)  # one atomic change
+        if before is not None and before != self.collection and client.collection_exists(before):
+            client.delete_collection(before)
+
     def upload(self, vectors: np.ndarray, documents: list[str], build_id: str, *, batch_size: int = 256) -> None:
         from qdrant_client import models
 
@@ -126,7 +150,7 @@ class QdrantVectors:
     def problem(self, manifest: dict) -> str | None:
         """What makes the collection not the one the manifest's build uploaded (None: it is):
         missing, another point count, or points of another build (the id in every payload)."""
-        if not self.client.collection_exists(self.collection):
+        if not self.client.collection_exists(self.collection):  # a collection, not an alias: what the build uploaded
             return f"the Qdrant collection {self.collection!r} does not exist"
         count = self.client.count(self.collection, exact=True).count
         if count != manifest["vectors"]:
@@ -146,6 +170,19 @@ class BuildResult:
     index: Index
     reused: bool
     seconds: float
+
+
+def aliased_collection(client, name: str) -> str | None:
+    """The collection the Qdrant alias ``name`` points at (None: no such alias)."""
+    for alias in client.get_aliases().aliases:
+        if alias.alias_name == name:
+            return alias.collection_name
+    return None
+
+
+def build_collection_name(name: str, build_id: str) -> str:
+    """The collection a build uploads to; ``name`` becomes its alias once the build is in place."""
+    return f"{name}-build-{build_id[:12]}"
 
 
 def build_index(
@@ -240,6 +277,8 @@ def build_index(
         manifest.update(
             counts, files=_file_entries(building), created=datetime.now(UTC).isoformat(timespec="seconds"), t0s1_version=_version()
         )
+        if created:  # the vectors are in this build's own collection; the name given becomes its alias
+            manifest["dense"]["store"] = {**manifest["dense"]["store"], "collection": created[0].collection, "alias": qdrant.collection}
         (building / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _replace(building, out)
     except BaseException as error:
@@ -250,6 +289,16 @@ def build_index(
             kept = f"The previous index in {out} is kept as it was." if has_index else "Nothing was left behind."
             raise storage_full_error(f"the index beside {out}", error, kept) from None
         raise
+    else:
+        for store in created:
+            try:
+                store.publish(qdrant.collection)
+            except Exception as error:  # the index is in place and searches its own collection
+                warnings.warn(
+                    f"The index in {out} is built and uses the Qdrant collection {store.collection!r}, but the alias "
+                    f"{qdrant.collection!r} could not be moved to it ({type(error).__name__}: {error}); the collection "
+                    "it named before is kept.", stacklevel=2,
+                )
     finally:
         for store in created:
             store.client.close()
@@ -284,15 +333,14 @@ def _write_index(
         store = None
         if qdrant is not None:  # before embedding: a refusal should not cost the embedding time
             client = qdrant.connect()
-            if client.collection_exists(qdrant.collection):
-                if not overwrite:
-                    client.close()
-                    raise UserError(
-                        f"The Qdrant collection {qdrant.collection!r} already exists: pass --overwrite to replace it or "
-                        "choose another --qdrant-collection (an index never shares another one's vectors)."
-                    )
-                client.delete_collection(qdrant.collection)
-            store = QdrantVectors(client, qdrant.collection)
+            if not overwrite and (aliased_collection(client, qdrant.collection) is not None or client.collection_exists(qdrant.collection)):
+                client.close()
+                raise UserError(
+                    f"The Qdrant collection {qdrant.collection!r} already exists: pass --overwrite to replace it or "
+                    "choose another --qdrant-collection (an index never shares another one's vectors)."
+                )
+            # The previous collection of that name stays searchable until this build is in place.
+            store = QdrantVectors(client, build_collection_name(qdrant.collection, build_id))
             created.append(store)
         task = bar.add_task(f"embedding with {embedder.name}", total=len(texts))
         vectors = embedder.encode(texts, batch_size=batch_size, on_progress=lambda n: bar.advance(task, n))
@@ -347,7 +395,7 @@ def index_problem(path: Path, manifest: dict, *, full: bool = False, qdrant: Qdr
         target = qdrant or QdrantTarget(url=store.get("url"), path=store.get("path"), collection=store["collection"])
         client = target.connect()
         try:
-            return QdrantVectors(client, target.collection).problem(manifest)
+            return QdrantVectors(client, store["collection"]).problem(manifest)
         finally:
             client.close()
     return None
@@ -394,9 +442,17 @@ def manifest_differences(existing: dict, wanted: dict) -> list[str]:
     elif old is not None and old != new:
         if old["embedder"] != new["embedder"]:
             differences.append(f"embedder {_describe_embedder(old['embedder'])}, not {_describe_embedder(new['embedder'])}")
-        if old["store"] != new["store"]:
-            differences.append(f"vectors in {_compact(old['store'])}, not {_compact(new['store'])}")
+        if _store_as_asked(old["store"]) != _store_as_asked(new["store"]):
+            differences.append(f"vectors in {_compact(_store_as_asked(old['store']))}, not {_compact(_store_as_asked(new['store']))}")
     return differences
+
+
+def _store_as_asked(store: dict) -> dict:
+    """Where the vectors are, as a build is asked for it: a Qdrant store by the collection name
+    given (the alias), not the build's own collection."""
+    if "alias" not in store:
+        return store
+    return {**{k: v for k, v in store.items() if k != "alias"}, "collection": store["alias"]}
 
 
 def _describe_embedder(entry: dict) -> str:
