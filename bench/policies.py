@@ -3,6 +3,7 @@
     python bench/policies.py --run runs/quickstart             # after `t0s1 quickstart`
     python bench/policies.py --run runs/quickstart --problems 60 --traces 8   # a quicker look
     python bench/policies.py --run runs/quickstart --parts exit               # early exit and probing only
+    python bench/policies.py --run runs/quickstart --parts online --problems 600   # as docs/policies.md measured it
 
 Held-out problems: the quickstart's 100 test problems and the next ones its generator makes after
 its 1,000 training problems (never trained on), 300 by default. Every policy runs on the same
@@ -75,7 +76,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--window", type=int, default=16, help="DeepConf's group window (2,048 in the paper; traces here are ~50 tokens)")
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="DeepConf online's warm-up traces at n=16 (the paper: 16 of 512; docs/policies.md gives 2 to 8)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per engine call")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="write the table here as JSON")
