@@ -591,7 +591,7 @@ def test_completions_with_stop_are_plain_continuations(server, tiny_model):
 @pytest.mark.slow
 def test_client_side_forcing_against_the_server_equals_the_engine(smollm2):
     """``t0s1 eval --backend openai --base-url .../v1`` pointed at ``t0s1 serve``."""
-    from t0s1.backends.openai_compat import OpenAIBackend
+    from t0s1.backends.openai_compat import OpenAIBackend, adds_bos
 
     prompts = ["How many r are in raspberry?", "What is 12 + 35 * 2?"]
     settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=8)
@@ -625,7 +625,7 @@ class CompletionsDouble:
 
 
 def test_openai_backend_sends_vllm_sampling_fields(tiny_model):
-    from t0s1.backends.openai_compat import OpenAIBackend
+    from t0s1.backends.openai_compat import OpenAIBackend, adds_bos
 
     client = CompletionsDouble([("Let me count", "stop"), (" one", "stop"), (" 82", "stop")])
     backend = OpenAIBackend(client, "m", tiny_model.tokenizer, concurrency=1)
@@ -680,7 +680,7 @@ class ScriptedServer:
 def test_openai_backend_learns_a_refusal_once_while_requests_are_in_flight(tiny_model):
     """Four prompts at once to a server that refuses vLLM's fields: every request of the first round
     is refused; each is sent again without them (one failed the whole call before)."""
-    from t0s1.backends.openai_compat import OpenAIBackend
+    from t0s1.backends.openai_compat import OpenAIBackend, adds_bos
 
     server = ScriptedServer([("Let me count", "stop")], (" 82", "stop"), refuse={"stop_token_ids"}, together=4)
     backend = OpenAIBackend(server, "m", tiny_model.tokenizer, concurrency=4)
@@ -692,7 +692,7 @@ def test_openai_backend_asks_again_when_the_reply_reencodes_to_fewer_tokens_and_
     """A server that wrote the budget's 20 tokens in pieces that re-encode to 10 says "length": the
     thinking is not over (it was ended with no answer); the next request asks for the rest, then
     the forced end and the answer. A request never asks past the context (vLLM refuses it)."""
-    from t0s1.backends.openai_compat import OpenAIBackend
+    from t0s1.backends.openai_compat import OpenAIBackend, adds_bos
 
     tokenizer = tiny_model.tokenizer
     piece = " one"
@@ -707,7 +707,7 @@ def test_openai_backend_asks_again_when_the_reply_reencodes_to_fewer_tokens_and_
 
 
 def test_openai_backend_drops_the_fields_a_server_refuses(tiny_model):
-    from t0s1.backends.openai_compat import OpenAIBackend
+    from t0s1.backends.openai_compat import OpenAIBackend, adds_bos
 
     client = CompletionsDouble([("Let me count", "stop"), (" 82", "stop")], refuse={"stop_token_ids", "min_tokens"})
     backend = OpenAIBackend(client, "m", tiny_model.tokenizer, concurrency=1)
@@ -718,7 +718,7 @@ def test_openai_backend_drops_the_fields_a_server_refuses(tiny_model):
 
 
 def test_openai_backend_reads_the_context_length_from_the_server(server, tiny_model, tiny_model_dir):
-    from t0s1.backends.openai_compat import OpenAIBackend
+    from t0s1.backends.openai_compat import OpenAIBackend, adds_bos
 
     backend = OpenAIBackend.connect(f"{server}/v1", "tiny", tokenizer=str(tiny_model_dir))
     assert backend.context_length == tiny_model.context_length and backend.sampling_fields is True
@@ -854,3 +854,47 @@ def test_client_side_forcing_sees_an_ignored_end_written_in_ordinary_tokens_even
     settings = BudgetForcing(max_thinking_tokens=40, num_ignore=1, ignore_str="\nWait", max_answer_tokens=5)
     [result] = forcing.generate(["What is 6 * 7?"], [settings])
     assert (result.thinking, result.answer, result.num_ignored) == ("Let me see \nWait so it is 42", "42", 1)
+
+
+def test_openai_backend_sends_one_bos_to_a_server_that_adds_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A tokenizer that adds a BOS (Llama 3, DeepSeek-R1-Distill-Llama) and a chat template that
+    writes one: the server adds its own to the text it is sent, so the client leaves the template's
+    out. A real server then starts every request's prompt with one BOS: the engine's prompt ids."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from t0s1.backends.openai_compat import OpenAIBackend, adds_bos
+    from t0s1.models import load_model
+    from t0s1.serving import server as served
+
+    folder = tmp_path / "with-bos"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.bos_token = bos = "<|endoftext|>"  # not <|im_start|>, which every ChatML turn starts with
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    tokenizer.save_pretrained(folder)
+    lm = load_model(str(folder), device="cpu")
+    bos_id = lm.tokenizer.bos_token_id
+    assert adds_bos(lm.tokenizer) == bos_id
+    rendered = list(render_prompt(lm, "What is 12 + 35 * 2?").ids)
+    assert rendered[:2] == [bos_id, lm.tokenizer.convert_tokens_to_ids("<|im_start|>")]  # one BOS, from the template
+
+    received = []  # the prompt ids the server made of each request's text
+
+    def recording(model, text):
+        ids = text_prompt_ids(model, text)
+        received.append(ids)
+        return ids
+
+    text_prompt_ids = served.text_prompt_ids
+    monkeypatch.setattr(served, "text_prompt_ids", recording)
+    with serve_in_background(create_app(lm, DEFAULTS, max_batch=4)) as url:
+        backend = OpenAIBackend.connect(f"{url}/v1", "tiny", tokenizer=str(folder))
+        backend.generate(["What is 12 + 35 * 2?"], BudgetForcing(max_thinking_tokens=24, num_ignore=1, max_answer_tokens=6))
+    assert len(received) >= 2 and received[0] == rendered
+    assert all(ids[:1] == [bos_id] and ids[1:2] != [bos_id] for ids in received)

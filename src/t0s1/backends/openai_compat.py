@@ -16,6 +16,12 @@ strings only, and a stop right after a "Wait" then counts as another end of thin
 
 The context length (for ``"auto"`` and the budget checks) comes from the caller, else from the
 server's ``GET /v1/models`` (``max_model_len``, as vLLM, SGLang and ``t0s1 serve`` report it).
+
+A BOS token. Servers tokenize a text prompt as the tokenizer does by default (vLLM's
+``add_special_tokens``, llama.cpp's ``add_bos``, ``t0s1 serve``), so a tokenizer that adds a BOS adds
+one to the prompt; chat templates of such models (Llama 3, DeepSeek-R1-Distill-Llama) write it too.
+The rendered prompt's leading BOS is therefore left out of the text sent, and the server's makes it
+one, as the engine sees it.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class OpenAIBackend(Backend):
         # (llama.cpp's server, Ollama), so it keeps getting the stop strings too.
         self._fields_act = sampling_fields is True
         self._lock = threading.Lock()
+        self._bos_added = adds_bos(tokenizer)
         self.forcing = ClientForcing(tokenizer, detect_profile(tokenizer, reasoning_format).profile, self._complete, context_length=context_length)
 
     @property
@@ -105,9 +112,12 @@ class OpenAIBackend(Backend):
 
         decode = self.tokenizer.decode
         stop = stop_strings(self.tokenizer, request, self.forcing.rules.end_of_turn, ids_sent=self._fields_act)
+        prompt_ids = request.ids
+        if self._bos_added is not None and prompt_ids[:1] == [self._bos_added]:
+            prompt_ids = prompt_ids[1:]  # the server adds it when it tokenizes the text
         fields = {
             "model": self.model_name,
-            "prompt": decode(request.ids, skip_special_tokens=False),
+            "prompt": decode(prompt_ids, skip_special_tokens=False),
             "max_tokens": request.max_tokens,
             "temperature": request.settings.temperature,
             "top_p": request.settings.top_p,
@@ -136,6 +146,16 @@ class OpenAIBackend(Backend):
             raise UserError(f"The completions endpoint failed for model {self.model_name!r}: {type(error).__name__}: {error}") from None
         ids = encode(self.tokenizer, choice.text)[: request.max_tokens]
         return Completion(ids, stopped=choice.finish_reason == "stop")
+
+
+def adds_bos(tokenizer) -> int | None:
+    """The BOS id ``tokenizer`` puts before a text it encodes with its special tokens, as servers
+    encode a completions prompt (None: it adds none, as Qwen's and SmolLM2's)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = list(tokenizer("1", add_special_tokens=True).input_ids)
+    return bos if ids[:1] == [bos] else None
 
 
 def stop_strings(tokenizer, request: Request, end_of_turn, *, ids_sent: bool) -> list[str]:

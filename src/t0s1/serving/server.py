@@ -396,7 +396,13 @@ def completion_prompt_ids(lm: LoadedModel, prompt: str) -> RenderedPrompt:
     tokenizer adds its special tokens (e.g. a BOS) as it does for any raw text."""
     start = lm.profile.thinking_start
     text = prompt if prompt.rstrip().endswith(start) else prompt + start
-    return RenderedPrompt(list(lm.tokenizer(text).input_ids))
+    return RenderedPrompt(text_prompt_ids(lm, text))
+
+
+def text_prompt_ids(lm: LoadedModel, text: str) -> list[int]:
+    """Ids of a ``/v1/completions`` prompt's text, as vLLM makes them: the tokenizer's special
+    tokens added (a tokenizer that adds a BOS adds it)."""
+    return list(lm.tokenizer(text).input_ids)
 
 
 # ---- requests -------------------------------------------------------------------------------------
@@ -853,7 +859,7 @@ async def _plain_continuation(lm, batcher, reply_id, request, body: CompletionRe
         _refuse(getattr(body, name), name, f"{name} cannot be combined with stop: a request with stop is a plain "
                 "continuation without budget forcing.")
     settings = _settings(body, defaults, efforts)
-    prompt = RenderedPrompt(list((await asyncio.to_thread(lm.tokenizer, body.text)).input_ids))
+    prompt = RenderedPrompt(await asyncio.to_thread(text_prompt_ids, lm, body.text))
     outside = sorted({token for token in body.stop_token_ids or () if token >= lm.vocab_size})
     if outside:
         raise APIError(400, f"stop_token_ids: {outside[:5]} {'is' if len(outside) == 1 else 'are'} not in the "
