@@ -9,13 +9,14 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from t0s1.errors import UserError
 from t0s1.forcing import Engine, generate, generate_from_ids
 from t0s1.forcing_rules import BudgetForcing, ForcingRules, render_prompt_ids
-from t0s1.policies import make_policy
+from t0s1.policies import make_policy, rules
 from t0s1.policies.run import generate_with_policy
 
 CONTEXT = 2048
@@ -213,7 +214,12 @@ def test_deepconf_keeps_log_probs_and_votes(tiny_model):
         sampled = result.thinking_tokens + (not result.hit_budget) + result.answer_tokens + (result.finish_reason == "stop")
         assert len(trace.confs) == sampled
         assert all(c > 0 for c in trace.confs) and trace.confidence is not None
-        assert len(trace.result.top_logprobs[0]) == 20
+        # k float32 numbers a token (not a list of Python floats each), largest first; lists in to_dict
+        steps = trace.result.top_logprobs
+        assert steps.dtype == np.float32 and steps.shape == (sampled, 20) and steps.nbytes == sampled * 20 * 4
+        assert (np.diff(steps, axis=1) <= 0).all()
+        assert trace.result.to_dict()["top_logprobs"] == steps.tolist()
+        assert trace.confs == [rules.token_confidence(step.tolist()) for step in steps]
     assert sum(t.voted for t in offline.traces) >= 1
     online = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget,
                                   make_policy("deepconf", {"mode": "online", "warmup": "2", "window": "2", "keep_percent": "10"}, n=6))[0]

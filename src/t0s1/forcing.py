@@ -326,7 +326,7 @@ class Engine:
         while not sequence.done and row.fed >= len(sequence.ids):  # nothing left to feed: sample
             if sequence.keep_logprobs:  # a test-time policy reads the model's confidence
                 top = torch.log_softmax(logits.float(), dim=-1).topk(sequence.keep_logprobs)
-                sequence.note_logprobs(top.values.tolist())
+                sequence.note_logprobs(top.values.cpu().numpy())
             forks += sequence.accept(self._sample(row, logits, argmax))
             self._rewind(row)
         return self._forks(row, forks)

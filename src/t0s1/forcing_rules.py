@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+import numpy as np
+
 from t0s1.errors import UserError
 from t0s1.profiles import THINKING_SWITCH, ModelProfile, resolve_end_phrase
 
@@ -155,9 +157,10 @@ class Result:
     thinking_token_ids: list[int] = field(repr=False)
     answer_token_ids: list[int] = field(repr=False)
     seed: int | None = None
-    top_logprobs: list[list[float]] | None = field(default=None, repr=False)
+    top_logprobs: np.ndarray | None = field(default=None, repr=False, compare=False)
     """With ``keep_logprobs`` (test-time policies): the top-k log-probabilities of every sampled
-    token's step, largest first (thinking and answer, in order)."""
+    token's step, largest first (thinking and answer, in order): float32, ``[tokens, k]``
+    (``to_dict`` gives lists)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -171,6 +174,8 @@ class Result:
             data.pop("answer_token_ids")
         if data.get("top_logprobs") is None:
             data.pop("top_logprobs")
+        else:
+            data["top_logprobs"] = self.top_logprobs.tolist()
         return data
 
 
@@ -387,6 +392,44 @@ class Rider:
     max_thinking: int
 
 
+class LogprobSteps:
+    """The top-k log-probabilities of each sampled step, largest first: k float32 numbers a row in
+    one growing array. DeepConf keeps k = 20 a token for every trace; as lists of Python floats that
+    took about 700 bytes a token, here 4 x k. Indexing gives rows (``steps[i]``) and slices
+    (``steps[a:]``, a ``[rows, k]`` view), as a list of rows would."""
+
+    def __init__(self):
+        self._rows: np.ndarray | None = None
+        self._count = 0
+
+    def append(self, values) -> None:
+        row = np.asarray(values, dtype=np.float32)
+        if self._rows is None:
+            self._rows = np.empty((64, row.shape[0]), dtype=np.float32)
+        elif self._count == len(self._rows):
+            grown = np.empty((2 * len(self._rows), self._rows.shape[1]), dtype=np.float32)
+            grown[: self._count] = self._rows
+            self._rows = grown
+        self._rows[self._count] = row
+        self._count += 1
+
+    def array(self) -> np.ndarray:
+        """A copy of the steps, ``[steps, k]`` (``[0, 0]`` when there are none)."""
+        return self._view().copy()
+
+    def _view(self) -> np.ndarray:
+        return self._rows[: self._count] if self._rows is not None else np.empty((0, 0), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self._view()[index]
+
+    def __iter__(self):
+        return iter(self._view())
+
+
 class Sequence:
     """The state of one generation and the s1 decisions for it, on token ids.
 
@@ -420,7 +463,7 @@ class Sequence:
         # ``keep_logprobs`` = k > 0, how many tokens this sequence sampled, and a watcher of its
         # thinking that may branch it (``on_thinking(sequence, event, written) -> branches``).
         self.keep_logprobs = 0
-        self.top_logprobs: list[list[float]] = []
+        self.top_logprobs = LogprobSteps()
         self.sampled = 0
         self.on_thinking: Callable | None = None
         self.streams = None
@@ -569,7 +612,7 @@ class Sequence:
         if self.streams:
             self.streams["thinking"].rewind()
 
-    def note_logprobs(self, top_logprobs: list[float]) -> None:
+    def note_logprobs(self, top_logprobs) -> None:
         """The top-k log-probabilities (largest first) of the step whose token comes next."""
         self.top_logprobs.append(top_logprobs)
 
@@ -598,7 +641,7 @@ class Sequence:
         fork.__dict__.update(self.__dict__)
         fork.settings, fork.riders, fork.twins, fork.streams, fork.ban_stop = settings, [], [], None, False
         fork.ids, fork.thinking_ids, fork.answer_ids = list(self.ids), list(self.thinking_ids), []
-        fork.on_thinking, fork.top_logprobs, fork.sampled = None, [], 0
+        fork.on_thinking, fork.top_logprobs, fork.sampled = None, LogprobSteps(), 0
         if drop_last:
             fork._truncate_thinking(len(fork.thinking_ids) - drop_last)
         fork._force_end()
@@ -632,7 +675,7 @@ class Sequence:
         fork.ids, fork.thinking_ids, fork.answer_ids = list(self.ids), list(self.thinking_ids), []
         fork.streams = None
         fork.ban_stop = False
-        fork.on_thinking, fork.top_logprobs, fork.sampled = None, [], 0
+        fork.on_thinking, fork.top_logprobs, fork.sampled = None, LogprobSteps(), 0
         if forced:
             fork._force_end()
         else:
@@ -673,7 +716,7 @@ class Sequence:
             thinking_token_ids=list(self.thinking_ids),
             answer_token_ids=list(self.answer_ids),
             seed=None if self.settings.greedy else self.settings.seed,
-            top_logprobs=[list(step) for step in self.top_logprobs] if self.keep_logprobs else None,
+            top_logprobs=self.top_logprobs.array() if self.keep_logprobs else None,
         )
 
 

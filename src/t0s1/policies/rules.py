@@ -29,7 +29,7 @@ def token_confidence(top_logprobs: Sequence[float]) -> float:
     as DeepConf does): high when the model is sure, low when the mass is spread."""
     if not len(top_logprobs):
         raise ValueError("a token's confidence needs at least one log-probability")
-    return round(-float(np.mean(top_logprobs)), 3)
+    return round(-float(np.mean(top_logprobs, dtype=np.float64)), 3)  # float32 rows summed as float64, as lists were
 
 
 def group_confidences(confs: Sequence[float], window: int) -> list[float]:
