@@ -22,7 +22,7 @@ from vllm.reasoning.abs_reasoning_parsers import ReasoningParser
 
 from t0s1.profiles import THINKING_SWITCH, ModelProfile
 from t0s1.vllm_plugin.served_model import served_model, served_model_for
-from t0s1.vllm_plugin.split import hold_trailing, split_reply, thinking_body
+from t0s1.vllm_plugin.split import StreamSplit, split_reply
 
 ACTIVE = False
 """Set once this process has built a t0s1 parser: the server runs with ``--reasoning-parser t0s1``."""
@@ -48,10 +48,7 @@ class T0S1ReasoningParser(ReasoningParser):
         self.thinking_open = self.profile.prefilled and not self.thinking_off
         self.start_ids = self.model.rules.ids(self.profile.thinking_start)
         self.end_ids = list(self.model.rules.end_delimiter)
-        self._sent_reasoning = ""
-        self._sent_content = ""
-        self._ended = False
-        self._streaming = False
+        self._stream: StreamSplit | None = None  # the API server's streamed split, from the first delta
 
     # vLLM's own thinking budget stays off: t0s1's logits processor serves thinking_token_budget.
     @property
@@ -83,8 +80,8 @@ class T0S1ReasoningParser(ReasoningParser):
         return text.rstrip().endswith(self.profile.thinking_end)
 
     def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids: Iterable[int]) -> bool:
-        if self._streaming:  # the API server's parser: what the text split found
-            return self._ended
+        if self._stream is not None:  # the API server's parser: what the text split found
+            return self._stream.ended
         delta = list(delta_ids)
         window = list(input_ids)[-(len(delta) + len(self.end_ids) + 2) :]
         return self.profile.thinking_end in self._decode(window)
@@ -113,39 +110,14 @@ class T0S1ReasoningParser(ReasoningParser):
                                     current_token_ids, delta_token_ids) -> DeltaMessage | None:
         """The new part of the split of ``current_text``: text that could still turn out to be a
         delimiter, and trailing whitespace, wait for more. Once the end delimiter and the first
-        content are there, the reasoning is over (vLLM streams the rest as content itself)."""
-        self._streaming = True
-        reasoning, content = self._partial_split(current_text)
-        delta_reasoning = _new_part(reasoning, self._sent_reasoning)
-        delta_content = _new_part(content, self._sent_content)
-        self._sent_reasoning += delta_reasoning
-        self._sent_content += delta_content
+        content are there, the reasoning is over (vLLM streams the rest as content itself). Each
+        delta costs time in proportion to its own length (``StreamSplit``), not the reply's."""
+        if self._stream is None:
+            self._stream = StreamSplit(self.profile, thinking_open=self.thinking_open)
+        delta_reasoning, delta_content = self._stream.feed(current_text)
         if not delta_reasoning and not delta_content:
             return None
         return DeltaMessage(reasoning=delta_reasoning or None, content=delta_content or None)
-
-    def _partial_split(self, text: str) -> tuple[str, str]:
-        profile = self.profile
-        stripped = text.lstrip()
-        if not stripped:
-            return "", ""
-        body = thinking_body(text, profile, self.thinking_open)
-        if body is None:
-            if profile.thinking_start.startswith(stripped):
-                return "", ""  # maybe the start of the thinking: wait
-            return "", hold_trailing(stripped, None)
-        reasoning, found, content = body.partition(profile.thinking_end)
-        if not found:
-            return hold_trailing(reasoning.lstrip(), profile.thinking_end), ""
-        content = content.lstrip()
-        if content:
-            self._ended = True  # vLLM passes the rest through as content from here
-            return reasoning.strip(), content
-        return reasoning.strip(), ""
-
-
-def _new_part(target: str, sent: str) -> str:
-    return target[len(sent) :] if target.startswith(sent) else ""
 
 
 def _find(ids: Sequence[int], pattern: list[int], start: int = 0) -> int:
