@@ -130,7 +130,6 @@ class QdrantVectors:
             operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=name)))
         elif client.collection_exists(name):
             client.delete_collection(name)
-            before = None
         operations.append(models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=self.collection, alias_name=name)))
         client.update_collection_aliases(change_aliases_operations=operations)  # one atomic change
         if before is not None and before != self.collection and client.collection_exists(before):
@@ -442,8 +441,9 @@ def manifest_differences(existing: dict, wanted: dict) -> list[str]:
     elif old is not None and old != new:
         if old["embedder"] != new["embedder"]:
             differences.append(f"embedder {_describe_embedder(old['embedder'])}, not {_describe_embedder(new['embedder'])}")
-        if _store_as_asked(old["store"]) != _store_as_asked(new["store"]):
-            differences.append(f"vectors in {_compact(_store_as_asked(old['store']))}, not {_compact(_store_as_asked(new['store']))}")
+        old_store, new_store = _store_as_asked(old["store"]), _store_as_asked(new["store"])
+        if old_store != new_store:
+            differences.append(f"vectors in {_compact(old_store)}, not {_compact(new_store)}")
     return differences
 
 

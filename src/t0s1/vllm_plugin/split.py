@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from t0s1.profiles import ModelProfile
+
+_VISIBLE = re.compile(r"\S")
+"""A non-whitespace character (``str.strip``'s whitespace)."""
 
 
 def split_reply(text: str, profile: ModelProfile, *, thinking_open: bool) -> tuple[str | None, str | None]:
@@ -53,9 +58,9 @@ class StreamSplit:
 
     def feed(self, text: str) -> tuple[str, str]:
         """(new reasoning, new content) of ``text``, the reply so far."""
-        for index in range(self._seen, len(text)):
-            if not text[index].isspace():
-                self._visible_to = index + 1
+        visible = len(text[self._seen :].rstrip())
+        if visible:
+            self._visible_to = self._seen + visible
         self._seen = len(text)
         if self._lead is None:
             self._lead = self._next_visible(text, 0)
@@ -110,13 +115,11 @@ class StreamSplit:
         """The first non-whitespace character of ``text[start:stop]`` (None: none yet); the
         whitespace looked at is not looked at again for the same ``start``."""
         stop = len(text) if stop is None else stop
-        index = max(self._blank_to.get(start, start), start)
-        while index < stop:
-            if not text[index].isspace():
-                return index
-            index += 1
-        self._blank_to[start] = index
-        return None
+        found = _VISIBLE.search(text, max(self._blank_to.get(start, start), start), stop)
+        if found is None:
+            self._blank_to[start] = stop
+            return None
+        return found.start()
 
     def _visible_end(self, text: str, first: int, stop: int) -> int:
         """``stop`` moved back over whitespace, not before ``first``: the reply's last visible
