@@ -132,6 +132,26 @@ def test_forks_continue_like_from_scratch_runs(make_runner, scratch, prompts):
     assert torch.equal(logits[0], from_scratch(scratch, prompt, branches[child] + [13]))
 
 
+def test_a_kept_copy_forks_like_its_prompt_prefilled_again(make_runner, scratch, prompts):
+    """``keep`` saves a slot's cells apart from the context (it holds no slot); ``fork_kept`` starts
+    slots from them after the original has left and the context has grown twice since: each goes on
+    as the prompt prefilled from scratch."""
+    runner = make_runner(max_slots=1)
+    prompt = prompts[1]
+    (slot,), logits = runner.add([prompt])
+    kept = runner.keep(slot)
+    runner.release(slot)
+    assert runner.free_slots == 1
+    runner.add([prompts[0], prompts[2]])  # 2 slots: the context grows, its streams with it
+    first, second = runner.fork_kept(kept), runner.fork_kept(kept)  # 4 slots
+    assert runner.max_slots == 4 and runner.length(first) == runner.length(second) == len(prompt)
+    token = int(logits[0].argmax())
+    after = runner.step([first, second], [token, 28])
+    assert torch.equal(after[0], from_scratch(scratch, prompt, [token]))
+    assert torch.equal(after[1], from_scratch(scratch, prompt, [28]))
+    runner.drop_kept(kept)
+
+
 def test_rollback_then_another_token_equals_from_scratch(make_runner, scratch, prompts):
     runner = make_runner()
     prompt = prompts[0]
@@ -461,6 +481,27 @@ def test_a_sweep_of_more_rows_than_llama_cpp_holds_starts_prompts_as_rows_free_u
         for i, result in enumerate(generate(gguf_lm, prompts, settings[j])):
             assert swept[i][j].thinking_token_ids == result.thinking_token_ids, (i, j)
             assert swept[i][j].answer_token_ids == result.answer_token_ids, (i, j)
+
+
+def test_deepconf_online_forks_its_later_traces_from_the_kept_prefill(gguf_lm, monkeypatch):
+    """On llama.cpp too, DeepConf online's later traces (each starting after the warm-up has left)
+    fork the prompt's kept prefill instead of prefilling it again, and sample as trace j alone."""
+    from t0s1 import BudgetForcing
+    from t0s1.forcing import generate
+    from t0s1.policies import make_policy, rules
+    from t0s1.policies.run import generate_with_policy
+
+    monkeypatch.setattr(rules, "warmup_threshold", lambda lowest, keep_percent: float("-inf"))  # no trace stops early
+    prefilled, original = [], LlamaCppRunner.add
+    monkeypatch.setattr(LlamaCppRunner, "add", lambda self, ids: (prefilled.append(len(ids)), original(self, ids))[1])
+    budget = BudgetForcing(max_thinking_tokens=12, max_answer_tokens=4, temperature=0.8, seed=3)
+    answers = iter(range(100))  # never a consensus: every trace runs
+    policy = make_policy("deepconf", {"mode": "online", "warmup": "2", "window": "4"}, n=4)
+    out = generate_with_policy(gguf_lm, [BACKEND_PROMPTS[1]], budget, policy, extract=lambda text: str(next(answers)))[0]
+    assert prefilled == [1] and len(out.traces) == 4
+    for j in (2, 3):  # later traces run alone in their wave, as trace j alone does
+        alone = generate(gguf_lm, [BACKEND_PROMPTS[1]], BudgetForcing(max_thinking_tokens=12, max_answer_tokens=4, temperature=0.8, seed=3 + j))[0]
+        assert out.traces[j].result.thinking_token_ids == alone.thinking_token_ids
 
 
 def test_more_prompts_than_llama_cpp_holds_start_as_others_finish(gguf_lm):

@@ -266,6 +266,7 @@ def test_lm_eval_model_runs_a_policy(tiny_model):
 
     from t0s1.backends.engine import EngineBackend
     from t0s1.lm_eval import T0S1LM
+    from t0s1.lm_eval.model import harness_answer
 
     settings = {"max_thinking_tokens": 8, "max_answer_tokens": 4, "temperature": 0.7, "seed": 0}
     model = T0S1LM(backend=EngineBackend(tiny_model), progress=False, policy="vote", n=3, **settings)
@@ -274,8 +275,10 @@ def test_lm_eval_model_runs_a_policy(tiny_model):
     from t0s1.evaluation.runner import sample_seed
 
     seeded = BudgetForcing(**{**settings, "seed": sample_seed(0, 0, 0)})  # the harness seeds (question, k) as t0s1 eval
-    expected = generate_with_policy(tiny_model, ["What is 1 + 2?"], seeded, make_policy("vote", n=3))[0]
+    expected = generate_with_policy(tiny_model, ["What is 1 + 2?"], seeded, make_policy("vote", n=3), extract=harness_answer)[0]
     assert text == tiny_model.profile.assistant_content(expected.result.thinking, expected.answer)
+    # the task's answer kind is unknown inside the harness: math, else a choice letter, else the first line
+    assert [harness_answer(reply) for reply in ("so \\boxed{12}.", "It must be (B).", "Paris\nsurely", "")] == ["12", "B", "Paris", None]
     assert model.get_model_info()["policy"] == "vote[n=3]"
     with pytest.raises(UserError, match="need policy=NAME"):
         T0S1LM(backend=EngineBackend(tiny_model), progress=False, n=3)
@@ -349,6 +352,31 @@ def test_deepconf_online_samples_in_waves_until_consensus(tiny_model, monkeypatc
     assert len(out.traces) == started
     assert out.voted in answers and (out.voted == "a" or started == 6)
     assert out.total_tokens == sum(t.generated_tokens for t in out.traces)
+
+
+def test_deepconf_online_forks_its_later_traces_from_the_kept_prefill(tiny_model_dir, monkeypatch):
+    """DeepConf online's later traces start after the warm-up traces have left the engine: they
+    fork the prompt's prefill, kept for them, instead of prefilling the prompt again (n samples of
+    one prompt, one prefill), and each samples as trace j alone; the copy is dropped once its
+    prompt is done. (float64: the later traces of two prompts share a batch, and only in float64
+    does a row's result not depend on its neighbours to the last bit.)"""
+    from t0s1.forcing import TorchRunner
+    from t0s1.models import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float64)
+    monkeypatch.setattr(rules, "warmup_threshold", lambda lowest, keep_percent: float("-inf"))  # no trace stops early
+    prefilled, dropped, original_add, original_drop = [], [], TorchRunner.add, TorchRunner.drop_kept
+    monkeypatch.setattr(TorchRunner, "add", lambda self, ids: (prefilled.append(len(ids)), original_add(self, ids))[1])
+    monkeypatch.setattr(TorchRunner, "drop_kept", lambda self, handle: (dropped.append(handle in self.kept), original_drop(self, handle))[1])
+    budget = BudgetForcing(max_thinking_tokens=10, max_answer_tokens=3, temperature=0.8, seed=3)
+    answers = iter(range(100))  # never a consensus: every trace runs
+    policy = make_policy("deepconf", {"mode": "online", "warmup": "2", "window": "4"}, n=5)
+    out = generate_with_policy(lm, ["What is 1 + 2?", "Hi"], budget, policy, extract=lambda text: str(next(answers)))
+    assert prefilled == [2] and all(len(o.traces) == 5 for o in out)
+    assert dropped == [True, True]
+    for j in range(5):
+        alone = generate(lm, ["Hi"], BudgetForcing(max_thinking_tokens=10, max_answer_tokens=3, temperature=0.8, seed=3 + j))[0]
+        assert out[1].traces[j].result.thinking_token_ids == alone.thinking_token_ids
 
 
 def test_deepconf_online_later_traces_below_the_threshold_do_not_vote(tiny_model, monkeypatch):

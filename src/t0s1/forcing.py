@@ -203,28 +203,59 @@ class Engine:
         self.vocab_size = lm.vocab_size
         self.rows: list[_Row] = []
         self.logits: torch.Tensor | None = None  # one row of logits per row of self.rows
+        self.keeps: dict[tuple[int, ...], int] = {}  # prompt ids -> how many asked to keep its prefill
+        self.kept: dict[tuple[int, ...], tuple[object, torch.Tensor]] = {}  # prompt ids -> (runner's copy, logits)
 
     @property
     def active(self) -> int:
         return len(self.rows)
+
+    def keep_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """Keep the prefilled cache of this prompt after its sequences leave: sequences of it added
+        later fork that copy instead of prefilling the prompt again (DeepConf online's later
+        traces). One ``release_prompt`` for each call lets it go. On a runner that cannot keep a
+        copy (no ``keep``), the prompt is prefilled again."""
+        key = tuple(prompt_ids)
+        self.keeps[key] = self.keeps.get(key, 0) + 1
+
+    def release_prompt(self, prompt_ids: Sequence[int]) -> None:
+        key = tuple(prompt_ids)
+        self.keeps[key] -= 1
+        if not self.keeps[key]:
+            del self.keeps[key]
+            kept = self.kept.pop(key, None)
+            if kept is not None:
+                self.runner.drop_kept(kept[0])
 
     def add(self, sequences: list[ForcedSequence]) -> None:
         """Prefill the prompts of new sequences; they take part from the next ``step``."""
         if not sequences:
             return
         # One prefill per distinct prompt: the other sequences of that prompt (a policy's n samples)
-        # fork its KV cache.
+        # fork its KV cache, or the copy kept of it (keep_prompt).
         first: dict[tuple[int, ...], int] = {}
         for sequence in sequences:
-            first.setdefault(tuple(sequence.prompt_ids), len(first))
-        prefilled, logits = self.runner.add([list(ids) for ids in first])
-        owners = [first[tuple(s.prompt_ids)] for s in sequences]
-        slots, taken = [], set()
-        for owner in owners:
-            slots.append(prefilled[owner] if owner not in taken else self.runner.fork(prefilled[owner]))
-            taken.add(owner)
+            if tuple(sequence.prompt_ids) not in self.kept:
+                first.setdefault(tuple(sequence.prompt_ids), len(first))
+        prefilled, logits = self.runner.add([list(ids) for ids in first]) if first else ([], None)
+        for key, owner in first.items():
+            copy_of_prompt = self.runner.keep(prefilled[owner]) if key in self.keeps and hasattr(self.runner, "keep") else None
+            if copy_of_prompt is not None:
+                self.kept[key] = (copy_of_prompt, logits[owner].clone())
+        slots, rows_logits, taken = [], [], set()
+        for sequence in sequences:
+            key = tuple(sequence.prompt_ids)
+            if key in first:
+                owner = first[key]
+                slots.append(prefilled[owner] if owner not in taken else self.runner.fork(prefilled[owner]))
+                rows_logits.append(logits[owner])
+                taken.add(owner)
+            else:
+                copy_of_prompt, prompt_logits = self.kept[key]
+                slots.append(self.runner.fork_kept(copy_of_prompt))
+                rows_logits.append(prompt_logits)
         if len(first) < len(sequences):
-            logits = logits[torch.tensor(owners, device=logits.device)]
+            logits = torch.stack([row.to(rows_logits[0].device) for row in rows_logits])
         for sequence, slot in zip(sequences, slots, strict=True):
             row = _Row(sequence, slot, fed=len(sequence.prompt_ids))
             if not sequence.settings.greedy:
@@ -445,6 +476,7 @@ class TorchRunner:
         self.rollbacks: dict[int, int] = {}  # columns to mask out at the next step, per slot
         self.row_of: dict[int, int] = {}  # slot -> cache row it reads (a fork reads its parent's)
         self.next_slot = 0
+        self.kept: dict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]], int]] = {}  # keep(): (keys, values) per layer, length
 
     def add(self, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor]:
         from transformers import DynamicCache
@@ -496,13 +528,53 @@ class TorchRunner:
         self.rollbacks[slot] = self.rollbacks.get(slot, 0) + count
         self.lengths[slot] -= count
 
+    def keep(self, slot: int) -> int | None:
+        """A copy of a slot just added (its tokens are its row's last columns), held apart from the
+        batch until ``drop_kept``: ``fork_kept`` starts new slots from it. None where the cache is
+        not a plain one (a sliding window drops columns)."""
+        if not self._plain_cache():
+            return None
+        row, length = self.row_of[slot], self.lengths[slot]
+        layers = [(layer.keys[row : row + 1, :, -length:].clone(), layer.values[row : row + 1, :, -length:].clone())
+                  for layer in self.cache.layers]
+        handle = self.next_slot  # numbered with the slots, never reused
+        self.next_slot += 1
+        self.kept[handle] = (layers, length)
+        return handle
+
+    def fork_kept(self, handle: int) -> int:
+        """A new slot holding the kept copy ``handle`` (as ``add`` would after prefilling it)."""
+        from transformers import DynamicCache
+
+        layers, length = self.kept[handle]
+        cache = DynamicCache(config=self.model.config)
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys.clone(), values.clone(), index)
+        mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        slot = self.next_slot
+        self.next_slot += 1
+        if self.cache is None or not self.lengths:
+            self.cache, self.mask, self.order = cache, mask, [slot]
+        else:
+            self._join(cache, mask, [slot])
+        self.lengths[slot] = length
+        self.row_of[slot] = self.order.index(slot)
+        return slot
+
+    def drop_kept(self, handle: int | None) -> None:
+        self.kept.pop(handle, None)
+
     def release(self, slot: int) -> None:
         self.lengths.pop(slot, None)
         self.rollbacks.pop(slot, None)
         if not self.lengths:  # every sequence has left (a server between requests): free the cache
-            self.close()
+            self._free_rows()
 
     def close(self) -> None:
+        self._free_rows()
+        self.kept.clear()
+
+    def _free_rows(self) -> None:
         self.cache = self.mask = None
         self.order, self.row_of = [], {}
 

@@ -427,6 +427,30 @@ class LlamaCppRunner:
         self._lengths[new] = length
         return new
 
+    def keep(self, slot: int) -> tuple:
+        """A copy of ``slot``'s cache held apart from the context (the saved cells: no slot, no
+        stream, so the streams in use stay consecutive), until dropped: ``fork_kept`` starts new
+        slots from it."""
+        length, stream = self._length(slot), self._stream[slot]
+        return bytes(self._saved_state(self._context, stream)), stream, self.max_slots, length
+
+    def fork_kept(self, kept: tuple) -> int:
+        """A new slot holding the copy ``kept`` (``keep``), as if its prompt had just been prefilled."""
+        data, stream, streams, length = kept
+        (new,) = self._take(1)  # first: the context may grow
+        try:
+            if streams != self.max_slots:  # the context has grown since the copy was saved
+                data = _restream(data, stream, streams, self.max_slots)
+            self._restore_state(self._context, data, self._stream[new])
+        except BaseException:
+            self._drop(new)
+            raise
+        self._lengths[new] = length
+        return new
+
+    def drop_kept(self, kept: tuple) -> None:
+        """Nothing to free in llama.cpp: the copy is Python bytes."""
+
     def rollback(self, slot: int, count: int) -> None:
         """Drop the last ``count`` tokens of ``slot``'s cache. Feed a token next: the logits after
         the kept tokens are not stored."""
@@ -550,19 +574,28 @@ class LlamaCppRunner:
         """Copy ``stream``'s cells (positions, keys, values: the bytes, so the copy computes what the
         original would) from context ``source`` to stream ``new`` of context ``target``.
         ``streams``: the two contexts' numbers of streams, where they differ."""
+        data = self._saved_state(source, stream)
+        if streams is not None and streams[0] != streams[1]:
+            data = _restream(bytes(data), stream, *streams)
+        self._restore_state(target, data, new)
+
+    def _saved_state(self, context, stream: int):
+        """``stream``'s cells as llama.cpp saves them, in the runner's reused buffer (copy to keep)."""
         ll = self._ll
-        size = ll.llama_state_seq_get_size(source, stream)
+        size = ll.llama_state_seq_get_size(context, stream)
         if len(self._state) < size:
             self._state = bytearray(size)
         buffer = (ctypes.c_uint8 * size).from_buffer(self._state)
-        if ll.llama_state_seq_get_data(source, buffer, size, stream) != size:
+        if ll.llama_state_seq_get_data(context, buffer, size, stream) != size:
             raise RuntimeError("llama.cpp could not save a sequence's cache.")
-        data = buffer
-        if streams is not None and streams[0] != streams[1]:
-            data = _restream(bytes(buffer), stream, *streams)
-            size = len(data)
+        return buffer
+
+    def _restore_state(self, context, data, stream: int) -> None:
+        """Restore saved cells (``_saved_state``, or bytes) into ``stream`` of ``context``."""
+        size = len(data)
+        if isinstance(data, bytes | bytearray):
             data = (ctypes.c_uint8 * size).from_buffer_copy(data)
-        if ll.llama_state_seq_set_data(target, data, size, new) != size:
+        if self._ll.llama_state_seq_set_data(context, data, size, stream) != size:
             raise RuntimeError("llama.cpp could not restore a sequence's cache.")
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> torch.Tensor:

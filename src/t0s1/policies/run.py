@@ -154,6 +154,8 @@ def _run(lm, controllers: list, policy: Policy, started: float, bar) -> None:
     sequences = [s for c in first for s in c.start()]
     longest = [lm.rules.sequence(None, c.prompt, c.budget) for c in controllers]  # sizes the runner for every prompt
     engine = Engine(lm, runner=_runner_for(lm, sequences + [s for c in first for s in c.reserve()], later=longest))
+    for c in first:
+        c.keep_prompt(engine)
     done = 0
     try:
         with torch.inference_mode():
@@ -170,7 +172,10 @@ def _run(lm, controllers: list, policy: Policy, started: float, bar) -> None:
                     added += c.after_step(engine)
                 if added:
                     engine.add(added)
-                engine.add([s for c in admission.next(engine) for s in c.start()])
+                admitted = admission.next(engine)
+                for c in admitted:
+                    c.keep_prompt(engine)
+                engine.add([s for c in admitted for s in c.start()])
                 now = sum(c.complete for c in controllers)
                 bar.advance(now - done)
                 done = now
@@ -193,6 +198,7 @@ class _Controller:
         self.generated = 0  # tokens sampled by every sequence of this prompt that left the engine
         self.probes = 0
         self.complete = False
+        self.kept_prompt: list[int] | None = None  # the prompt whose prefill the engine keeps for later traces
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -219,6 +225,13 @@ class _Controller:
     def reserve(self) -> list:
         """Sequences that may join later (sizes the runner); none by default."""
         return []
+
+    def keep_prompt(self, engine) -> None:
+        """Have the engine keep the prompt's prefill when traces will start after the first ones
+        have left (``reserve``): they fork it instead of prefilling the prompt again."""
+        if self.reserve():
+            self.kept_prompt = list(self.prompt.ids)
+            engine.keep_prompt(self.kept_prompt)
 
     def peak_rows(self) -> int:
         """The most sequences of this prompt in the engine at once."""
@@ -261,6 +274,9 @@ class _Controller:
         """Decisions after a step (cancel traces, start more); new sequences to add."""
         if not self.complete and not self.live:
             self.complete = True
+        if self.complete and self.kept_prompt is not None:
+            engine.release_prompt(self.kept_prompt)
+            self.kept_prompt = None
         return []
 
     # ---- the outcome ------------------------------------------------------------------------
