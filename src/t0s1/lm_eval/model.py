@@ -81,7 +81,8 @@ class T0S1LM(LM):
     gen_kwargs override them.
     policy, n, policy_KEY: a test-time policy over budget forcing (``t0s1.policies``, e.g.
         ``policy=deepconf,n=8,policy_window=64,temperature=0.6``): the reply is that of the trace
-        carrying the vote. Engine backends (transformers, llama.cpp) only.
+        carrying the vote, and the vote reads each trace's reply cut at the request's stop strings
+        with ``harness_answer``. Engine backends (transformers, llama.cpp) only.
     """
 
     def __init__(
@@ -206,10 +207,12 @@ class T0S1LM(LM):
         from t0s1.policies.run import generate_with_policy
 
         out: list = [None] * len(prompts)
-        for budget in dict.fromkeys(budgets):
-            chosen = [i for i, b in enumerate(budgets) if b == budget]
+        groups = [(budget, tuple(until)) for budget, until in zip(budgets, untils, strict=True)]
+        for budget, until in dict.fromkeys(groups):
+            chosen = [i for i, group in enumerate(groups) if group == (budget, until)]
             results = generate_with_policy(self.backend.lm, [prompts[i] for i in chosen], budget, self.policy,
-                                           chat_template_kwargs=self.backend.chat_template_kwargs)
+                                           chat_template_kwargs=self.backend.chat_template_kwargs,
+                                           extract=lambda text, until=until: harness_answer(cut_at_stop(text, until)))
             for i, result in zip(chosen, results, strict=True):
                 out[i] = (result.result, cut_at_stop(result.answer, untils[i]))
         return out
@@ -311,6 +314,16 @@ class _Job:
     @property
     def key(self) -> tuple:
         return (self.task, repr(self.prompt), self.budget, tuple(self.until), self.unrepeatable)
+
+
+def harness_answer(text: str) -> str | None:
+    """The answer a reply gives, for a policy's vote inside lm-eval, where the task's answer kind is
+    not known: a math answer (``\\boxed{}``, "Final Answer:", the last number), else a choice letter,
+    else the first line (so a multiple-choice or free-text task still votes, instead of every trace
+    reading None and the first trace answering)."""
+    from t0s1.evaluation.grading import extract_answer
+
+    return extract_answer(text, "math") or extract_answer(text, "choice") or extract_answer(text, "exact")
 
 
 def cut_at_stop(answer: str, until: Sequence[str]) -> str:

@@ -138,7 +138,8 @@ class DeepConf(Policy):
         _check_range(self, "consensus", 0, 1, low_open=True)
         if self.mode == "online" and self.n <= self.warmup:
             raise UserError(f"deepconf online: n={self.n} leaves no trace after the {self.warmup} warm-up traces; "
-                            f"raise n or lower the parameter warmup.")
+                            f"give more traces than the warm-up (e.g. n={2 * self.warmup}; the paper samples up to 512) "
+                            f"or a smaller warm-up (e.g. warmup={max(1, self.n // 4)}).")
 
 
 @dataclass(frozen=True)
