@@ -3,14 +3,15 @@
     python bench/policies.py --run runs/quickstart             # after `t0s1 quickstart`
     python bench/policies.py --run runs/quickstart --problems 60 --traces 8   # a quicker look
     python bench/policies.py --run runs/quickstart --parts exit               # early exit and probing only
-    python bench/policies.py --run runs/quickstart --parts online --problems 600   # as docs/policies.md measured it
+    python bench/policies.py --run runs/quickstart --parts parallel --problems 600  # as docs/policies.md measured it
 
 Held-out problems: the quickstart's 100 test problems and the next ones its generator makes after
 its 1,000 training problems (never trained on), 300 by default. Every policy runs on the same
 engine (llama.cpp on the exported GGUF when the run has one, else transformers) and is graded as
 `t0s1 eval` grades the quickstart task. Ratios are printed against the goals:
 
-- DeepConf offline at n = 8 >= majority vote at n = 8 on the same traces, and both > greedy;
+- DeepConf offline at n = 8 (the paper's defaults) >= majority vote at n = 8 on the same traces,
+  and both > greedy;
 - DeepConf online at n = 16: >= 40% fewer total tokens than majority vote at n = 16, accuracy
   within 1 point (run twice: the default threshold, keep_percent 90, and DeepConf-low, 10);
 - early exit or probing with num_ignore 2 at the largest budget: accuracy within 1 point of
@@ -75,7 +76,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256, help="the largest thinking budget")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--window", type=int, default=16, help="DeepConf's group window (2,048 in the paper; traces here are ~50 tokens)")
+    parser.add_argument("--window", type=int, default=16,
+                        help="DeepConf online's window (2,048 in the paper: it could never stop a trace here, ~50 to 250 tokens). "
+                        "Offline runs with the policy's defaults, the paper's: window 2,048, so each trace here is one group")
     parser.add_argument("--warmup", type=int, default=3,
                         help="DeepConf online's warm-up traces at n=16 (the paper: 16 of 512; docs/policies.md gives 2 to 8)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per engine call")
@@ -114,12 +117,11 @@ def main() -> None:
     def run_policy(budget, name, policy_args=None, n=None):
         return run(lm, problems, budget, make_policy(name, policy_args, n=n), args.batch)
 
-    window = {"window": str(args.window)}
-    online = {**window, "mode": "online", "warmup": str(args.warmup)}
+    online = {"window": str(args.window), "mode": "online", "warmup": str(args.warmup)}
     record("greedy (budget)", *run_policy(greedy, "budget"))
     print("\nGoals")
     if "parallel" in parts:
-        offline, seconds = run_policy(sampled, "deepconf", window, n_offline)
+        offline, seconds = run_policy(sampled, "deepconf", None, n_offline)
         record(f"deepconf offline n={n_offline}", offline, seconds)
         majority = [rules.majority_vote([t.answer for t in o.traces]) for o in offline]  # the same traces
         vote = 100.0 * sum(v is not None and answers_match(v, p["solution"], "number") for v, p in zip(majority, problems, strict=True)) / len(problems)
