@@ -13,7 +13,7 @@ engine (llama.cpp on the exported GGUF when the run has one, else transformers) 
 - DeepConf offline at n = 8 (the paper's defaults) >= majority vote at n = 8 on the same traces,
   and both > greedy;
 - DeepConf online at n = 16: >= 40% fewer total tokens than majority vote at n = 16, accuracy
-  within 1 point (run twice: the default threshold, keep_percent 90, and DeepConf-low, 10);
+  within 1 point (the default threshold, keep_percent 90; the part "low" adds DeepConf-low, 10);
 - early exit or probing with num_ignore 2 at the largest budget: accuracy within 1 point of
   budget forcing with num_ignore 2 at <= 60% of its thinking tokens.
 """
@@ -84,9 +84,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="prompts per engine call")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="write the table here as JSON")
-    parser.add_argument("--parts", default="parallel,online,exit",
+    parser.add_argument("--parts", default="parallel,online,low,exit",
                         help="comma-separated: parallel (DeepConf offline vs vote at n/2), online (DeepConf online vs "
-                        "vote at n), exit (early exit and probing vs budget forcing with 2 Waits); greedy always runs")
+                        "vote at n), low (DeepConf-low online, keep_percent 10, vs vote at n), exit (early exit and "
+                        "probing vs budget forcing with 2 Waits); greedy always runs")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -110,9 +111,9 @@ def main() -> None:
         print(f"{name:32} accuracy {correct:6.2f}%  total tokens {tokens:9d}  thinking/answer {thinking:7.1f}  {seconds:7.1f} s", flush=True)
 
     parts = {part.strip() for part in args.parts.split(",") if part.strip()}
-    unknown = parts - {"parallel", "online", "exit"}
+    unknown = parts - {"parallel", "online", "low", "exit"}
     if unknown:
-        parser.error(f"--parts: unknown {', '.join(sorted(unknown))} (parallel, online, exit)")
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))} (parallel, online, low, exit)")
 
     def run_policy(budget, name, policy_args=None, n=None):
         return run(lm, problems, budget, make_policy(name, policy_args, n=n), args.batch)
@@ -128,16 +129,19 @@ def main() -> None:
         record(f"vote n={n_offline} (same traces)", offline, seconds, voted=vote)
         print(f"  deepconf offline n={n_offline} - vote n={n_offline}: {table[f'deepconf offline n={n_offline}']['accuracy'] - vote:+.2f} "
               f"points (goal >= 0); vote - greedy {vote - table['greedy (budget)']['accuracy']:+.2f} (goal > 0)", flush=True)
-    if "online" in parts:
-        record(f"vote n={n_online}", *run_policy(sampled, "vote", None, n_online))
-        record(f"deepconf online n={n_online}", *run_policy(sampled, "deepconf", online, n_online))
-        # DeepConf-low: the threshold at the 90th percentile of the warm-up (keep_percent 10), the
-        # setting of the paper's largest savings and of its online example script.
-        record(f"deepconf-low online n={n_online}", *run_policy(sampled, "deepconf", {**online, "keep_percent": "10"}, n_online))
-        for name in (f"deepconf online n={n_online}", f"deepconf-low online n={n_online}"):
-            saved = 1 - table[name]["total_tokens"] / table[f"vote n={n_online}"]["total_tokens"]
+    # DeepConf online at the default threshold (keep_percent 90) and DeepConf-low (keep_percent 10:
+    # the threshold at the warm-up's 90th percentile, the paper's largest savings and its online
+    # example script's setting), each against the vote at the same n
+    thresholds = {part: policy_args for part, policy_args in (("online", online), ("low", {**online, "keep_percent": "10"})) if part in parts}
+    if thresholds:
+        vote_name = f"vote n={n_online}"
+        record(vote_name, *run_policy(sampled, "vote", None, n_online))
+        for part, policy_args in thresholds.items():
+            name = f"deepconf{'-low' if part == 'low' else ''} online n={n_online}"
+            record(name, *run_policy(sampled, "deepconf", policy_args, n_online))
+            saved = 1 - table[name]["total_tokens"] / table[vote_name]["total_tokens"]
             print(f"  {name} tokens saved vs vote: {100 * saved:.1f}% (goal >= 40%), accuracy "
-                  f"{table[name]['accuracy'] - table[f'vote n={n_online}']['accuracy']:+.2f} points (goal within 1)", flush=True)
+                  f"{table[name]['accuracy'] - table[vote_name]['accuracy']:+.2f} points (goal within 1)", flush=True)
     if "exit" in parts:
         record("budget num_ignore=2", *run_policy(waits, "budget"))
         record("early-exit num_ignore=2", *run_policy(waits, "early-exit"))
