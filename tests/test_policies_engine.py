@@ -260,7 +260,7 @@ def test_generate_command_with_a_policy(tiny_model_dir):
     assert unknown.returncode == 2 and "unknown policy 'beam'" in unknown.stderr + unknown.stdout
 
 
-def test_lm_eval_model_runs_a_policy(tiny_model):
+def test_lm_eval_model_runs_a_policy(tiny_model, tiny_model_dir):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
@@ -284,6 +284,9 @@ def test_lm_eval_model_runs_a_policy(tiny_model):
         T0S1LM(backend=EngineBackend(tiny_model), progress=False, n=3)
     with pytest.raises(UserError, match="no parameter 'windw'"):
         T0S1LM(backend=EngineBackend(tiny_model), progress=False, policy="deepconf", policy_windw=3)
+    with pytest.raises(UserError, match=r"policy=deepconf runs on the engine backends \(transformers, llamacpp\), not openai"):
+        T0S1LM(pretrained=str(tiny_model_dir), backend="openai", base_url="http://127.0.0.1:9/v1", tokenizer=str(tiny_model_dir),
+               policy="deepconf", progress=False)  # refused before any request (nothing listens there)
 
 
 def test_parameters_from_json_and_top_k_beyond_the_vocabulary(tiny_model, monkeypatch):
