@@ -132,12 +132,13 @@ def main() -> None:
     # DeepConf online at the default threshold (keep_percent 90) and DeepConf-low (keep_percent 10:
     # the threshold at the warm-up's 90th percentile, the paper's largest savings and its online
     # example script's setting), each against the vote at the same n
-    thresholds = {part: policy_args for part, policy_args in (("online", online), ("low", {**online, "keep_percent": "10"})) if part in parts}
-    if thresholds:
+    online_runs = {"online": (f"deepconf online n={n_online}", online),
+                   "low": (f"deepconf-low online n={n_online}", {**online, "keep_percent": "10"})}
+    chosen = [online_runs[part] for part in online_runs if part in parts]
+    if chosen:
         vote_name = f"vote n={n_online}"
         record(vote_name, *run_policy(sampled, "vote", None, n_online))
-        for part, policy_args in thresholds.items():
-            name = f"deepconf{'-low' if part == 'low' else ''} online n={n_online}"
+        for name, policy_args in chosen:
             record(name, *run_policy(sampled, "deepconf", policy_args, n_online))
             saved = 1 - table[name]["total_tokens"] / table[vote_name]["total_tokens"]
             print(f"  {name} tokens saved vs vote: {100 * saved:.1f}% (goal >= 40%), accuracy "

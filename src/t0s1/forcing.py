@@ -233,18 +233,18 @@ class Engine:
             return
         # One prefill per distinct prompt: the other sequences of that prompt (a policy's n samples)
         # fork its KV cache, or the copy kept of it (keep_prompt).
+        keys = [tuple(sequence.prompt_ids) for sequence in sequences]
         first: dict[tuple[int, ...], int] = {}
-        for sequence in sequences:
-            if tuple(sequence.prompt_ids) not in self.kept:
-                first.setdefault(tuple(sequence.prompt_ids), len(first))
+        for key in keys:
+            if key not in self.kept:
+                first.setdefault(key, len(first))
         prefilled, logits = self.runner.add([list(ids) for ids in first]) if first else ([], None)
         for key, owner in first.items():
             copy_of_prompt = self.runner.keep(prefilled[owner]) if key in self.keeps and hasattr(self.runner, "keep") else None
             if copy_of_prompt is not None:
                 self.kept[key] = (copy_of_prompt, logits[owner].clone())
         slots, rows_logits, taken = [], [], set()
-        for sequence in sequences:
-            key = tuple(sequence.prompt_ids)
+        for key in keys:
             if key in first:
                 owner = first[key]
                 slots.append(prefilled[owner] if owner not in taken else self.runner.fork(prefilled[owner]))
@@ -255,7 +255,7 @@ class Engine:
                 slots.append(self.runner.fork_kept(copy_of_prompt))
                 rows_logits.append(prompt_logits)
         if len(first) < len(sequences):
-            logits = torch.stack([row.to(rows_logits[0].device) for row in rows_logits])
+            logits = torch.stack(rows_logits)
         for sequence, slot in zip(sequences, slots, strict=True):
             row = _Row(sequence, slot, fed=len(sequence.prompt_ids))
             if not sequence.settings.greedy:
@@ -490,16 +490,7 @@ class TorchRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, start=0)
-        slots = list(range(self.next_slot, self.next_slot + len(prompts)))
-        self.next_slot += len(prompts)
-        if self.cache is None or not self.lengths:  # no sequence left in the cache: start afresh
-            self.cache, self.mask, self.order = cache, mask, list(slots)
-        else:
-            self._join(cache, mask, slots)
-        for slot, ids in zip(slots, prompts, strict=True):
-            self.lengths[slot] = len(ids)
-            self.row_of[slot] = self.order.index(slot)
-        return slots, logits
+        return self._attach(cache, mask, [len(ids) for ids in prompts]), logits
 
     def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         self._arrange(slots)
@@ -550,16 +541,22 @@ class TorchRunner:
         cache = DynamicCache(config=self.model.config)
         for index, (keys, values) in enumerate(layers):
             cache.update(keys.clone(), values.clone(), index)
-        mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        slot = self.next_slot
-        self.next_slot += 1
-        if self.cache is None or not self.lengths:
-            self.cache, self.mask, self.order = cache, mask, [slot]
-        else:
-            self._join(cache, mask, [slot])
-        self.lengths[slot] = length
-        self.row_of[slot] = self.order.index(slot)
+        [slot] = self._attach(cache, torch.ones((1, length), dtype=torch.long, device=self.device), [length])
         return slot
+
+    def _attach(self, cache, mask: torch.Tensor, lengths: list[int]) -> list[int]:
+        """New slots for the rows of a prefilled ``cache`` (``mask``: 1 where it holds a token; the
+        slots' token counts): the batch's cache, or joined to the running one."""
+        slots = list(range(self.next_slot, self.next_slot + len(lengths)))
+        self.next_slot += len(lengths)
+        if self.cache is None or not self.lengths:  # no sequence left in the cache: start afresh
+            self.cache, self.mask, self.order = cache, mask, list(slots)
+        else:
+            self._join(cache, mask, slots)
+        for slot, length in zip(slots, lengths, strict=True):
+            self.lengths[slot] = length
+            self.row_of[slot] = self.order.index(slot)
+        return slots
 
     def drop_kept(self, handle: int | None) -> None:
         self.kept.pop(handle, None)
