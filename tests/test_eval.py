@@ -14,7 +14,7 @@ from t0s1.cli import app
 from t0s1.cli_support import parse_int_list
 from t0s1.errors import UserError
 from t0s1.evaluation import metrics
-from t0s1.evaluation.runner import EvalConfig, run_eval
+from t0s1.evaluation.runner import LATER_KEY_FIELDS, EvalConfig, run_eval
 from t0s1.evaluation.tasks import get_task
 
 VOLATILE = {"seconds"}
@@ -286,20 +286,47 @@ def test_eval_cli_refuses_before_loading_a_model_an_out_that_is_a_file_and_a_ben
 
 
 def test_a_rerun_with_another_reasoning_format_or_dtype_is_refused_and_older_run_keys_still_resume(tiny_model, shared_data_dir, tmp_path):
-    """The delimiters (--reasoning-format) and the weights' dtype change the samples: a rerun that
-    changes them would mix samples of two setups in one results.json. A key written before these
-    fields were recorded still resumes."""
+    """The delimiters (--reasoning-format), the weights' dtype, the tokenizer and the context length
+    change the samples: a rerun that changes them would mix samples of two setups in one
+    results.json, and so would one that sets a field the first run left unset. A key written by an
+    earlier version (no key_version, unset fields left out) still resumes as it did."""
     backend = EngineBackend(tiny_model)
     first = _config(max_thinking_tokens=[4], num_ignore=[0], reasoning_format="think", dtype="bfloat16")
     run_eval(backend, [get_task("gsm8k")], first, tmp_path / "run", data_dir=shared_data_dir, limit=1, progress=False)
-    for change in ({"reasoning_format": "s1"}, {"dtype": "float32"}):
+    for change in ({"reasoning_format": "s1"}, {"dtype": "float32"}, {"context_length": 512}, {"tokenizer": "other/tokenizer"}):
         changed = _config(max_thinking_tokens=[4], num_ignore=[0], **{"reasoning_format": "think", "dtype": "bfloat16", **change})
         with pytest.raises(UserError, match=next(iter(change))):
             run_eval(backend, [get_task("gsm8k")], changed, tmp_path / "run", data_dir=shared_data_dir, limit=1, progress=False)
-    older = tmp_path / "older"
+
+    unset = tmp_path / "unset"  # every later field unset (as on llama.cpp without --context-length)
+    run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0]), unset, data_dir=shared_data_dir, limit=1, progress=False)
+    assert json.loads((unset / "config.json").read_text())["context_length"] is None
+    with pytest.raises(UserError, match="context_length"):
+        run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], context_length=512), unset,
+                 data_dir=shared_data_dir, limit=1, progress=False)
+
+    def as_earlier_versions_wrote(folder, keep=()):
+        key = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({name: value for name, value in key.items() if name != "key_version"
+                                                        and value is not None and (name not in LATER_KEY_FIELDS or name in keep)}))
+
+    older = tmp_path / "older"  # before the later fields were recorded
     run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0]), older, data_dir=shared_data_dir, limit=1, progress=False)
+    as_earlier_versions_wrote(older)
     run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], dtype="float32"), older,
              data_dir=shared_data_dir, limit=1, progress=False)
+    with pytest.raises(UserError, match="end_phrase"):
+        run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], end_phrase="Final Answer:"), older,
+                 data_dir=shared_data_dir, limit=1, progress=False)
+    recorded = tmp_path / "recorded"  # after: a later field it left out was unset
+    run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], dtype="float32"), recorded,
+             data_dir=shared_data_dir, limit=1, progress=False)
+    as_earlier_versions_wrote(recorded, keep=("dtype",))
+    run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], dtype="float32"), recorded,
+             data_dir=shared_data_dir, limit=1, progress=False)
+    with pytest.raises(UserError, match="reasoning_format"):
+        run_eval(backend, [get_task("gsm8k")], _config(max_thinking_tokens=[4], num_ignore=[0], dtype="float32", reasoning_format="s1"),
+                 recorded, data_dir=shared_data_dir, limit=1, progress=False)
 
 
 @pytest.mark.parametrize("damage", [("config.json", "[]"), ("samples/gsm8k.jsonl", "[1, 2]\n"), ("samples/gsm8k.jsonl", b"\xff\xfe\n")])

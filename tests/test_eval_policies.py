@@ -101,6 +101,34 @@ def test_two_policies_by_two_budgets_resume_to_the_same_results(tiny_model, shar
     assert same == {k: v for k, v in first.items() if k != "seconds"}  # the same generation
 
 
+def test_a_rerun_after_a_policy_default_changed_is_refused_and_new_policies_are_recorded(tiny_model, shared_data_dir, tmp_path, monkeypatch):
+    """Labels leave out parameters at their defaults and key the rows: policies.json keeps each
+    label's full parameters, so rows made with an old default are never reused under a new one."""
+    import dataclasses
+
+    from t0s1 import policies
+
+    backend, tasks = EngineBackend(tiny_model), [get_task("gsm8k")]
+    run_eval(backend, tasks, _config(max_thinking_tokens=[4]), tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+    recorded = json.loads((tmp_path / "policies.json").read_text())
+    assert recorded == {"budget": {"n": 1}, "vote[n=2]": {"n": 2}}
+    # another policy in the same folder: added to the record
+    more = _config(max_thinking_tokens=[4], policies=expand_policies(["vote", "deepconf"], {}, n=2))
+    run_eval(backend, tasks, more, tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+    recorded = json.loads((tmp_path / "policies.json").read_text())
+    assert set(recorded) == {"budget", "vote[n=2]", "deepconf[n=2]"} and recorded["deepconf[n=2]"]["window"] == 2048
+
+    @dataclasses.dataclass(frozen=True)
+    class NarrowerDeepConf(policies.DeepConf):  # an upgrade that changed a default
+        window: int = 16
+
+    monkeypatch.setitem(policies.POLICIES, "deepconf", NarrowerDeepConf)
+    changed = _config(max_thinking_tokens=[4], policies=expand_policies(["deepconf"], {}, n=2))
+    with pytest.raises(UserError, match=r"deepconf\[n=2\]: window 2048 then, 16 now"):
+        run_eval(backend, tasks, changed, tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+    assert json.loads((tmp_path / "policies.json").read_text()) == recorded  # a refused rerun changes nothing
+
+
 def test_greedy_budget_policy_gives_the_plain_samples(tiny_model, shared_data_dir, tmp_path):
     """--policy budget is today's budget forcing: the same replies, now with total tokens."""
     backend, tasks = EngineBackend(tiny_model), [get_task("gsm8k")]

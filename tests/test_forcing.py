@@ -210,7 +210,10 @@ def test_auto_budget_fills_the_context_of_each_prompt(tiny_model):
         ({"num_ignore": -2}, "num_ignore"),
         ({"max_answer_tokens": 0}, "max_answer_tokens"),
         ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
         ({"top_p": 0}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
     ],
 )
 def test_bad_settings_are_rejected(kwargs, message):

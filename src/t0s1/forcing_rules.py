@@ -21,6 +21,7 @@ servers) feed it the tokens of each continuation they get back. The rules (docs/
 from __future__ import annotations
 
 import functools
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -81,8 +82,9 @@ class BudgetForcing:
             raise UserError(f"max_answer_tokens must be a positive integer, got {self.max_answer_tokens!r}.")
         if not isinstance(self.ignore_str, str):
             raise UserError(f"ignore_str must be a string, got {self.ignore_str!r}.")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or self.temperature < 0:
-            raise UserError(f"temperature must be a number >= 0, got {self.temperature!r}.")
+        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
+                or not math.isfinite(self.temperature) or self.temperature < 0):
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature!r}.")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if self.seed is not None and not _is_int(self.seed):

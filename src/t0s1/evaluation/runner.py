@@ -10,7 +10,7 @@ each setting's batches run ``generate_with_policy`` on the engine (trace j of sa
 ``seed + SEED_STRIDE * k + j``), and a row is the reply of the trace that carries the vote, graded
 by the task, with the policy's ``voted`` answer, ``total_tokens`` (every trace and probe) and
 ``seconds`` (the batch's wall time shared evenly among its questions). Without policies nothing
-changes: the same settings, keys, rows and config.json as before policies existed.
+changes: the same settings, keys and rows as before policies existed.
 
 Files in the output directory:
 - ``samples/<task>.jsonl``: one row per (setting, question, k), appended and flushed per batch:
@@ -19,7 +19,10 @@ Files in the output directory:
   samples, so a run killed and rerun gives the same file as one that ran through.
 - ``results.md``: a markdown table per task; ``<task>.png``: the scaling plot.
 - ``config.json``: the settings the samples were made with (a rerun must match them);
-  ``timings.json``: wall time per task of each invocation.
+  ``policies.json``: with policies, each policy label's full parameters (labels leave out those
+  at their defaults; a rerun whose label now stands for other values is refused, so a changed
+  default never reuses rows made with the old one); ``timings.json``: wall time per task of each
+  invocation.
 
 Resuming: rows already logged are skipped by their (setting, id, k) key. Work is done in fixed
 batches (the same questions in the same order every time), and a batch with any row missing is
@@ -158,10 +161,11 @@ class EvalConfig:
         )
 
     def generation_key(self) -> dict:
-        """The fields a rerun in the same directory must share (the rest may change)."""
+        """The fields a rerun in the same directory must share (the rest may change), unset ones
+        included: a rerun that sets one is refused."""
         data = asdict(self)
-        keys = ["model", "backend", "ignore_str", "max_answer_tokens", "temperature", "top_p", "seed", "batch_size"]
-        keys += [key for key in ("end_phrase", "answer_prefix", "chat_template_kwargs", *LATER_KEY_FIELDS) if data[key] is not None]
+        keys = ["model", "backend", "ignore_str", "max_answer_tokens", "temperature", "top_p", "seed", "batch_size",
+                "end_phrase", "answer_prefix", "chat_template_kwargs", *LATER_KEY_FIELDS]
         return {key: data[key] for key in keys}
 
 
@@ -363,6 +367,8 @@ def run_eval(
                         "has no loaded model to fork traces from.")
     out.mkdir(parents=True, exist_ok=True)
     check_run_key(out / "config.json", config.generation_key(), holds="samples made with other settings", later=LATER_KEY_FIELDS)
+    if config.policies:
+        check_policy_parameters(out / "policies.json", config.policies)
     loaded = [(task, task.load(data_dir, limit)) for task in tasks]
     total = sum(len(examples) * len(config.settings) * config.samples for _, examples in loaded)
     timings = {}
@@ -657,19 +663,25 @@ def _fmt(value, digits=1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+RUN_KEY_VERSION = 2
+"""Written in every run key. Keys without it come from earlier versions, which left out the fields
+that were unset (None) and, before they were recorded, the ``later`` fields."""
+
+
 def check_run_key(path: Path, key: dict, *, holds: str, retired: tuple[str, ...] = (), later: tuple[str, ...] = ()) -> None:
     """Write ``key`` (what the samples in ``path``'s folder depend on) on the first run; on a rerun,
     refuse a different one, naming the fields that changed. ``holds`` says what the folder holds
     ("samples made with other settings"); ``retired``: fields earlier versions wrote that no longer
-    bind a rerun (they are ignored in a stored key); ``later``: fields earlier versions did not
-    write (a stored key without them is compared without them)."""
+    bind a rerun (they are ignored in a stored key); ``later``: fields the earliest versions did not
+    write (a stored key of such a version is compared without them)."""
+    key = {**key, "key_version": RUN_KEY_VERSION}
     if path.exists():
         stored = read_json_object(path)
         if stored is None:
             raise UserError(f"{path} is not readable JSON; it is not the settings file of a t0s1 run. Choose a new --out directory.")
         stored = {name: value for name, value in stored.items() if name not in retired}
-        if not any(name in stored for name in later):  # written before these fields were recorded
-            key = {name: value for name, value in key.items() if name not in later}
+        if "key_version" not in stored:
+            key = _as_earlier_versions_wrote(key, stored, later)
         if stored != key:
             changed = sorted(name for name in set(stored) | set(key) if stored.get(name) != key.get(name))
             raise UserError(
@@ -678,6 +690,36 @@ def check_run_key(path: Path, key: dict, *, holds: str, retired: tuple[str, ...]
             )
     else:
         write_text_atomic(path, json.dumps(key, indent=2) + "\n")
+
+
+def check_policy_parameters(path: Path, policies: list[Policy]) -> None:
+    """Rows are keyed by policy labels, which leave out parameters at their defaults: record each
+    label's full parameters in ``path`` and refuse a rerun in which a recorded label stands for
+    other values (a default changed since), naming them; new labels are added."""
+    current = json.loads(json.dumps({policy.label(): policy.parameters() for policy in policies}))
+    stored = read_json_object(path) if path.exists() else {}
+    if stored is None:
+        raise UserError(f"{path} is not readable JSON; it is not the policy file of a t0s1 run. Choose a new --out directory.")
+    changed = []
+    for label in sorted(current.keys() & stored.keys()):
+        before = stored[label] if isinstance(stored[label], dict) else {}
+        differ = [f"{name} {before.get(name)!r} then, {value!r} now" for name, value in current[label].items() if before.get(name) != value]
+        differ += [f"{name} {before[name]!r} then, none now" for name in before.keys() - current[label].keys()]
+        if differ:
+            changed.append(f"{label}: {', '.join(differ)}")
+    if changed:
+        raise UserError(f"{path.parent} holds samples of policies whose defaults have changed since ({'; '.join(changed)}); "
+                        "its rows are not reused for the new values: choose a new --out directory.")
+    if current.keys() - stored.keys():
+        write_text_atomic(path, json.dumps({**stored, **current}, indent=2) + "\n")
+
+
+def _as_earlier_versions_wrote(key: dict, stored: dict, later: tuple[str, ...]) -> dict:
+    """``key`` as a version before ``RUN_KEY_VERSION`` wrote it, to compare with a key it stored:
+    no version, no field that was None, and no ``later`` field if ``stored`` has none of them."""
+    recorded_later = any(name in stored for name in later)
+    return {name: value for name, value in key.items()
+            if name != "key_version" and (name in stored or (value is not None and (recorded_later or name not in later)))}
 
 
 def _append_timings(path: Path, timings: dict) -> None:

@@ -155,7 +155,9 @@ def short_m_of_k_vote(answers: Sequence[str | None], lengths: Sequence[int], m: 
 def trial_confidence(token_probabilities: Sequence[float], kind: str = "geometric") -> float:
     """The confidence of a trial answer from the max-token probability at each of its steps, from
     the second token on (as DEER does: the first follows the forced answer prefix): ``"geometric"``
-    mean (DEER's default), arithmetic ``"mean"`` or ``"min"``. A trial of one token uses it."""
+    mean (the default of DEER's confidence function, ``avg2``), arithmetic ``"mean"`` (``avg1``, the
+    default of DEER's command line, which its published scripts run) or ``"min"``. A trial of one
+    token uses it. docs/policies.md says why geometric is t0s1's default."""
     probabilities = list(token_probabilities[1:]) or list(token_probabilities[:1])
     if not probabilities:
         return 0.0
