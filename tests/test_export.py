@@ -44,6 +44,13 @@ def test_a_directory_that_is_not_a_model_is_refused(tmp_path):
     (tmp_path / "weights-gone" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     result = export(tmp_path / "weights-gone", "--gguf", out)
     assert result.exit_code == 2 and "no weights" in error_text(result)
+    for name, damaged in (("adapter-list", "[1]"), ("adapter-broken", "{not json")):  # crashed with a traceback before
+        adapter = tmp_path / name
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(damaged)
+        (adapter / "adapter_model.safetensors").write_bytes(b"")
+        result = export(adapter, "--gguf", out)
+        assert result.exit_code == 2 and "is not a readable JSON object" in error_text(result)
     assert not out.exists()
 
 

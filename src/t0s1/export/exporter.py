@@ -151,7 +151,7 @@ def merge_adapter(adapter_dir: Path, target: Path, base_model: str | None = None
 
     from t0s1.models import clear_quantization_flags, resolve_model_source
 
-    base = base_model or json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base = base_model or _adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{str(adapter_dir)!r} is a LoRA adapter whose adapter_config.json names no base model: give --base-model.")
     log(f"Merging the LoRA adapter {adapter_dir} into {base}...")
@@ -181,6 +181,15 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise UserError(f"{str(out)!r} exists: pass --overwrite to replace it, or choose another path.")
 
 
+def _adapter_config(adapter_dir: Path) -> dict:
+    """The LoRA adapter's adapter_config.json; a ``UserError`` if it is not a JSON object."""
+    config = read_json_object(adapter_dir / "adapter_config.json")
+    if config is None:
+        raise UserError(f"{str(adapter_dir / 'adapter_config.json')!r} is not a readable JSON object; it is not the "
+                        "configuration of a LoRA adapter that t0s1 train (or peft) wrote.")
+    return config
+
+
 def _check_model_dir(model_dir: Path) -> bool:
     """Whether ``model_dir`` is a LoRA adapter (else full weights); a ``UserError`` if it is no model."""
     if not model_dir.exists():
@@ -191,6 +200,7 @@ def _check_model_dir(model_dir: Path) -> bool:
     if (model_dir / "adapter_config.json").is_file():
         if not any(model_dir.glob("adapter_model.*")):
             raise UserError(f"{str(model_dir)!r} has adapter_config.json but no adapter weights (adapter_model.safetensors).")
+        _adapter_config(model_dir)
         return True
     if not (model_dir / "config.json").is_file():
         raise UserError(
