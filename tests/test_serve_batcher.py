@@ -84,6 +84,44 @@ def test_a_failing_sequence_leaves_and_the_others_go_on(tiny_model, monkeypatch)
         generate(tiny_model, PROMPTS[:2], settings)
 
 
+@torch.inference_mode()
+def test_a_failed_add_leaves_the_engine_as_it_was_and_the_running_sequences_go_on(tiny_model):
+    """A prefill that fails after the runner took slots (here the fork of a second sequence of the
+    same prompt; on a GPU an out-of-memory) used to leave rows without logits in the engine: the
+    batcher's retry then added them twice and the worker died for every client."""
+    settings = [BudgetForcing(max_thinking_tokens=40, num_ignore=1, max_answer_tokens=6),
+                BudgetForcing(max_thinking_tokens=20, max_answer_tokens=5),
+                BudgetForcing(max_thinking_tokens=30, max_answer_tokens=4)]
+    engine = Engine(tiny_model)
+    engine.add([sequence(tiny_model, 0, PROMPTS[0], settings[0])])
+    for _ in range(5):
+        engine.step()
+    fork, forks = engine.runner.fork, []
+
+    def fork_failing_once(slot):
+        forks.append(slot)
+        if len(forks) == 1:
+            raise RuntimeError("out of memory")
+        return fork(slot)
+
+    engine.runner.fork = fork_failing_once
+    rows, logits, live = list(engine.rows), engine.logits.clone(), dict(engine.runner.lengths)
+    joining = [sequence(tiny_model, 1, PROMPTS[2], settings[1]), sequence(tiny_model, 2, PROMPTS[2], settings[2])]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.add(joining)
+    assert engine.rows == rows and torch.equal(engine.logits, logits) and engine.runner.lengths == live
+    engine.add([sequence(tiny_model, 1, PROMPTS[2], settings[1]), sequence(tiny_model, 2, PROMPTS[2], settings[2])])  # again
+    results = {}
+    while engine.active:
+        for finished in engine.step():
+            results[finished.index] = finished.result(0.0)
+    assert set(results) == {0, 1, 2} and len(forks) == 2
+    for i, prompt in enumerate([PROMPTS[0], PROMPTS[2], PROMPTS[2]]):
+        expected = alone(tiny_model, prompt, settings[i])
+        assert results[i].thinking_token_ids == expected.thinking_token_ids, i
+        assert results[i].answer_token_ids == expected.answer_token_ids, i
+
+
 def test_a_vanishing_temperature_samples_greedily(tiny_model):
     """A temperature so small that the scaled logits overflow is its limit, greedy decoding (it
     used to fail with NaN probabilities)."""

@@ -22,6 +22,7 @@ number of sequences a model holds at once (``_run_admitting``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -228,7 +229,9 @@ class Engine:
                 self.runner.drop_kept(kept[0])
 
     def add(self, sequences: list[ForcedSequence]) -> None:
-        """Prefill the prompts of new sequences; they take part from the next ``step``."""
+        """Prefill the prompts of new sequences; they take part from the next ``step``. All or
+        nothing: if any part fails, the engine is as it was (the slots taken are released) and the
+        error is raised, so the running sequences go on and the caller may add the sequences again."""
         if not sequences:
             return
         # One prefill per distinct prompt: the other sequences of that prompt (a policy's n samples)
@@ -239,31 +242,49 @@ class Engine:
             if key not in self.kept:
                 first.setdefault(key, len(first))
         prefilled, logits = self.runner.add([list(ids) for ids in first]) if first else ([], None)
-        for key, owner in first.items():
-            copy_of_prompt = self.runner.keep(prefilled[owner]) if key in self.keeps and hasattr(self.runner, "keep") else None
-            if copy_of_prompt is not None:
-                self.kept[key] = (copy_of_prompt, logits[owner].clone())
-        slots, rows_logits, taken = [], [], set()
-        for key in keys:
-            if key in first:
-                owner = first[key]
-                slots.append(prefilled[owner] if owner not in taken else self.runner.fork(prefilled[owner]))
-                rows_logits.append(logits[owner])
-                taken.add(owner)
-            else:
-                copy_of_prompt, prompt_logits = self.kept[key]
-                slots.append(self.runner.fork_kept(copy_of_prompt))
-                rows_logits.append(prompt_logits)
-        if len(first) < len(sequences):
-            logits = torch.stack(rows_logits)
-        for sequence, slot in zip(sequences, slots, strict=True):
-            row = _Row(sequence, slot, fed=len(sequence.prompt_ids))
-            if not sequence.settings.greedy:
-                row.generator = torch.Generator(device="cpu")
-                row.generator.manual_seed(sequence.settings.seed)
-            self.rows.append(row)
-        logits = logits.float()
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits.to(self.logits.device)])
+        slots, kept_now = list(prefilled), []
+        try:
+            for key, owner in first.items():
+                copy_of_prompt = self.runner.keep(prefilled[owner]) if key in self.keeps and hasattr(self.runner, "keep") else None
+                if copy_of_prompt is not None:
+                    self.kept[key] = (copy_of_prompt, logits[owner].clone())
+                    kept_now.append(key)
+            rows, rows_logits, taken = [], [], set()
+            for sequence, key in zip(sequences, keys, strict=True):
+                if key in first:
+                    owner = first[key]
+                    slot = prefilled[owner] if owner not in taken else self.runner.fork(prefilled[owner])
+                    rows_logits.append(logits[owner])
+                    taken.add(owner)
+                else:
+                    copy_of_prompt, prompt_logits = self.kept[key]
+                    slot = self.runner.fork_kept(copy_of_prompt)
+                    rows_logits.append(prompt_logits)
+                if slot not in slots:
+                    slots.append(slot)
+                row = _Row(sequence, slot, fed=len(sequence.prompt_ids))
+                if not sequence.settings.greedy:
+                    row.generator = torch.Generator(device="cpu")
+                    row.generator.manual_seed(sequence.settings.seed)
+                rows.append(row)
+            logits = (torch.stack(rows_logits) if len(first) < len(sequences) else logits).float()
+            joined = logits if self.logits is None else torch.cat([self.logits, logits.to(self.logits.device)])
+        except BaseException:
+            self._undo_add(slots, kept_now)
+            raise
+        self.rows.extend(rows)
+        self.logits = joined
+
+    def _undo_add(self, slots: list[int], kept: list[tuple[int, ...]]) -> None:
+        """Release what a failed ``add`` took: its slots and the prompt copies it kept. A release
+        that fails too (the device is gone) leaves the first error to be reported."""
+        for slot in slots:
+            with contextlib.suppress(Exception):
+                self.runner.release(slot)
+        for key in kept:
+            copy_of_prompt, _ = self.kept.pop(key)
+            with contextlib.suppress(Exception):
+                self.runner.drop_kept(copy_of_prompt)
 
     def step(self) -> list[ForcedSequence]:
         """One token for every sequence (sampled, or the next id it has to feed). Returns the

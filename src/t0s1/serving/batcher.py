@@ -419,7 +419,9 @@ class Batcher:
         job.emit("result", outcome)
 
     def _finish(self, sequence: Sequence) -> None:
-        job = self._running.pop(sequence.index)
+        job = self._running.pop(sequence.index, None)
+        if job is None:  # its request was answered already (failed): nobody waits for this result
+            return
         try:
             result = sequence.result(time.perf_counter() - job.submitted)
         except Exception as error:  # noqa: BLE001
