@@ -209,6 +209,40 @@ def test_a_policy_request_failed_with_the_batch_it_waited_for_does_not_run_after
         assert report["failed"] == before["failed"] + 2
 
 
+def test_a_full_queue_answers_503_with_retry_after_and_serves_what_it_queued(tiny_model, monkeypatch):
+    """The queue is bounded (--max-queued; a request with n choices takes n places): beyond it a
+    request gets a 503 that OpenAI's clients retry after Retry-After, and nothing of it is queued.
+    It used to grow without bound, n copies of the prompt a request."""
+    step, hold = TorchRunner.step, threading.Event()
+
+    def held_step(self, slots, tokens):  # the running request holds the batch until the test lets go
+        hold.wait(60)
+        return step(self, slots, tokens)
+
+    monkeypatch.setattr(TorchRunner, "step", held_step)
+    app = create_app(tiny_model, BudgetForcing(max_thinking_tokens=8, max_answer_tokens=4), max_batch=1, max_queued=2)
+    short = {"messages": QUESTION, "max_thinking_tokens": 4, "max_tokens": 3}
+    with serve_in_background(app) as url, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        post = lambda body: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)  # noqa: E731
+        try:
+            running = pool.submit(post, short)
+            wait_until(lambda: health(url)["running"] == 1, 30, "the first request did not start")
+            three = post({**short, "n": 3, "temperature": 0.8, "seed": 1})
+            assert three.status_code == 503 and three.headers["Retry-After"] == "1", three.text
+            assert three.json()["error"]["code"] == "server_busy" and "3 places" in three.json()["error"]["message"]
+            assert health(url)["queued"] == 0  # none of its choices was queued
+            queued = [pool.submit(post, short), pool.submit(post, short)]
+            wait_until(lambda: health(url)["queued"] == 2, 30, "the two requests were not queued")
+            over = post(short)
+            assert over.status_code == 503 and "queues at most 2" in over.json()["error"]["message"]
+            assert health(url)["max_queued"] == 2
+        finally:
+            hold.set()
+        assert [reply.result().status_code for reply in (running, *queued)] == [200, 200, 200]
+        again = post({**short, "n": 2, "temperature": 0.8, "seed": 1})
+        assert again.status_code == 200 and len(again.json()["choices"]) == 2
+
+
 # ---- clients that leave -------------------------------------------------------------------------------
 
 

@@ -43,10 +43,15 @@ from t0s1.forcing import BudgetForcing, Engine, ForwardPassError, RenderedPrompt
 from t0s1.forcing_rules import Sequence
 from t0s1.models import LoadedModel
 from t0s1.policies import Policy
+from t0s1.serving.protocol import DEFAULT_MAX_QUEUED
 
 
 class ServerShuttingDown(Exception):
     """The request was queued or running when the server began to shut down."""
+
+
+class ServerBusy(Exception):
+    """The queue holds as many requests as the server takes: this one is refused (retry later)."""
 
 
 class EngineFailed(Exception):
@@ -193,11 +198,14 @@ class BatcherStats:
 class Batcher:
     """Runs every request through one engine, continuously batched, in one worker thread."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 8):
+    def __init__(self, lm: LoadedModel, max_batch: int = 8, max_queued: int = DEFAULT_MAX_QUEUED):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
         self.lm = lm
         self.max_batch = max_batch
+        self.max_queued = max_queued
         self.stats = BatcherStats()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._running: dict[int, Job] = {}
@@ -212,6 +220,14 @@ class Batcher:
     @property
     def queued(self) -> int:
         return self._queue.qsize()
+
+    def check_room(self, count: int = 1) -> None:
+        """Raise ``ServerBusy`` unless ``count`` more requests fit in the queue (call from the event
+        loop right before submitting them: only the worker takes from the queue meanwhile)."""
+        if self._queue.qsize() + count > self.max_queued:
+            raise ServerBusy(f"The server is busy: {self._queue.qsize()} requests wait for the batch and it queues at "
+                             f"most {self.max_queued}{f'; this one needs {count} places' if count > 1 else ''}. "
+                             "Retry later.")
 
     @property
     def running(self) -> int:
@@ -269,6 +285,7 @@ class Batcher:
                 raise ServerShuttingDown("The server is shutting down: it takes no new requests.")
             if self._thread is None or not self._thread.is_alive():
                 raise EngineFailed("The engine's worker is not running (start the app with its lifespan).")
+            self.check_room()
             self._queue.put(job)
         return job
 

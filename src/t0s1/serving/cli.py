@@ -35,7 +35,7 @@ from t0s1.cli_support import (
 from t0s1.errors import UserError
 from t0s1.models import EMBEDDED_MODEL
 from t0s1.rag.cli import QdrantKeyOption, QdrantUrlOption, RetrieverChoice
-from t0s1.serving.protocol import DEFAULT_EFFORT_BUDGETS, REASONING_EFFORTS
+from t0s1.serving.protocol import DEFAULT_EFFORT_BUDGETS, DEFAULT_MAX_QUEUED, REASONING_EFFORTS
 
 RagIndexOption = Annotated[
     Path | None,
@@ -60,6 +60,8 @@ def serve(
         str | None, typer.Option("--api-key", envvar="T0S1_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most sequences generated together (continuous batching).")] = 8,
+    max_queued: Annotated[int, typer.Option("--max-queued", help="Most requests waiting for the batch (a request with n "
+                                            "choices takes n places); more get a 503 with Retry-After.")] = DEFAULT_MAX_QUEUED,
     max_thinking_tokens: MaxThinkingOption = str(BUDGET_DEFAULTS.max_thinking_tokens),
     num_ignore: NumIgnoreOption = BUDGET_DEFAULTS.num_ignore,
     ignore_str: IgnoreStrOption = BUDGET_DEFAULTS.ignore_str,
@@ -99,6 +101,8 @@ def serve(
     efforts = parse_effort_budgets(reasoning_effort_budgets)
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {max_batch}.")
+    if max_queued < 1:
+        raise UserError(f"--max-queued must be at least 1, got {max_queued}.")
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}.")
     opened, rag_defaults = _open_index(index, k, retriever, qdrant_url, qdrant_api_key)
@@ -107,7 +111,7 @@ def serve(
     with stderr.status(f"Loading {model}..."):
         lm = load_model(model, device=device, dtype=dtype, reasoning_format=reasoning_format, backend=backend)
     app = create_app(lm, defaults, api_key=api_key, max_batch=max_batch, ui=ui, effort_budgets=efforts,
-                     index=opened, rag_defaults=rag_defaults)
+                     index=opened, rag_defaults=rag_defaults, max_queued=max_queued)
     if not api_key and is_loopback_host(host):
         # Open to this machine only, without a key: a web page the user visits could still reach it
         # through a name it points at 127.0.0.1 (DNS rebinding); such requests carry that name.

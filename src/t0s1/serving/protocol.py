@@ -78,6 +78,10 @@ BODY_BYTES = 8 * 1024 * 1024
 """The largest request body in bytes (a 413 beyond; the server counts before it parses)."""
 MAX_N = 64
 """The most choices (``n``) of one request, or traces of one policy."""
+DEFAULT_MAX_QUEUED = 256
+"""Requests that may wait for the batch (``t0s1 serve --max-queued``; a request with n choices
+takes n places); more are a 503 with Retry-After. Each holds its prompt's ids, so what the queue
+holds is bounded by this x the context length."""
 POLICY_ARGS, POLICY_ARG_CHARS = 16, 64
 """The most policy_args, and the longest policy_args name or string value."""
 

@@ -50,6 +50,7 @@ from t0s1.serving.batcher import (
     Continuation,
     EngineFailed,
     Job,
+    ServerBusy,
     ServerShuttingDown,
     continuation_text,
     first_stop,
@@ -57,6 +58,7 @@ from t0s1.serving.batcher import (
 from t0s1.serving.protocol import (
     BODY_BYTES,
     DEFAULT_EFFORT_BUDGETS,
+    DEFAULT_MAX_QUEUED,
     SEED_RANGE,
     THINKING_BUDGET_ALIASES,
     AssistantMessage,
@@ -99,6 +101,9 @@ DISCONNECT_POLL_SECONDS = 0.5
 SHUTDOWN_GRACE_SECONDS = 5.0
 """At shutdown a stream may take this long to send its error event before it is cut."""
 
+BUSY_RETRY_AFTER_SECONDS = 1
+"""The Retry-After of a 503 for a full queue (OpenAI's clients wait that long and retry)."""
+
 SNIPPET_CHARS = 300
 """How much of a source's best chunk a reply shows."""
 
@@ -106,7 +111,8 @@ ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "A field that cannot be honoured; error.param names it."},
     401: {"model": ErrorResponse, "description": "A missing or wrong API key."},
     413: {"model": ErrorResponse, "description": f"A request body over {BODY_BYTES} bytes."},
-    503: {"model": ErrorResponse, "description": "The server is shutting down, or its engine has failed."},
+    503: {"model": ErrorResponse, "description": "The server is busy (its queue is full: retry after the "
+          "Retry-After header's seconds), shutting down, or its engine has failed."},
 }
 
 
@@ -114,25 +120,29 @@ class APIError(Exception):
     """An error reply in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: str | None = None,
                max_batch: int = 8, ui: bool = True, *, effort_budgets: dict[str, int | str] | None = None,
-               index=None, rag_defaults=None) -> FastAPI:
+               index=None, rag_defaults=None, max_queued: int = DEFAULT_MAX_QUEUED) -> FastAPI:
     """The server for ``lm``. ``defaults``: budget forcing for fields a request leaves out (a
     request without a ``seed`` samples with a fresh one). ``api_key``: if set, every ``/v1``
     request needs ``Authorization: Bearer <api_key>``. ``max_batch``: the most sequences generated
-    together. ``ui``: serve the web page at ``/`` (``t0s1.serving.ui``). ``effort_budgets``: the
+    together; ``max_queued``: the most requests waiting for the batch (more are a 503 with
+    Retry-After; a request with n choices takes n places). ``ui``: serve the web page at ``/`` (``t0s1.serving.ui``). ``effort_budgets``: the
     thinking budget of each ``reasoning_effort``. ``index``: a ``t0s1.rag.Index`` to retrieve
     sources from for chat requests, with ``rag_defaults`` (a ``RagRequest``) for requests that
     leave ``rag`` out."""
@@ -140,7 +150,7 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
 
     defaults = defaults or BudgetForcing()
     efforts = {**DEFAULT_EFFORT_BUDGETS, **(effort_budgets or {})}
-    batcher = Batcher(lm, max_batch)
+    batcher = Batcher(lm, max_batch, max_queued)
     retrieval = _Retrieval(lm, index, rag_defaults or RagRequest()) if index is not None else None
     created = int(time.time())
 
@@ -203,7 +213,7 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
         """Open without a key: the model, the queue and the worker's counters; a 503 once the
         engine's worker is dead (the server then exits, for a supervisor to restart it)."""
         report = {"status": "ok", "model": lm.name, "queued": batcher.queued, "running": batcher.running,
-                  "max_batch": batcher.max_batch, "retrieval": retrieval is not None, **batcher.stats.to_dict()}
+                  "max_batch": batcher.max_batch, "max_queued": batcher.max_queued, "retrieval": retrieval is not None, **batcher.stats.to_dict()}
         if batcher.alive:
             return report
         reason = batcher.failure or "the engine's worker is not running"
@@ -457,10 +467,16 @@ def _submit(batcher: Batcher, body: BudgetFields, prompt: RenderedPrompt, settin
     except UserError as error:
         param = "max_tokens" if continuation is not None else _budget_field(body) or prompt_field
         raise APIError(400, str(error), param=param, code="context_length_exceeded") from None
+    except ServerBusy as error:
+        raise _busy(error) from None
     except ServerShuttingDown as error:
         raise APIError(503, str(error), code="server_shutting_down", kind="server_error") from None
     except EngineFailed as error:
         raise APIError(503, str(error), code="engine_failed", kind="server_error") from None
+
+
+def _busy(error: ServerBusy) -> APIError:
+    return APIError(503, str(error), code="server_busy", kind="server_error", retry_after=BUSY_RETRY_AFTER_SECONDS)
 
 
 def _policy(body: BudgetFields, settings: BudgetForcing, lm: LoadedModel, max_batch: int) -> Policy | None:
@@ -520,6 +536,10 @@ def _submit_all(batcher: Batcher, body: BudgetFields, prompt: RenderedPrompt, se
     if count == 1:
         return [_submit(batcher, body, prompt, settings, stream=bool(body.stream), prompt_field=prompt_field)]
     settings = _seeded(settings, count)
+    try:
+        batcher.check_room(count)  # all n choices or none
+    except ServerBusy as error:
+        raise _busy(error) from None
     jobs: list[Job] = []
     try:
         for j in range(count):
