@@ -808,6 +808,15 @@ def test_request_strings_longer_than_their_limit_are_a_400(server, field, value)
     schema = httpx.get(f"{server}/openapi.json").json()["components"]["schemas"]
     declared = json.dumps(schema["CompletionRequest" if endpoint == "completions" else "ChatCompletionRequest"]["properties"][field])
     assert "maxLength" in declared or "maxItems" in declared
+    assert len(response.content) < 2048  # the value is not echoed whole
+
+
+def test_an_error_never_echoes_a_huge_value_back(server):
+    """A 400 names the bad value, cut to its first characters: a 7 MB model name came back whole."""
+    response = httpx.post(f"{server}/v1/chat/completions", json={"messages": QUESTION, "model": "m" * 1_000_000}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+    message = response.json()["error"]["message"]
+    assert "mmmm" in message and "(1,000,002 characters)" in message and len(response.content) < 2048
 
 
 def test_openai_backend_loses_no_stop_when_the_server_takes_stop_ids(tiny_model):

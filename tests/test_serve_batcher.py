@@ -122,6 +122,16 @@ def test_a_failed_add_leaves_the_engine_as_it_was_and_the_running_sequences_go_o
         assert results[i].answer_token_ids == expected.answer_token_ids, i
 
 
+def test_a_huge_temperature_samples_every_id_alike_not_greedily(tiny_model):
+    """Past float32's range the scaled logits of banned ids were -inf / inf, NaN: the engine fell
+    back to greedy decoding while the reply reported a sampling seed."""
+    huge = alone(tiny_model, PROMPTS[0], BudgetForcing(max_thinking_tokens=20, max_answer_tokens=4, temperature=1e300, seed=1))
+    bound = alone(tiny_model, PROMPTS[0], BudgetForcing(max_thinking_tokens=20, max_answer_tokens=4, temperature=1e30, seed=1))
+    greedy = alone(tiny_model, PROMPTS[0], BudgetForcing(max_thinking_tokens=20, max_answer_tokens=4))
+    assert huge.thinking_token_ids == bound.thinking_token_ids != greedy.thinking_token_ids
+    assert len(set(huge.thinking_token_ids)) > 10  # uniform over a vocabulary of thousands: hardly a repeat
+
+
 def test_a_vanishing_temperature_samples_greedily(tiny_model):
     """A temperature so small that the scaled logits overflow is its limit, greedy decoding (it
     used to fail with NaN probabilities)."""

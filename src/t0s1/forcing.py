@@ -61,6 +61,10 @@ __all__ = [
     "resolve_budget",
 ]
 
+LARGEST_TEMPERATURE = 1e30
+"""Sampling divides the logits by at most this: any larger temperature samples as it does (every
+allowed id alike, within float32's precision)."""
+
 DeltaCallback = Callable[[int, str, str], None]
 """``on_delta(prompt_index, channel, text)``: new text of ``channel`` ("thinking" or "answer")."""
 
@@ -428,7 +432,9 @@ class Engine:
         settings = row.sequence.settings
         if settings.greedy:
             return argmax
-        probs = torch.softmax(logits.cpu() / settings.temperature, dim=-1)
+        # A temperature past float32's range would divide the banned ids' -inf by inf (NaN); long
+        # before it the distribution is uniform over the allowed ids, which this bound gives.
+        probs = torch.softmax(logits.cpu() / min(settings.temperature, LARGEST_TEMPERATURE), dim=-1)
         # A temperature so small that the scaled logits overflow makes every probability NaN (the
         # softmax subtracts an infinite maximum): its limit, greedy. One entry tells (a whole-row
         # check cost 0.1 ms a token).

@@ -104,6 +104,9 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 BUSY_RETRY_AFTER_SECONDS = 1
 """The Retry-After of a 503 for a full queue (OpenAI's clients wait that long and retry)."""
 
+SHOWN_VALUE_CHARS = 100
+"""The most of a bad field's value that an error message repeats."""
+
 SNIPPET_CHARS = 300
 """How much of a source's best chunk a reply shows."""
 
@@ -567,8 +570,14 @@ def _validation_error(error: RequestValidationError) -> APIError:
     messages = list(dict.fromkeys(e["msg"] for e in same_field))
     where = ".".join(str(part) for part in location[: 1 if len(same_field) > 1 else None])
     got = first.get("input")
-    shown = f" (got {got!r})" if first.get("type") != "missing" and not isinstance(got, dict | list) else ""
+    shown = f" (got {_clipped(repr(got))})" if first.get("type") != "missing" and not isinstance(got, dict | list) else ""
     return APIError(400, f"{where}: {'; or '.join(messages)}{shown}.", param=param)
+
+
+def _clipped(text: str, most: int = SHOWN_VALUE_CHARS) -> str:
+    """``text`` cut to ``most`` characters, saying how long it was: an error never echoes a
+    client's megabytes back."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text):,} characters)"
 
 
 # ---- retrieval ------------------------------------------------------------------------------------
