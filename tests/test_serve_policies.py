@@ -162,7 +162,7 @@ def test_limits_on_text_and_body(server):
 
     response = httpx.post(f"{server}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"},
                           timeout=60)
-    assert response.status_code == 413, response.text
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large", response.text
 
 
 def test_ordinary_requests_go_on_beside_a_policy_request(client, server, tiny_model):

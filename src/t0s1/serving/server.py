@@ -104,6 +104,10 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 BUSY_RETRY_AFTER_SECONDS = 1
 """The Retry-After of a 503 for a full queue (OpenAI's clients wait that long and retry)."""
 
+HTTP_ERROR_CODES = {413: "request_too_large"}
+"""The ``code`` of the errors Starlette raises, where t0s1 has a name for them (one name whichever
+way the error is found: a 413 from Content-Length or from the bytes counted)."""
+
 SHOWN_VALUE_CHARS = 100
 """The most of a bad field's value that an error message repeats."""
 
@@ -202,7 +206,8 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         refused = await key_refused(request) if error.status_code == 400 else None
-        return refused or APIError(error.status_code, str(error.detail), code=str(error.status_code)).response()
+        code = HTTP_ERROR_CODES.get(error.status_code, str(error.status_code))
+        return refused or APIError(error.status_code, str(error.detail), code=code).response()
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception):
@@ -961,5 +966,5 @@ class _BodyLimit:
         return f"The request body is larger than this server takes ({self.limit} bytes): send less."
 
     async def _refuse(self, scope, receive, send):
-        response = APIError(413, self._message(), code="request_too_large").response()
+        response = APIError(413, self._message(), code=HTTP_ERROR_CODES[413]).response()
         await response(scope, receive, send)
