@@ -322,6 +322,64 @@ def test_a_qdrant_rebuild_keeps_the_previous_collection_until_it_is_in_place(tmp
     assert collections() == ({moved}, {"conditions": moved})
 
 
+KILLED_QDRANT_BUILD = """
+import os, signal, sys
+from t0s1.rag import store
+from t0s1.rag.corpus import Document
+out, qdrant, count, point = sys.argv[1:5]
+documents = [Document(f"d{i}", f"Title {i}", f"document number {i} about topic {i % 3}") for i in range(int(count))]
+die = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+if point == "before-swap":  # the vectors are uploaded, the folder not in place
+    store._replace = die
+else:  # the folder is in place, the alias not moved
+    store.QdrantVectors.publish = die
+store.build_index(documents, out, retriever="dense", qdrant=store.QdrantTarget(path=qdrant, collection="kb"), overwrite=True,
+                  progress=False)
+"""
+
+
+def test_a_qdrant_build_killed_after_its_upload_is_cleaned_and_one_killed_before_its_alias_moved_is_finished(tmp_path):
+    """SIGKILL runs no cleanup: a build killed after its upload left its collection forever, and
+    one killed between the folder's swap and the alias's move left the alias on the old
+    collection, which a rerun reused without moving it. The next build of the index repairs both."""
+    import subprocess
+    import sys
+
+    from qdrant_client import QdrantClient
+
+    from t0s1.rag.corpus import Document
+
+    out, qdrant = tmp_path / "index", tmp_path / "qdrant"
+
+    def killed_build(count: int, point: str) -> None:
+        child = subprocess.run([sys.executable, "-c", KILLED_QDRANT_BUILD, str(out), str(qdrant), str(count), point], timeout=300)
+        assert child.returncode == -9
+
+    def build(count: int) -> tuple[bool, str]:
+        documents = [Document(f"d{i}", f"Title {i}", f"document number {i} about topic {i % 3}") for i in range(count)]
+        result = build_index(documents, out, retriever="dense", qdrant=QdrantTarget(path=str(qdrant), collection="kb"), progress=False)
+        result.index.close()
+        return result.reused, result.index.manifest["dense"]["store"]["collection"]
+
+    def collections():
+        client = QdrantClient(path=str(qdrant))
+        try:
+            return {c.name for c in client.get_collections().collections}, {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+        finally:
+            client.close()
+
+    killed_build(10, "before-swap")
+    [orphan] = collections()[0]
+    assert not out.exists() and orphan.startswith("kb-build-")
+    reused, first = build(10)
+    assert not reused and collections() == ({first}, {"kb": first})  # the orphan is gone
+    killed_build(12, "before-alias")
+    names, aliases = collections()
+    assert aliases == {"kb": first} and len(names) == 2
+    reused, second = build(12)  # the same build again: reused, and now published
+    assert reused and second != first and collections() == ({second}, {"kb": second})
+
+
 def test_an_embedder_with_the_same_weights_but_other_model_files_is_refused(tmp_path, hybrid_index):
     import json
 

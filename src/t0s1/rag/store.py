@@ -42,6 +42,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -134,6 +135,17 @@ class QdrantVectors:
         client.update_collection_aliases(change_aliases_operations=operations)  # one atomic change
         if before is not None and before != self.collection and client.collection_exists(before):
             client.delete_collection(before)
+
+    def drop_other_builds(self, name: str) -> list[str]:
+        """Drop the collections of other builds of the alias ``name`` (``<name>-build-<id>``) but
+        this one and the alias's: a build killed after its upload leaves its collection behind.
+        Call only when no other build of the same index is running. Returns the names dropped."""
+        pattern = re.compile(re.escape(name) + r"-build-[0-9a-f]{12}")
+        keep = {self.collection, aliased_collection(self.client, name)}
+        stale = sorted(c.name for c in self.client.get_collections().collections if pattern.fullmatch(c.name) and c.name not in keep)
+        for collection in stale:
+            self.client.delete_collection(collection)
+        return stale
 
     def upload(self, vectors: np.ndarray, documents: list[str], build_id: str, *, batch_size: int = 256) -> None:
         from qdrant_client import models
@@ -259,6 +271,7 @@ def build_index(
         problem = index_problem(out, existing, full=True, qdrant=qdrant)
         if problem is not None:
             raise UserError(f"{out} holds this index, damaged: {problem}. Pass --overwrite to rebuild it.")
+        _finish_publishing(out, existing, qdrant)
         if existing.get("retriever") != retriever:
             _write_json_atomic(out / MANIFEST_FILE, {**existing, "retriever": retriever})
         return BuildResult(Index.open(out), reused=True, seconds=time.perf_counter() - started)
@@ -292,11 +305,13 @@ def build_index(
         for store in created:
             try:
                 store.publish(qdrant.collection)
+                if not _other_builds_running(out):
+                    store.drop_other_builds(qdrant.collection)
             except Exception as error:  # the index is in place and searches its own collection
                 warnings.warn(
                     f"The index in {out} is built and uses the Qdrant collection {store.collection!r}, but the alias "
                     f"{qdrant.collection!r} could not be moved to it ({type(error).__name__}: {error}); the collection "
-                    "it named before is kept.", stacklevel=2,
+                    "it named before is kept (building the same index again moves it).", stacklevel=2,
                 )
     finally:
         for store in created:
@@ -509,19 +524,47 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(second))
 
 
+def _finish_publishing(out: Path, manifest: dict, qdrant: QdrantTarget | None) -> None:
+    """For an index whose vectors are in Qdrant under an alias: if the alias does not name the
+    index's collection (its build was killed, or the move failed, between the folder's swap and
+    the alias's move), move it now, and drop what earlier builds left."""
+    store = (manifest.get("dense") or {}).get("store") or {}
+    alias, collection = store.get("alias"), store.get("collection")
+    if store.get("kind") != "qdrant" or not alias or not collection:
+        return
+    target = qdrant or QdrantTarget(url=store.get("url"), path=store.get("path"), collection=alias)
+    client = target.connect()
+    try:
+        vectors = QdrantVectors(client, collection)
+        if aliased_collection(client, alias) != collection:
+            vectors.publish(alias)
+        if not _other_builds_running(out):
+            vectors.drop_other_builds(alias)
+    finally:
+        client.close()
+
+
+def _other_builds_running(out: Path) -> bool:
+    """Whether another process is building the index ``out`` now (its temporary folder is there)."""
+    return any(alive for _, alive in _temporary_folders(out, "building"))
+
+
+def _temporary_folders(out: Path, kind: str):
+    """(folder, alive) for each temporary folder of ``kind`` ("building", "replaced") beside
+    ``out``: alive while the process that made it, another one, runs."""
+    prefix = _debris_prefix(out, kind)
+    for folder in out.parent.glob(prefix + "*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        yield folder, pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid))
+
+
 def _recover(out: Path) -> None:
     """Repair what a killed build left beside ``out``: put back an index that was moved aside when
     the build died between its two renames, and remove the temporary folders of builds whose
     process is gone (a running build's are left alone)."""
     if not out.parent.is_dir():
         return
-    debris = []
-    for kind in ("building", "replaced"):
-        prefix = _debris_prefix(out, kind)
-        for folder in out.parent.glob(prefix + "*"):
-            pid = folder.name[len(prefix):].split("-", 1)[0]
-            if not (pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid))):
-                debris.append((kind, folder))
+    debris = [(kind, folder) for kind in ("building", "replaced") for folder, alive in _temporary_folders(out, kind) if not alive]
     moved_aside = sorted((f for kind, f in debris if kind == "replaced" and (f / MANIFEST_FILE).is_file()), key=lambda f: f.name.rsplit("-", 1)[-1].zfill(24))
     if moved_aside and not out.exists():
         moved_aside[-1].rename(out)
