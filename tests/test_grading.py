@@ -46,6 +46,16 @@ def test_gsm8k_reference_solutions_grade_correct(shared_data_dir):
     assert grading.normalize_gold("so 2,125 in all\n#### 2,125", "number") == "2125"
 
 
+def test_odd_integer_golds_and_answers_are_compared_not_crashed_on():
+    """A benchmark file's gold of inf, NaN or 1e999999999999 raised (or built a trillion-digit
+    integer); they are kept as written and match nothing but themselves as text."""
+    assert grading.normalize_gold("025", "integer") == "25" and grading.normalize_gold("3.0", "integer") == "3"
+    for gold in ("inf", "NaN", "1e999999999999", "-Infinity"):
+        assert grading.normalize_gold(gold, "integer") == gold
+        assert not grading.answers_match(gold, gold, "integer")  # not an AIME integer (0 to 999)
+    assert grading.answers_match("7", grading.normalize_gold("7.000", "integer"), "integer")
+
+
 @pytest.mark.parametrize("name", ["aime24", "aime24_nofigures", "aime25"])
 def test_aime_answers_in_every_written_form_grade_correct(shared_data_dir, name):
     task = get_task(name)

@@ -163,7 +163,9 @@ def normalize_gold(raw: str, kind: str) -> str:
         return gold.replace(",", "")
     if kind == "integer":
         value = _as_decimal(gold)
-        return str(int(value)) if value is not None and value == int(value) else gold
+        # finite and of at most 64 digits: int() of 1e999999999999 would build a trillion digits
+        whole = value is not None and value.is_finite() and value.adjusted() < 64 and value == value.to_integral_value()
+        return str(int(value)) if whole else gold
     if kind == "choice":
         return gold.upper()
     return gold
@@ -186,7 +188,7 @@ def answers_match(extracted: str, gold: str, kind: str) -> bool:
         value, reference = _as_decimal(extracted), _as_decimal(gold)
         if value is None or reference is None:
             return False
-        if kind == "integer" and not (value == int(value) and 0 <= value <= 999):
+        if kind == "integer" and not (value.is_finite() and 0 <= value <= 999 and value == value.to_integral_value()):
             return False
         return value == reference
     return math_equal(extracted, gold)
