@@ -329,6 +329,24 @@ def test_a_rerun_with_another_reasoning_format_or_dtype_is_refused_and_older_run
                  recorded, data_dir=shared_data_dir, limit=1, progress=False)
 
 
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tiny_model, shared_data_dir, tmp_path):
+    """A kill between a file's write and its rename leaves ``.NAME.PID.tmp``; the next run in the
+    folder removes those of dead processes (a running writer's stay)."""
+    import os
+
+    backend, config = EngineBackend(tiny_model), _config(max_thinking_tokens=[4], num_ignore=[0])
+    run_eval(backend, [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+    dead = [tmp_path / ".results.json.999999999.tmp", tmp_path / ".gsm8k.999999999.tmp.png",
+            tmp_path / "samples" / ".gsm8k.jsonl.999999999.tmp"]
+    for path in dead:
+        path.write_text("half a file")
+    running, unrelated = tmp_path / f".report.md.{os.getpid()}.tmp", tmp_path / ".notes.tmp"
+    running.write_text("being written")
+    unrelated.write_text("not ours")
+    run_eval(backend, [get_task("gsm8k")], config, tmp_path, data_dir=shared_data_dir, limit=1, progress=False)
+    assert not any(path.exists() for path in dead) and running.exists() and unrelated.exists()
+
+
 @pytest.mark.parametrize("damage", [("config.json", "[]"), ("samples/gsm8k.jsonl", "[1, 2]\n"), ("samples/gsm8k.jsonl", b"\xff\xfe\n")])
 def test_damaged_run_files_are_a_clear_error(tiny_model, shared_data_dir, tmp_path, damage):
     backend = EngineBackend(tiny_model)

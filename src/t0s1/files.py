@@ -8,6 +8,7 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -143,6 +144,23 @@ def left_by_dead_processes(directory: Path, prefix: str) -> list[Path]:
         if pid.isdigit() and not process_alive(int(pid)):
             left.append(entry)
     return left
+
+
+_ATOMIC_TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp(\.[^.]+)?")
+"""The name of ``write_text_atomic``'s and ``atomic_path``'s temporary files (the writer's pid)."""
+
+
+def remove_atomic_leftovers(directory: str | Path) -> list[Path]:
+    """Remove the temporary files of ``write_text_atomic`` and ``atomic_path`` in ``directory``
+    that processes killed between the write and the rename left (a running writer's are kept);
+    returns them."""
+    removed = []
+    for entry in Path(directory).glob(".*.tmp*"):
+        match = _ATOMIC_TEMPORARY.fullmatch(entry.name)
+        if match and entry.is_file() and not process_alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def process_alive(pid: int) -> bool:

@@ -55,7 +55,7 @@ from t0s1.evaluation import metrics
 from t0s1.evaluation.grading import Verdict
 from t0s1.evaluation.plots import TOTAL_TOKENS_LABEL, plot_task
 from t0s1.evaluation.tasks import Example, Task
-from t0s1.files import atomic_path, read_json_object, write_text_atomic, writing
+from t0s1.files import atomic_path, read_json_object, remove_atomic_leftovers, write_text_atomic, writing
 from t0s1.forcing import BudgetForcing, Result
 from t0s1.jsonl import drop_partial_last_line
 from t0s1.policies import POLICIES, Policy, make_policy
@@ -366,6 +366,8 @@ def run_eval(
         raise UserError(f"--policy runs on the engine backends ({', '.join(ENGINE_BACKENDS)}); the {backend.name} backend "
                         "has no loaded model to fork traces from.")
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "samples"):  # what a run killed between a write and its rename left
+        remove_atomic_leftovers(folder)
     check_run_key(out / "config.json", config.generation_key(), holds="samples made with other settings", later=LATER_KEY_FIELDS)
     if config.policies:
         check_policy_parameters(out / "policies.json", config.policies)
