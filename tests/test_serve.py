@@ -811,6 +811,27 @@ def test_request_strings_longer_than_their_limit_are_a_400(server, field, value)
     assert len(response.content) < 2048  # the value is not echoed whole
 
 
+def test_a_prompt_too_long_in_characters_is_refused_before_it_is_tokenized(server, tiny_model, monkeypatch):
+    """Tokenizing megabytes of text takes seconds of CPU; a prompt with more characters than the
+    context can hold (its length x the vocabulary's longest entry) is a 400 before that."""
+    from t0s1.serving import server as module
+
+    limit = module._prompt_chars_limit(tiny_model)
+    rendered = []
+    render = module.render_prompt
+    monkeypatch.setattr(module, "render_prompt", lambda *args: rendered.append(1) or render(*args))
+    long = [{"role": "user", "content": "x" * (limit // 2 + 1)}] * 2
+    response = httpx.post(f"{server}/v1/chat/completions", json={"messages": long}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert f"{limit + 2:,} characters" in response.json()["error"]["message"] and rendered == []
+    response = httpx.post(f"{server}/v1/completions", json={"prompt": "y" * (limit + 1)}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    response = httpx.post(f"{server}/v1/completions", json={"prompt": "y" * (limit + 1), "stop": ["\n"]}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    assert httpx.post(f"{server}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}, timeout=60).status_code == 200
+    assert rendered == [1]
+
+
 def test_an_error_never_echoes_a_huge_value_back(server):
     """A 400 names the bad value, cut to its first characters: a 7 MB model name came back whole."""
     response = httpx.post(f"{server}/v1/chat/completions", json={"messages": QUESTION, "model": "m" * 1_000_000}, timeout=30)

@@ -158,6 +158,7 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
     defaults = defaults or BudgetForcing()
     efforts = {**DEFAULT_EFFORT_BUDGETS, **(effort_budgets or {})}
     batcher = Batcher(lm, max_batch, max_queued)
+    prompt_chars = _prompt_chars_limit(lm)
     retrieval = _Retrieval(lm, index, rag_defaults or RagRequest()) if index is not None else None
     created = int(time.time())
 
@@ -243,6 +244,7 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
         settings = _settings(body, defaults, efforts, template_kwargs)
         policy = _policy(body, settings, lm, batcher.max_batch)
         messages, sources = body.template_messages(), None
+        _check_prompt_chars(sum(len(message["content"]) for message in messages), prompt_chars, lm, "messages")
         rag = _rag_settings(body, retrieval)
         if rag is not None:
             messages, sources = await retrieval.prompt(messages, rag, settings)
@@ -274,12 +276,14 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
                         "plain continuation without budget forcing.")
             _refuse((body.n or 1) > 1, "n", "n > 1 is not supported together with stop (a plain continuation): send "
                     "one request per continuation.")
+            _check_prompt_chars(len(body.text), prompt_chars, lm, "prompt")
             return await _plain_continuation(lm, batcher, reply_id, request, body, defaults, efforts)
         for name in ("min_tokens", "skip_special_tokens"):
             _refuse(getattr(body, name), name, f"{name} applies to plain continuations (a request with stop or "
                     "stop_token_ids); a budget-forced reply keeps the thinking and the answer apart instead.")
         settings = _settings(body, defaults, efforts)
         policy = _policy(body, settings, lm, batcher.max_batch)
+        _check_prompt_chars(len(body.text), prompt_chars, lm, "prompt")
         prompt = await asyncio.to_thread(completion_prompt_ids, lm, body.text)
         jobs = _submit_all(batcher, body, prompt, settings, policy, prompt_field="prompt")
         reply = _CompletionReply(reply_id, lm.name, jobs, prompt)
@@ -295,6 +299,24 @@ def create_app(lm: LoadedModel, defaults: BudgetForcing | None = None, api_key: 
         mount_ui(app, info=UIInfo.describe(lm, defaults, api_key_required=api_key is not None,
                                            retrieval=retrieval is not None))
     return app
+
+
+def _prompt_chars_limit(lm: LoadedModel) -> int | None:
+    """The most characters a prompt that fits the context can have: the context length x the
+    longest entry of the vocabulary (a byte-level entry is at least as long as the text it
+    decodes to). None: no context length known."""
+    if not lm.context_length:
+        return None
+    return lm.context_length * max(map(len, lm.tokenizer.get_vocab()), default=1)
+
+
+def _check_prompt_chars(chars: int, limit: int | None, lm: LoadedModel, param: str) -> None:
+    """A 400 at once for a prompt too long in characters to fit the context, before it is
+    rendered and tokenized (megabytes of text take seconds of CPU to tokenize)."""
+    if limit is not None and chars > limit:
+        raise APIError(400, f"The prompt has {chars:,} characters: more than the model's context of {lm.context_length:,} "
+                       "tokens can hold whatever the tokens (at most the vocabulary's longest entry each). Shorten it.",
+                       param=param, code="context_length_exceeded")
 
 
 def _streamed(chunk: str, whole: str) -> dict:
