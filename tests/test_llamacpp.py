@@ -152,6 +152,25 @@ def test_a_kept_copy_forks_like_its_prompt_prefilled_again(make_runner, scratch,
     runner.drop_kept(kept)
 
 
+def test_a_fork_whose_copy_fails_gives_its_slot_back(make_runner, scratch, prompts, monkeypatch):
+    """The fork took a slot and stream before copying the cache; a failed copy kept them taken,
+    holding no sequence, for the runner's lifetime."""
+    runner = make_runner(max_slots=2)
+    (slot,), logits = runner.add([prompts[0]])
+
+    def failing_copy(*args):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(runner, "_copy_state", failing_copy)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        runner.fork(slot)
+    monkeypatch.undo()
+    assert runner.free_slots == 1
+    child = runner.fork(slot)  # the slot is there again, and the fork works
+    after = runner.step([slot, child], [int(logits[0].argmax()), 28])
+    assert torch.equal(after[1], from_scratch(scratch, prompts[0], [28]))
+
+
 def test_rollback_then_another_token_equals_from_scratch(make_runner, scratch, prompts):
     runner = make_runner()
     prompt = prompts[0]

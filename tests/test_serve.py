@@ -642,6 +642,44 @@ def test_openai_backend_sends_vllm_sampling_fields(tiny_model):
     assert all("<|im_start|>" in request["stop"] for request in client.requests[:2])
 
 
+def test_openai_backend_bounds_what_the_server_sends_back(tiny_model, monkeypatch):
+    """The reply is the server's: a text far longer than max_tokens is cut before it is tokenized
+    (10 MB took seconds and gigabytes), and a reply of the wrong shape is a clear error, not a
+    traceback from the tokenizer."""
+    from t0s1.backends import openai_compat
+    from t0s1.backends.openai_compat import OpenAIBackend
+    from t0s1.forcing_rules import longest_token_chars
+
+    encoded = []
+    encode = openai_compat.encode
+    monkeypatch.setattr(openai_compat, "encode", lambda tokenizer, text: encoded.append(len(text)) or encode(tokenizer, text))
+    settings = BudgetForcing(max_thinking_tokens=20, max_answer_tokens=5)
+    client = CompletionsDouble([("think " * 2_000_000, "length"), ("answer " * 1_000_000, "length")])
+    [result] = OpenAIBackend(client, "m", tiny_model.tokenizer, concurrency=1).generate(["What is 12 + 35 * 2?"], settings)
+    assert result.thinking_tokens == 20 and result.answer_tokens == 5
+    longest = longest_token_chars(tiny_model.tokenizer)
+    assert encoded == [20 * longest, 5 * longest]  # not the 12 MB and 7 MB sent
+    for text, finish in ((123, "stop"), (["a", "b"], "stop"), ({"text": "a"}, "stop"), ("fine", 7)):
+        backend = OpenAIBackend(CompletionsDouble([(text, finish)]), "m", tiny_model.tokenizer, concurrency=1)
+        with pytest.raises(UserError, match="The completions endpoint failed for model 'm': TypeError"):
+            backend.generate(["Hi"], settings)
+
+
+def test_a_model_list_of_the_wrong_shape_gives_no_context_length_rather_than_a_traceback():
+    from t0s1.backends.openai_compat import served_model_card
+
+    def client(*cards):
+        listing = type("Listing", (), {"data": list(cards)})()
+        return type("Client", (), {"models": type("Models", (), {"list": staticmethod(lambda: listing)})()})()
+
+    def card(**fields):
+        return type("Card", (), {"model_extra": fields.pop("extra", {}), **fields})()
+
+    assert served_model_card(client("m"), "m") == (None, None)  # cards that are strings: skipped
+    assert served_model_card(client(card(id="m", extra={"max_model_len": True})), "m") == (None, None)
+    assert served_model_card(client(card(id="m", owned_by="vllm", extra={"max_model_len": 4096})), "m") == (4096, "vllm")
+
+
 class ScriptedServer:
     """``completions.create`` of a server that answers each request by what it asks (thinking or
     answer), safe to call from several threads; ``refuse``: fields it refuses with a 400 (the

@@ -249,6 +249,13 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The characters of the vocabulary's longest entry: no token decodes to more text (a
+    byte-level entry is at least as long as what it decodes to), so ``n`` tokens are at most ``n``
+    times this many characters."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
 def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
     """Ids that end the assistant's turn: eos ids of the tokenizer and generation config, and
     ``<|im_end|>`` for ChatML models."""

@@ -423,7 +423,11 @@ class LlamaCppRunner:
         (new,) = self._take(1)
         # llama_memory_seq_cp between streams would copy the whole stream buffer (and re-plan the
         # compute graph at the next decode); the sequence's state copies the cells it holds.
-        self._copy_state(self._context, self._stream[slot], self._context, self._stream[new])
+        try:
+            self._copy_state(self._context, self._stream[slot], self._context, self._stream[new])
+        except BaseException:  # the slot taken goes back, as with fork_kept
+            self._drop(new)
+            raise
         self._lengths[new] = length
         return new
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from t0s1.backends.base import Backend
 from t0s1.backends.client_forcing import ClientForcing, Completion, Request
 from t0s1.errors import UserError
-from t0s1.forcing_rules import BudgetForcing, Prompt, Result, encode, per_prompt_settings
+from t0s1.forcing_rules import BudgetForcing, Prompt, Result, encode, longest_token_chars, per_prompt_settings
 from t0s1.profiles import detect_profile
 
 SAMPLING_FIELDS = ("stop_token_ids", "min_tokens", "skip_special_tokens")
@@ -66,6 +66,7 @@ class OpenAIBackend(Backend):
         self._fields_act = sampling_fields is True
         self._lock = threading.Lock()
         self._bos_added = adds_bos(tokenizer)
+        self._longest_token_chars = longest_token_chars(tokenizer)
         self.forcing = ClientForcing(tokenizer, detect_profile(tokenizer, reasoning_format).profile, self._complete, context_length=context_length)
 
     @property
@@ -142,10 +143,17 @@ class OpenAIBackend(Backend):
                     with self._lock:
                         self.sampling_fields = True
             choice = response.choices[0]
-        except Exception as error:  # connection refused, 404 model, an empty reply, ...: say which server
+            text, finish_reason = choice.text, choice.finish_reason
+            if not isinstance(text, str) or not (finish_reason is None or isinstance(finish_reason, str)):
+                raise TypeError(f"the choice's text is {type(text).__name__} and its finish_reason "
+                                f"{type(finish_reason).__name__}; a completion has a string and a string or null")
+        except Exception as error:  # connection refused, 404 model, an empty or malformed reply, ...: say which server
             raise UserError(f"The completions endpoint failed for model {self.model_name!r}: {type(error).__name__}: {error}") from None
-        ids = encode(self.tokenizer, choice.text)[: request.max_tokens]
-        return Completion(ids, stopped=choice.finish_reason == "stop")
+        # At most max_tokens of the longest token's characters: a reply far longer than asked for is
+        # not tokenized whole (a server's 10 MB took seconds and gigabytes).
+        text = text[: request.max_tokens * self._longest_token_chars]
+        ids = encode(self.tokenizer, text)[: request.max_tokens]
+        return Completion(ids, stopped=finish_reason == "stop")
 
 
 def adds_bos(tokenizer) -> int | None:
@@ -176,12 +184,14 @@ def served_model_card(client, model: str) -> tuple[int | None, str | None]:
     """(context length, owner) of ``model`` as the server's ``GET /v1/models`` lists it (the only
     model, if the names differ); Nones where the server does not say."""
     try:
-        cards = list(client.models.list().data)
-    except Exception:  # noqa: BLE001 - a server without /v1/models: the caller's flag is the only source
+        cards = [card for card in client.models.list().data if isinstance(getattr(card, "id", None), str)]
+    except Exception:  # noqa: BLE001 - a server without /v1/models, or a list that is not one: the caller's flag is the only source
         return None, None
     card = next((c for c in cards if c.id == model), cards[0] if len(cards) == 1 else None)
     if card is None:
         return None, None
     extra = card.model_extra or {}
     length = extra.get("max_model_len")
-    return (length if isinstance(length, int) and length > 0 else None), getattr(card, "owned_by", None)
+    owner = getattr(card, "owned_by", None)
+    valid = isinstance(length, int) and not isinstance(length, bool) and length > 0
+    return (length if valid else None), (owner if isinstance(owner, str) else None)

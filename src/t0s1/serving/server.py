@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t0s1.errors import UserError
 from t0s1.forcing import BudgetForcing, RenderedPrompt, Result, render_prompt
+from t0s1.forcing_rules import longest_token_chars
 from t0s1.models import LoadedModel
 from t0s1.policies import POLICIES, Policy, make_policy
 from t0s1.policies.run import rows_at_once
@@ -307,7 +308,7 @@ def _prompt_chars_limit(lm: LoadedModel) -> int | None:
     decodes to). None: no context length known."""
     if not lm.context_length:
         return None
-    return lm.context_length * max(map(len, lm.tokenizer.get_vocab()), default=1)
+    return lm.context_length * longest_token_chars(lm.tokenizer)
 
 
 def _check_prompt_chars(chars: int, limit: int | None, lm: LoadedModel, param: str) -> None:
