@@ -307,6 +307,13 @@ def test_command_runs_the_harness_with_the_t0s1_model_and_tasks(tiny_model_dir, 
     (samples_file,) = out.rglob("samples_t0s1_gsm8k_*.jsonl")
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert len(samples) == 2 and all(s["resps"][0][0].startswith("<|im_start|>think\n") for s in samples)
+    # With a policy (its model args were refused by the command's own check before the harness ran)
+    voted = tmp_path / "voted"
+    args = ["lm-eval", "--model_args", f"pretrained={tiny_model_dir},max_tokens_thinking=8,max_gen_toks=6,device=cpu,policy=vote,n=2,"
+            "temperature=0.8,seed=1", "--tasks", "t0s1_gsm8k", "--limit", "1", "--data-dir", str(shared_data_dir), "--output_path", str(voted)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert list(voted.rglob("results_*.json"))
 
 
 def test_command_rejects_unknown_arguments_before_loading(tiny_model_dir):
@@ -315,3 +322,6 @@ def test_command_rejects_unknown_arguments_before_loading(tiny_model_dir):
     result = CliRunner().invoke(app, ["lm-eval", "--model_args", f"pretrained={tiny_model_dir},thinking_end=x", "--tasks", "t0s1_gsm8k"])
     assert result.exit_code == 2
     assert "thinking_end" in result.output and "reasoning_format" in result.output
+    result = CliRunner().invoke(app, ["lm-eval", "--model_args", f"pretrained={tiny_model_dir},policy=deepconf,policy_window=0",
+                                      "--tasks", "t0s1_gsm8k"])
+    assert result.exit_code == 2 and "window" in result.output

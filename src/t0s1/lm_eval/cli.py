@@ -58,7 +58,7 @@ def run_harness(argv: list[str]) -> None:
     except ImportError:
         raise UserError("t0s1 lm-eval needs lm-evaluation-harness: pip install 't0s1[lm-eval]'.") from None
     from t0s1.lm_eval import TASKS_DIR
-    from t0s1.lm_eval.model import DEFAULT_BATCH_SIZE, check_model_args
+    from t0s1.lm_eval.model import DEFAULT_BATCH_SIZE, check_model_args, policy_from_model_args
 
     setup_logging()
     saved, sys.argv = sys.argv, ["lm-eval", *argv]
@@ -86,7 +86,9 @@ def run_harness(argv: list[str]) -> None:
                 args.batch_size = str(DEFAULT_BATCH_SIZE)
             args.device = args.device or "auto"
             # Bad generation arguments fail now, not after indexing tasks and loading the model.
-            defaults = check_model_args(model_args)
+            generation = dict(model_args)
+            policy_from_model_args(generation)  # takes policy, n and policy_* out (and checks them)
+            defaults = check_model_args(generation)
             _check_gen_kwargs(args.gen_kwargs or {}, defaults)
     harness.execute(args)
 

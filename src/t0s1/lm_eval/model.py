@@ -105,7 +105,7 @@ class T0S1LM(LM):
         **generation,
     ) -> None:
         super().__init__()
-        self.policy = _policy_from_model_args(generation)
+        self.policy = policy_from_model_args(generation)
         self.defaults = check_model_args(generation)
         if isinstance(chat_template_kwargs, dict):
             chat_template_kwargs = json.dumps(chat_template_kwargs)
@@ -281,7 +281,7 @@ class T0S1LM(LM):
         return self._scorer
 
 
-def _policy_from_model_args(generation: dict):
+def policy_from_model_args(generation: dict):
     """The policy named by ``policy``, ``n`` and ``policy_KEY`` model_args (taken out of
     ``generation``), or None."""
     name = generation.pop("policy", None)
