@@ -195,6 +195,22 @@ def test_a_completion_cut_by_max_length_gets_no_end_token_and_the_profile_is_rec
     assert saved["reasoning_profile"] == "s1"
 
 
+def test_a_prepared_dir_trains_and_records_the_delimiters_it_was_prepared_with(tmp_path, tiny_model_dir):
+    """Data prepared with <think> tags trained a model that recorded s1 (its template's profile):
+    budget forcing then used delimiters it never saw. A custom pair is kept whole, and a
+    --reasoning_format other than the data's is refused before any training."""
+    source = write_jsonl(tmp_path / "s1k.jsonl", s1k_rows(4))
+    for given, recorded in (("think-tags", "think"), ("<reasoning>,</reasoning>", "<reasoning>,</reasoning>")):
+        data = tmp_path / f"data-{recorded[:5].strip('<')}"
+        prepare(str(source), str(tiny_model_dir), data, reasoning_format=given)
+        assert json.loads((data / "prepare_report.json").read_text())["reasoning_format"] == recorded
+        recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, data, max_steps=1, max_length=64)
+        train_main([str(recipe)])
+        assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["reasoning_profile"] == recorded
+    result = CliRunner().invoke(app, ["train", str(recipe), "--reasoning_format", "s1"])
+    assert result.exit_code == 2 and "not the '<reasoning>,</reasoning>' delimiters" in " ".join(result.output.split())
+
+
 def test_cli_overrides_recipe_keys_and_rejects_unknown_ones(tmp_path, tiny_model_dir, prepared):
     from t0s1.training.config import parse_args
 

@@ -200,13 +200,14 @@ def _recorded_profile(tokenizer) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def profile_spec(profile: ModelProfile) -> str:
+    """What ``profile_by_name`` reads back as ``profile``: its name, or a custom pair's "START,END"."""
+    return f"{profile.thinking_start},{profile.thinking_end}" if profile.name == "custom" else profile.name
+
+
 def record_profile(tokenizer, profile: ModelProfile) -> None:
     """Make ``tokenizer.save_pretrained`` write the profile (``t0s1 train`` does this)."""
-    if profile.name == "custom":
-        value = f"{profile.thinking_start},{profile.thinking_end}"
-    else:
-        value = profile.name
-    tokenizer.init_kwargs[PROFILE_KEY] = value
+    tokenizer.init_kwargs[PROFILE_KEY] = profile_spec(profile)
 
 
 def _generation_prompt(tokenizer) -> str | None:

@@ -27,7 +27,7 @@ from t0s1.data.sources import Trace, Traces, load_traces
 from t0s1.errors import UserError
 from t0s1.files import left_by_dead_processes, umask, writing
 from t0s1.models import resolve_model_source
-from t0s1.profiles import ANSWER_PREFIX, S1, ModelProfile, detect_profile
+from t0s1.profiles import ANSWER_PREFIX, S1, ModelProfile, detect_profile, profile_spec
 
 PREPARE_REPORT = "prepare_report.json"
 PREVIEW = "preview.jsonl"
@@ -248,7 +248,7 @@ def build(
         source=traces.source,
         schema=traces.schema,
         model=model_name,
-        reasoning_format=profile.name,
+        reasoning_format=profile_spec(profile),
         end_token=end_token,
         rows_in=len(traces.traces),
         block_size=block_size,

@@ -23,7 +23,7 @@ from t0s1.data.prepare import (
 from t0s1.data.sources import load_traces, read_rows
 from t0s1.errors import UserError
 from t0s1.models import resolve_model_source
-from t0s1.profiles import detect_profile, record_profile
+from t0s1.profiles import detect_profile, profile_by_name, record_profile
 from t0s1.training.config import parse_args
 
 
@@ -45,7 +45,7 @@ def train(script_args, training_args, model_args, ours):
     log = _Log(training_args)
     source, gguf_file = resolve_model_source(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    profile = detect_profile(tokenizer, ours.reasoning_format).profile
+    profile = detect_profile(tokenizer, training_reasoning_format(script_args.dataset_name, ours.reasoning_format)).profile
     record_profile(tokenizer, profile)  # saved with the tokenizer: detection is exact for this model
 
     dataset, data_info = load_train_dataset(
@@ -164,6 +164,23 @@ def last_checkpoint(output_dir: str) -> str | None:
             if (entry / "trainer_state.json").is_file():
                 steps.append((int(name.split("-")[-1]), str(entry)))
     return max(steps)[1] if steps else None
+
+
+def training_reasoning_format(dataset_name: str, given: str | None) -> str | None:
+    """The reasoning format to train with and record: a prepared directory's own (its completions
+    were rendered with those delimiters), which a given one must equal; else the given one (None:
+    detected from the tokenizer)."""
+    if not is_prepared_dir(dataset_name):
+        return given
+    prepared = read_report(dataset_name).get("reasoning_format")
+    if not isinstance(prepared, str) or prepared in ("", "custom"):  # a custom pair that older versions did not record
+        return given
+    if given and profile_by_name(given) != profile_by_name(prepared):
+        raise UserError(
+            f"--reasoning_format {given!r} is not the {prepared!r} delimiters {dataset_name} was prepared with: "
+            f"leave --reasoning_format out, or prepare the data again with --reasoning-format {given!r}."
+        )
+    return prepared
 
 
 def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, model_name: str = ""):
