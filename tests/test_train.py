@@ -211,6 +211,25 @@ def test_a_prepared_dir_trains_and_records_the_delimiters_it_was_prepared_with(t
     assert result.exit_code == 2 and "not the '<reasoning>,</reasoning>' delimiters" in " ".join(result.output.split())
 
 
+def test_resume_from_checkpoint_and_the_split_are_checked_before_anything_loads(tmp_path, tiny_model_dir, prepared):
+    """A missing checkpoint, true with none to resume, or a split the prepared directory lacks were
+    tracebacks after the model had loaded; false starts afresh beside a checkpoint."""
+    from t0s1.training.sft import checkpoint_to_resume
+
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, prepared, max_steps=1)
+    for flags, words in ((["--resume_from_checkpoint", str(tmp_path / "nowhere")], "not a complete checkpoint directory"),
+                         (["--resume_from_checkpoint", "true"], "holds no complete checkpoint-N"),
+                         (["--dataset_train_split", "test"], "has no split 'test'")):
+        result = CliRunner().invoke(app, ["train", str(recipe), *flags])
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+    done = tmp_path / "out" / "checkpoint-3"
+    done.mkdir(parents=True)
+    (done / "trainer_state.json").write_text("{}")
+    out = str(tmp_path / "out")
+    assert checkpoint_to_resume(None, out) == checkpoint_to_resume("true", out) == checkpoint_to_resume(str(done), out) == str(done)
+    assert checkpoint_to_resume("false", out) is None and checkpoint_to_resume("None", out) is None
+
+
 def test_cli_overrides_recipe_keys_and_rejects_unknown_ones(tmp_path, tiny_model_dir, prepared):
     from t0s1.training.config import parse_args
 

@@ -43,6 +43,7 @@ def train(script_args, training_args, model_args, ours):
     # peft reads the model's is_gradient_checkpointing, deprecated by transformers 5: not ours to fix.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     log = _Log(training_args)
+    checkpoint = checkpoint_to_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # before any loading
     source, gguf_file = resolve_model_source(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     profile = detect_profile(tokenizer, training_reasoning_format(script_args.dataset_name, ours.reasoning_format)).profile
@@ -105,9 +106,6 @@ def train(script_args, training_args, model_args, ours):
         trainer.add_callback(_progress_bar())
 
     output_dir = training_args.output_dir
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None:
-        checkpoint = last_checkpoint(output_dir)
     if checkpoint:
         log(f"Resuming from checkpoint {checkpoint}")
     effective = (
@@ -148,6 +146,32 @@ def train(script_args, training_args, model_args, ours):
     if hasattr(trainer, "end"):
         trainer.end()
     return trainer
+
+
+NO_RESUME = ("false", "no", "none", "0")
+LAST_CHECKPOINT = ("true", "yes", "1", "last")
+
+
+def checkpoint_to_resume(given, output_dir: str) -> str | None:
+    """The checkpoint ``resume_from_checkpoint`` names: unset, the newest complete one in
+    ``output_dir`` if any (a killed run resumes by running the same command again); false (or
+    none) to start afresh; true (or last) the newest, which must exist; else a checkpoint
+    directory, which must exist. A ``UserError`` before anything is loaded otherwise."""
+    if given is None:
+        return last_checkpoint(output_dir)
+    word = str(given).strip().lower()
+    if word in NO_RESUME:
+        return None
+    if word in LAST_CHECKPOINT:
+        found = last_checkpoint(output_dir)
+        if found is None:
+            raise UserError(f"resume_from_checkpoint {given}: {output_dir} holds no complete checkpoint-N to resume from; "
+                            "leave it out to start afresh.")
+        return found
+    if not (Path(given) / "trainer_state.json").is_file():
+        raise UserError(f"resume_from_checkpoint {given}: not a complete checkpoint directory (no trainer_state.json); "
+                        "give a checkpoint-N folder of an earlier run, true for the newest in output_dir, or false.")
+    return str(given)
 
 
 def last_checkpoint(output_dir: str) -> str | None:
@@ -195,6 +219,9 @@ def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, m
             log(f"Note: {name} was prepared for {report.get('model')}, not {model_name}: its prompts use that "
                 "model's chat template.")
         loaded = load_from_disk(name)
+        if isinstance(loaded, DatasetDict) and split not in loaded:
+            raise UserError(f"{name} has no split {split!r} (it has {', '.join(loaded)}): t0s1 prepare writes 'train'; "
+                            "leave dataset_train_split out.")
         dataset = loaded[split] if isinstance(loaded, DatasetDict) else loaded
         info = {**report, "prepared": True}
         if max_length and report.get("block_size") != max_length:
