@@ -213,13 +213,16 @@ def test_a_prepared_dir_trains_and_records_the_delimiters_it_was_prepared_with(t
 
 def test_resume_from_checkpoint_and_the_split_are_checked_before_anything_loads(tmp_path, tiny_model_dir, prepared):
     """A missing checkpoint, true with none to resume, or a split the prepared directory lacks were
-    tracebacks after the model had loaded; false starts afresh beside a checkpoint."""
+    tracebacks after the model had loaded, and QLoRA's load_in_4bit / 8bit were ignored (the full
+    model trained); false starts afresh beside a checkpoint."""
     from t0s1.training.sft import checkpoint_to_resume
 
     recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, prepared, max_steps=1)
     for flags, words in ((["--resume_from_checkpoint", str(tmp_path / "nowhere")], "not a complete checkpoint directory"),
                          (["--resume_from_checkpoint", "true"], "holds no complete checkpoint-N"),
-                         (["--dataset_train_split", "test"], "has no split 'test'")):
+                         (["--dataset_train_split", "test"], "has no split 'test'"),
+                         (["--load_in_4bit", "true"], "load_in_4bit trains LoRA adapters on quantized weights"),
+                         (["--load_in_8bit", "true", "--use_peft", "true"], "load_in_8bit needs a CUDA GPU")):
         result = CliRunner().invoke(app, ["train", str(recipe), *flags])
         assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
     done = tmp_path / "out" / "checkpoint-3"

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None):
 def train(script_args, training_args, model_args, ours):
     import torch
     from datasets import Dataset
-    from trl import get_peft_config
+    from trl import get_peft_config, get_quantization_config
 
     from t0s1.training.loss import trainer_class
 
@@ -45,6 +45,7 @@ def train(script_args, training_args, model_args, ours):
     log = _Log(training_args)
     checkpoint = checkpoint_to_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # before any loading
     source, gguf_file = resolve_model_source(model_args.model_name_or_path)
+    quantization = quantization_for(model_args, gguf_file)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     profile = detect_profile(tokenizer, training_reasoning_format(script_args.dataset_name, ours.reasoning_format)).profile
     record_profile(tokenizer, profile)  # saved with the tokenizer: detection is exact for this model
@@ -98,6 +99,7 @@ def train(script_args, training_args, model_args, ours):
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        quantization_config=quantization,
     )
     if not training_args.disable_tqdm:  # one rich bar (steps, loss, ETA), not tqdm's bar and a dict per log
         from transformers.trainer_callback import ProgressCallback
@@ -146,6 +148,31 @@ def train(script_args, training_args, model_args, ours):
     if hasattr(trainer, "end"):
         trainer.end()
     return trainer
+
+
+def quantization_for(model_args, gguf_file: str | None):
+    """bitsandbytes' config for ``load_in_4bit`` / ``load_in_8bit`` (QLoRA: LoRA adapters trained
+    on quantized base weights; TRL's ``get_quantization_config``), None without them; a
+    ``UserError`` where they cannot run."""
+    from trl import get_quantization_config
+
+    config = get_quantization_config(model_args)
+    if config is None:
+        return None
+    import torch
+
+    flag = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+    if not model_args.use_peft:
+        raise UserError(f"{flag} trains LoRA adapters on quantized weights (QLoRA): set use_peft true.")
+    if gguf_file:
+        raise UserError(f"{flag} quantizes safetensors weights as they load; a GGUF file is loaded by t0s1: leave {flag} out.")
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag} needs a CUDA GPU (bitsandbytes); on a CPU leave it out (LoRA trains the float32 model).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"{flag} needs bitsandbytes: pip install bitsandbytes.") from None
+    return config
 
 
 NO_RESUME = ("false", "no", "none", "0")
