@@ -233,6 +233,36 @@ def test_resume_from_checkpoint_and_the_split_are_checked_before_anything_loads(
     assert checkpoint_to_resume("false", out) is None and checkpoint_to_resume("None", out) is None
 
 
+def test_on_overflow_drop_drops_long_examples_of_every_kind_of_dataset(tmp_path, tiny_model_dir, prepared, monkeypatch):
+    """on_overflow drop applied to raw datasets only: a prompt/completion file or a prepared
+    directory trained its long examples truncated, while the log said nothing was dropped."""
+    from trl import SFTTrainer
+
+    sizes = []
+    original_train = SFTTrainer.train
+
+    def train_recording_size(self, *args, **kwargs):
+        sizes.append(len(self.train_dataset))
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "train", train_recording_size)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q: 1+1?\n", "completion": "2"},
+                                                   {"prompt": "Q: long?\n", "completion": " word" * 200}])
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from t0s1.data.prepare import token_lengths
+
+    lengths = sorted(token_lengths(load_from_disk(str(prepared))["train"].to_list(), AutoTokenizer.from_pretrained(tiny_model_dir)))
+    for data, total, max_length in ((pairs, 2, 48), (prepared, 8, lengths[3])):
+        recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, data, max_steps=1, max_length=max_length, on_overflow="drop")
+        train_main([str(recipe)])
+        assert 0 < sizes[-1] < total
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, pairs, max_steps=1, max_length=48)
+    train_main([str(recipe)])  # truncate, the default: every example is trained
+    assert sizes[-1] == 2
+
+
 def test_cli_overrides_recipe_keys_and_rejects_unknown_ones(tmp_path, tiny_model_dir, prepared):
     from t0s1.training.config import parse_args
 

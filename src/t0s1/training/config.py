@@ -35,7 +35,7 @@ class T0S1Arguments:
     )
     on_overflow: str = field(
         default="truncate",
-        metadata={"help": "Raw datasets only: examples longer than max_length are truncated or dropped."},
+        metadata={"help": "Examples longer than max_length are truncated (the trainer keeps their start) or dropped."},
     )
     license: str | None = field(
         default=None, metadata={"help": "License written in the model card (default: the base model's, if known)."}

@@ -252,7 +252,7 @@ def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, m
         dataset = loaded[split] if isinstance(loaded, DatasetDict) else loaded
         info = {**report, "prepared": True}
         if max_length and report.get("block_size") != max_length:
-            _count_overflow(dataset, tokenizer, max_length, info, log)
+            dataset = _fit_to_max_length(dataset, tokenizer, max_length, ours.on_overflow, info, log)
         return dataset, info
     rows, columns = read_rows(name, split)
     if {"prompt", "completion"} <= set(columns):  # already prompt/completion: TRL reads it as it is
@@ -261,7 +261,7 @@ def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, m
         dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
         info = {"source": name, "rows_in": len(rows), "rows_out": len(rows), "end_token": end_of_turn(tokenizer)}
         if max_length:
-            _count_overflow(dataset, tokenizer, max_length, info, log)
+            dataset = _fit_to_max_length(dataset, tokenizer, max_length, ours.on_overflow, info, log)
         return dataset, info
     # Raw s1K-style data: render it now, exactly as `t0s1 prepare` would (without decontamination).
     traces = load_traces(name, split=split)
@@ -277,17 +277,31 @@ def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, m
     return Dataset.from_list(rendered), {**report.to_dict(), "prepared": False}
 
 
-def _count_overflow(dataset, tokenizer, max_length: int, info: dict, log) -> None:
-    """Say how many examples the trainer will cut at max_length (it keeps their start)."""
+def _fit_to_max_length(dataset, tokenizer, max_length: int, on_overflow: str, info: dict, log):
+    """The examples longer than max_length: cut by the trainer (``truncate``: their start is kept)
+    or dropped here (``drop``), as ``t0s1 prepare --on-overflow`` does; said in the log and ``info``."""
     from t0s1.data.prepare import percentiles, token_lengths
 
-    lengths = token_lengths(dataset.to_list(), tokenizer)
-    over = sum(length > max_length for length in lengths)
-    info.update(block_size=max_length, over_block_size=over, truncated=over, dropped_over_block_size=0)
+    rows = dataset.to_list()
+    lengths = token_lengths(rows, tokenizer)
+    over = [i for i, length in enumerate(lengths) if length > max_length]
+    dropping = on_overflow == "drop"
+    info.update(block_size=max_length, over_block_size=len(over), truncated=0 if dropping else len(over),
+                dropped_over_block_size=len(over) if dropping else 0)
     info["token_lengths"] = percentiles(lengths)
-    if over:
-        log(f"{over} of {len(lengths)} examples are longer than max_length {max_length} tokens: the trainer "
+    if not over:
+        return dataset
+    if not dropping:
+        log(f"{len(over)} of {len(lengths)} examples are longer than max_length {max_length} tokens: the trainer "
             "truncates them (the end of their thinking and the answer are not trained).")
+        return dataset
+    if len(over) == len(rows):
+        raise UserError(f"Every example is longer than max_length {max_length} tokens, and on_overflow is drop: "
+                        "nothing is left to train. Raise max_length or use on_overflow truncate.")
+    log(f"{len(over)} of {len(lengths)} examples are longer than max_length {max_length} tokens: dropped (on_overflow drop).")
+    kept = dataset.select([i for i in range(len(rows)) if lengths[i] <= max_length])
+    info["rows_out"] = len(kept)
+    return kept
 
 
 def save_model(trainer, source: str, gguf_file: str | None, dtype: str, merge: bool, end_token: str) -> None:
