@@ -365,10 +365,28 @@ def test_a_benchmark_question_shorter_than_the_ngram_is_found_whole_or_inside_a_
 
     index = BenchmarkIndex({"math500": [("test/1", "Compute $\\dbinom{8}{4}$."), ("test/2", "Evaluate.")]})
     assert index.match(0, "compute $\\dbinom{8}{4}$").benchmark_id == "test/1"  # an exact copy, 4 words
-    assert index.match(1, "Please compute $\\dbinom{8}{4}$ by hand.").ngram == "compute dbinom 8 4"
+    assert index.match(1, "Please compute $\\dbinom{8}{4}$ by hand.").ngram == "compute binom 8 4"
     assert index.match(2, "Evaluate.").benchmark_id == "test/2"  # one word: only as the whole question
     assert index.match(3, "Evaluate the integral of x from 0 to 1.") is None
     assert index.match(4, "Compute 8 choose 4.") is None
+
+
+def test_decontamination_sees_through_latex_spellings_subscripts_and_unicode_forms():
+    """Each of these training questions is the benchmark question written another way; they were
+    all missed (\\binom for \\dbinom, a_{1} for a_1, the ligature ﬁ for fi, \\left( for ()."""
+    from t0s1.data.decontaminate import BenchmarkIndex
+
+    index = BenchmarkIndex({"math500": [
+        ("c/116", "Compute $\\dbinom{31}{28}$."),
+        ("a/1", "Let $a_1 = 3$ and $a_{n+1} = 2a_n + 1$ for all $n$; find $a_5$."),
+        ("n/2", "Find the first five prime numbers greater than one hundred and their sum."),
+        ("f/3", "What is the value of $\\frac{1}{2} + \\frac{1}{3}$ written as a common fraction in lowest terms?"),
+    ]})
+    assert index.match(0, "Compute $\\binom{31}{28}$.").benchmark_id == "c/116"
+    assert index.match(1, "Let $a_{1} = 3$ and $a_{n+1} = 2a_{n} + 1$ for all $n$; find $a_{5}$.").benchmark_id == "a/1"
+    assert index.match(2, "Find the ﬁrst ﬁve prime numbers greater than one hundred and their sum.").benchmark_id == "n/2"
+    assert index.match(3, "What is the value of $\\left(\\dfrac{1}{2} + \\tfrac{1}{3}\\right)$ written as a common fraction?").benchmark_id == "f/3"
+    assert index.match(4, "Compute $\\binom{30}{28}$.") is None  # other numbers: another question
 
 
 def test_rows_are_tokenized_as_at_inference_one_bos_when_the_template_writes_it(tiny_model_dir):

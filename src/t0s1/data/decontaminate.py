@@ -7,6 +7,7 @@ training and evaluation read exactly the same benchmark files (local data dir fi
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from t0s1.errors import UserError
@@ -14,20 +15,40 @@ from t0s1.errors import UserError
 NGRAM = 8
 DEFAULT_BENCHMARKS = ("math500", "aime24", "gpqa_diamond")
 
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"[^\W_]+")
+"""A word: letters and digits (``a_1`` and ``a_{1}`` are both the words a, 1)."""
+_LATEX_COMMAND = re.compile(r"\\([A-Za-z]+)")
+LATEX_SPELLINGS = {"dfrac": "frac", "tfrac": "frac", "dbinom": "binom", "tbinom": "binom", "le": "leq", "ge": "geq"}
+"""LaTeX commands written several ways for one thing: compared as one word."""
+LATEX_LAYOUT = frozenset({"left", "right", "displaystyle", "textstyle", "mathrm", "mathbf", "mathit", "text", "textbf",
+                          "textit", "operatorname", "quad", "qquad"})
+"""LaTeX commands that only set out the text: not words."""
 
 
 SHORT_MIN = 4
 """Benchmark questions shorter than NGRAM words are found inside training questions from this many words."""
 
 
+def words(text: str) -> list[str]:
+    """The words of ``text`` as decontamination compares them: NFKC-normalised (``ﬁ`` is ``fi``,
+    full-width digits are digits), case-folded, punctuation ignored, a LaTeX command one word under
+    one spelling (``\\dbinom`` and ``\\binom`` are binom) and layout commands (``\\left``,
+    ``\\text``, ...) none."""
+
+    def command(match: re.Match) -> str:
+        name = match.group(1)
+        return "" if name in LATEX_LAYOUT else f" {LATEX_SPELLINGS.get(name, name)} "
+
+    return _WORD.findall(_LATEX_COMMAND.sub(command, unicodedata.normalize("NFKC", text)).casefold())
+
+
 def ngrams(text: str, n: int = NGRAM) -> list[tuple[str, ...]]:
-    """Word n-grams of ``text``, lowercased, punctuation and LaTeX markup ignored. A text of fewer
-    than ``n`` words has one: all its words (a short question is then found whole)."""
-    words = _WORD.findall(text.lower())
-    if 0 < len(words) < n:
-        return [tuple(words)]
-    return _runs(words, n)
+    """Word n-grams of ``text`` (``words``). A text of fewer than ``n`` words has one: all its
+    words (a short question is then found whole)."""
+    found = words(text)
+    if 0 < len(found) < n:
+        return [tuple(found)]
+    return _runs(found, n)
 
 
 def _runs(words: list[str], n: int) -> list[tuple[str, ...]]:
@@ -80,9 +101,9 @@ class BenchmarkIndex:
 
     def match(self, row: int, question: str) -> Contamination | None:
         grams = ngrams(question)
-        words = _WORD.findall(question.lower()) if self._short_lengths else []
+        question_words = words(question) if self._short_lengths else []
         for length in self._short_lengths:
-            grams += _runs(words, length)
+            grams += _runs(question_words, length)
         for gram in grams:
             owner = self._owner.get(gram)
             if owner:
