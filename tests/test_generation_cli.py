@@ -94,3 +94,12 @@ def test_out_is_written_whole_or_not_at_all(tiny_model_dir, tmp_path):
     assert result.exit_code == 2, result.output
     assert out.read_text() == "an earlier run\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl"]  # no temporary file left
+    # A run killed before its rename (SIGKILL) leaves its temporary file: the next run writing out removes it,
+    # and only its own (another file's is not touched).
+    killed, other = tmp_path / ".out.999999999.tmp.jsonl", tmp_path / ".notes.999999999.tmp.jsonl"
+    killed.write_text("rows of a killed run\n")
+    other.write_text("someone else's\n")
+    path.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    result = run("--file", path, "--out", out, "--model", tiny_model_dir, "--max-thinking-tokens", 4)
+    assert result.exit_code == 0, result.output
+    assert not killed.exists() and other.exists() and len(out.read_text().splitlines()) == 1

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,18 +146,23 @@ def left_by_dead_processes(directory: Path, prefix: str) -> list[Path]:
     return left
 
 
-_ATOMIC_TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp(\.[^.]+)?")
-"""The name of ``write_text_atomic``'s and ``atomic_path``'s temporary files (the writer's pid)."""
+_ATOMIC_TEMPORARY = re.compile(r"\.(?P<base>.+)\.(?P<pid>\d+)\.tmp(?P<suffix>\.[^.]+)?")
+"""The name of ``write_text_atomic``'s (``.NAME.PID.tmp``) and ``atomic_path``'s
+(``.STEM.PID.tmp.SUFFIX``) temporary files: the file they become, and the writer's pid."""
 
 
-def remove_atomic_leftovers(directory: str | Path) -> list[Path]:
+def remove_atomic_leftovers(directory: str | Path, targets: Iterable[str] | None = None) -> list[Path]:
     """Remove the temporary files of ``write_text_atomic`` and ``atomic_path`` in ``directory``
-    that processes killed between the write and the rename left (a running writer's are kept);
-    returns them."""
+    that processes killed between the write and the rename left (a running writer's are kept):
+    of every file, or of the file names ``targets`` only (a folder that is not the caller's own).
+    Returns them."""
+    wanted = None if targets is None else set(targets)
     removed = []
     for entry in Path(directory).glob(".*.tmp*"):
         match = _ATOMIC_TEMPORARY.fullmatch(entry.name)
-        if match and entry.is_file() and not process_alive(int(match.group(1))):
+        if not match or not entry.is_file() or process_alive(int(match["pid"])):
+            continue
+        if wanted is None or match["base"] + (match["suffix"] or "") in wanted:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

@@ -37,7 +37,7 @@ from t0s1.cli_support import (
     parse_chat_template_kwargs,
 )
 from t0s1.errors import UserError
-from t0s1.files import atomic_path, check_output_file
+from t0s1.files import atomic_path, check_output_file, remove_atomic_leftovers
 from t0s1.forcing import BudgetForcing, generate
 from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL, load_model
@@ -173,10 +173,12 @@ def read_prompts(path: Path) -> list[str]:
 def _generate_file(run, prompts: list[str], settings: BudgetForcing, out: Path | None, batch_size: int) -> None:
     """One JSON row per prompt, to standard output as each batch finishes, or to ``out`` when all
     have: the rows go to a temporary file beside it, renamed over it at the end, so a failed or
-    interrupted run leaves an earlier file there as it was."""
+    interrupted run leaves an earlier file there as it was (and its temporary file, which the next
+    run writing ``out`` removes)."""
     if out is None:
         _write_rows(run, prompts, settings, batch_size, sys.stdout)
         return
+    remove_atomic_leftovers(out.parent, [out.name])  # what a run killed before its rename left
     with atomic_path(out) as temporary, temporary.open("w", encoding="utf-8") as sink:
         _write_rows(run, prompts, settings, batch_size, sink)
 
