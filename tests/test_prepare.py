@@ -436,3 +436,13 @@ def test_a_cut_completion_never_ends_inside_a_character():
     cuts = [truncate_row(row, tokenizer, size)["completion"] for size in range(start + 1, start + 30)]
     assert all("\ufffd" not in cut and row["completion"].startswith(cut) for cut in cuts)
     assert len(set(cuts)) > 10
+
+
+def test_a_dataset_config_is_for_hub_datasets_and_refused_for_local_data(tmp_path):
+    """TRL's dataset_config reaches load_dataset for a hub id; it was silently ignored everywhere."""
+    from t0s1.data.sources import read_rows
+
+    path = write_jsonl(tmp_path / "s1k.jsonl", s1k_rows(2))
+    assert len(read_rows(str(path))[0]) == 2
+    with pytest.raises(UserError, match="names a configuration of a hub dataset"):
+        read_rows(str(path), "train", "main")

@@ -336,13 +336,17 @@ def prepare(
     return report
 
 
-def load_tokenizer(name_or_path: str):
-    """The tokenizer alone (no weights): prepare needs only the chat template and the vocabulary."""
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    """The tokenizer alone (no weights): prepare needs only the chat template and the vocabulary.
+    ``revision``: the hub revision (branch, tag or commit) of a hub id."""
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_model_source(name_or_path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if revision:
+        kwargs["revision"] = revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise UserError(f"Could not load the tokenizer of {name_or_path!r}: {error}") from None
     if tokenizer.pad_token is None:

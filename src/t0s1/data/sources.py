@@ -48,11 +48,13 @@ def load_traces(
     question_column: str = "question",
     thinking_column: str = "thinking",
     answer_column: str = "answer",
+    config: str | None = None,
 ) -> Traces:
-    """Read ``dataset`` and turn every row into a ``Trace``; bad rows raise ``UserError``."""
+    """Read ``dataset`` and turn every row into a ``Trace``; bad rows raise ``UserError``.
+    ``config``: the configuration of a hub dataset that has several."""
     if trajectory is not None and trajectory not in TRAJECTORIES:
         raise UserError(f"Unknown trajectory {trajectory!r}: use one of {', '.join(TRAJECTORIES)}.")
-    rows, columns = read_rows(dataset, split)
+    rows, columns = read_rows(dataset, split, config)
     if not rows:
         raise UserError(f"The dataset {dataset!r} is empty: it has no rows to train on.")
     if "deepseek_thinking_trajectory" in columns or "gemini_thinking_trajectory" in columns:
@@ -100,9 +102,12 @@ def _to_trace(index: int, row: dict, fields: tuple[str, ...], schema: str) -> Tr
     return Trace(index, question, thinking, answer)
 
 
-def read_rows(dataset: str, split: str = "train") -> tuple[list[dict], list[str]]:
-    """All rows of a dataset as Python dicts (values keep their own type), and its column names."""
+def read_rows(dataset: str, split: str = "train", config: str | None = None) -> tuple[list[dict], list[str]]:
+    """All rows of a dataset as Python dicts (values keep their own type), and its column names.
+    ``config``: the configuration of a hub dataset (local data has none)."""
     path = Path(dataset).expanduser()
+    if config and path.exists():
+        raise UserError(f"dataset_config {config!r} names a configuration of a hub dataset; {dataset!r} is local: leave it out.")
     if path.is_file():
         return _read_files([path])
     if path.is_dir():
@@ -117,7 +122,7 @@ def read_rows(dataset: str, split: str = "train") -> tuple[list[dict], list[str]
         return _read_files(files)
     if dataset.startswith((".", "/", "~")) or dataset.endswith(FILE_SUFFIXES) or dataset.count("/") != 1:
         raise UserError(f"No dataset at {dataset!r}: the path does not exist (and it is not a hub id 'owner/name').")
-    return _as_rows(_load_hub(dataset, split))
+    return _as_rows(_load_hub(dataset, split, config))
 
 
 def _read_files(files: list[Path]) -> tuple[list[dict], list[str]]:
@@ -160,11 +165,11 @@ def _load_saved(path: Path, split: str):
     return loaded
 
 
-def _load_hub(dataset_id: str, split: str):
+def _load_hub(dataset_id: str, split: str, config: str | None = None):
     from datasets import DatasetDict, load_dataset
 
     try:
-        loaded = load_dataset(dataset_id)
+        loaded = load_dataset(dataset_id, config)
     except Exception as error:  # offline, unknown id, gated...: the user can act on the message
         raise UserError(
             f"Could not load {dataset_id!r} from the hub ({type(error).__name__}: {error}). Offline? "

@@ -46,7 +46,8 @@ def train(script_args, training_args, model_args, ours):
     checkpoint = checkpoint_to_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # before any loading
     source, gguf_file = resolve_model_source(model_args.model_name_or_path)
     quantization = quantization_for(model_args, gguf_file)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    revision = model_args.model_revision  # the tokenizer, the weights, the base a LoRA merges into, the generation config
+    tokenizer = load_tokenizer(model_args.model_name_or_path, revision)
     profile = detect_profile(tokenizer, training_reasoning_format(script_args.dataset_name, ours.reasoning_format)).profile
     record_profile(tokenizer, profile)  # saved with the tokenizer: detection is exact for this model
 
@@ -125,7 +126,7 @@ def train(script_args, training_args, model_args, ours):
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    save_model(trainer, source, gguf_file, dtype, peft_config is not None and ours.merge_lora, end_token)
+    save_model(trainer, source, gguf_file, dtype, peft_config is not None and ours.merge_lora, end_token, revision)
     if trainer.is_world_process_zero():
         from t0s1.training.model_card import write_model_card
 
@@ -254,7 +255,7 @@ def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, m
         if max_length and report.get("block_size") != max_length:
             dataset = _fit_to_max_length(dataset, tokenizer, max_length, ours.on_overflow, info, log)
         return dataset, info
-    rows, columns = read_rows(name, split)
+    rows, columns = read_rows(name, split, script_args.dataset_config)
     if {"prompt", "completion"} <= set(columns):  # already prompt/completion: TRL reads it as it is
         from t0s1.data.prepare import end_of_turn
 
@@ -264,7 +265,7 @@ def load_train_dataset(script_args, tokenizer, profile, max_length, ours, log, m
             dataset = _fit_to_max_length(dataset, tokenizer, max_length, ours.on_overflow, info, log)
         return dataset, info
     # Raw s1K-style data: render it now, exactly as `t0s1 prepare` would (without decontamination).
-    traces = load_traces(name, split=split)
+    traces = load_traces(name, split=split, config=script_args.dataset_config)
     rendered, report = build(
         traces,
         tokenizer,
@@ -304,21 +305,22 @@ def _fit_to_max_length(dataset, tokenizer, max_length: int, on_overflow: str, in
     return kept
 
 
-def save_model(trainer, source: str, gguf_file: str | None, dtype: str, merge: bool, end_token: str) -> None:
-    """Weights as safetensors (LoRA merged when asked), tokenizer, and a generation config that stops
-    at the end-of-turn token."""
+def save_model(trainer, source: str, gguf_file: str | None, dtype: str, merge: bool, end_token: str,
+               revision: str | None = None) -> None:
+    """Weights as safetensors (LoRA merged when asked, into ``source`` at ``revision``), tokenizer,
+    and a generation config that stops at the end-of-turn token."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)  # gathers FSDP / ZeRO-3 shards; the adapter only for LoRA
     if trainer.is_world_process_zero():
         tokenizer = trainer.processing_class
         tokenizer.save_pretrained(output_dir)
         if merge:
-            _merge_adapter(output_dir, source, gguf_file, dtype)
-        _write_generation_config(output_dir, source, tokenizer, end_token)
+            _merge_adapter(output_dir, source, gguf_file, dtype, revision)
+        _write_generation_config(output_dir, source, tokenizer, end_token, revision)
     trainer.accelerator.wait_for_everyone()
 
 
-def _merge_adapter(output_dir: str, source: str, gguf_file: str | None, dtype: str) -> None:
+def _merge_adapter(output_dir: str, source: str, gguf_file: str | None, dtype: str, revision: str | None = None) -> None:
     """Reload the base model and the saved adapter, merge, and replace the adapter by the merged
     weights (done from the saved files, so it works the same after FSDP or ZeRO-3 training)."""
     import torch
@@ -328,6 +330,8 @@ def _merge_adapter(output_dir: str, source: str, gguf_file: str | None, dtype: s
     from t0s1.models import clear_quantization_flags
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if revision:
+        kwargs["revision"] = revision
     base = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
     if gguf_file:
         clear_quantization_flags(base)
@@ -339,11 +343,11 @@ def _merge_adapter(output_dir: str, source: str, gguf_file: str | None, dtype: s
     merged.save_pretrained(output_dir)
 
 
-def _write_generation_config(output_dir: str, source: str, tokenizer, end_token: str) -> None:
+def _write_generation_config(output_dir: str, source: str, tokenizer, end_token: str, revision: str | None = None) -> None:
     from transformers import GenerationConfig
 
     try:
-        config = GenerationConfig.from_pretrained(source)
+        config = GenerationConfig.from_pretrained(source, **({"revision": revision} if revision else {}))
     except OSError:
         config = GenerationConfig()
     eos = config.eos_token_id
