@@ -89,6 +89,8 @@ def test_out_is_written_whole_or_not_at_all(tiny_model_dir, tmp_path):
     path.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 5000}) + "\n")
     result = run("--file", path, "--out", tmp_path, "--model", tiny_model_dir)
     assert result.exit_code == 2 and "is a directory" in " ".join(result.output.split())
+    result = run("--file", path, "--json", "--model", tiny_model_dir)  # was silently ignored
+    assert result.exit_code == 2 and "--file writes a JSON row per prompt already" in " ".join(result.output.split())
     out.write_text("an earlier run\n")
     result = run("--file", path, "--out", out, "--model", tiny_model_dir, "--max-thinking-tokens", 4, "--batch-size", 1)
     assert result.exit_code == 2, result.output

@@ -446,3 +446,11 @@ def test_a_dataset_config_is_for_hub_datasets_and_refused_for_local_data(tmp_pat
     assert len(read_rows(str(path))[0]) == 2
     with pytest.raises(UserError, match="names a configuration of a hub dataset"):
         read_rows(str(path), "train", "main")
+
+
+def test_trajectory_is_refused_for_data_with_one_trace_per_row(tmp_path, tiny_model_dir):
+    """--trajectory picks s1K-1.1's DeepSeek or Gemini traces; on a generic file it was ignored."""
+    path = write_jsonl(tmp_path / "generic.jsonl", [{"question": "1+1?", "thinking": "one and one", "answer": "2"}])
+    with pytest.raises(UserError, match="leave --trajectory out"):
+        prepare(str(path), str(tiny_model_dir), tmp_path / "out", trajectory="gemini")
+    assert not (tmp_path / "out").exists()

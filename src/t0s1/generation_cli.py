@@ -101,6 +101,8 @@ def generate_command(
         raise UserError("Give either a PROMPT or --file prompts.jsonl (not both).")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    if json_output and file is not None:
+        raise UserError("--json prints one PROMPT's result as JSON; --file writes a JSON row per prompt already: leave --json out.")
     if out is not None:
         if file is None:
             raise UserError("--out writes the rows of --file prompts.jsonl; for one PROMPT use --json and redirect the output.")

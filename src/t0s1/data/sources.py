@@ -72,6 +72,9 @@ def load_traces(
         schema, fields = "tokenized", ("text",)
     else:
         schema, fields = "generic", (question_column, thinking_column, answer_column)
+    if trajectory is not None and schema in ("tokenized", "generic"):
+        raise UserError(f"--trajectory chooses between the traces of s1K-1.1 (deepseek, gemini); {dataset!r} has the "
+                        f"{schema} schema, with one trace per row: leave --trajectory out.")
     for name in fields:
         if name not in columns:
             hint = {"generic": " Name the columns with --question-column / --thinking-column / --answer-column."}
