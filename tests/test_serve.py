@@ -665,6 +665,48 @@ def test_openai_backend_bounds_what_the_server_sends_back(tiny_model, monkeypatc
             backend.generate(["Hi"], settings)
 
 
+def test_a_server_that_never_answers_fails_after_the_timeout_it_was_given(tiny_model_dir, monkeypatch):
+    """A server that takes the connection and never answers held each request for the OpenAI
+    client's 600 s, three times: T0S1_REQUEST_TIMEOUT bounds it."""
+    import socket
+    import threading
+    import time
+
+    from t0s1.backends.openai_compat import OpenAIBackend
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept_and_stay_silent():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("T0S1_REQUEST_TIMEOUT", "0.5")
+        started = time.monotonic()
+        backend = OpenAIBackend.connect(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", "m", tokenizer=str(tiny_model_dir))
+        with pytest.raises(UserError, match="The completions endpoint failed for model 'm': APITimeoutError"):
+            backend.generate(["Hi"], BudgetForcing(max_thinking_tokens=4, max_answer_tokens=2))
+        assert time.monotonic() - started < 30 and len(held) >= 2  # tried again, within a bounded time
+        monkeypatch.setenv("T0S1_REQUEST_TIMEOUT", "soon")
+        with pytest.raises(UserError, match="T0S1_REQUEST_TIMEOUT must be a positive number of seconds"):
+            OpenAIBackend.connect("http://127.0.0.1:9/v1", "m", tokenizer=str(tiny_model_dir))
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
 def test_a_model_list_of_the_wrong_shape_gives_no_context_length_rather_than_a_traceback():
     from t0s1.backends.openai_compat import served_model_card
 

@@ -46,6 +46,27 @@ SERVERS_WITH_SAMPLING_FIELDS = ("vllm", "sglang", "t0s1")
 MAX_STOP_STRINGS = 4
 """The OpenAI API takes at most 4 stop strings."""
 
+TIMEOUT_SETTING = "T0S1_REQUEST_TIMEOUT"
+"""Environment variable: seconds a request to the server may take (default 600, the OpenAI
+client's; a long generation on a slow server needs more). Each request is tried 3 times."""
+CONNECT_TIMEOUT_SECONDS = 10.0
+MAX_RETRIES = 2
+
+
+def request_timeout():
+    """The OpenAI client's timeout: ``T0S1_REQUEST_TIMEOUT`` seconds (600 unset) to answer, 10 to
+    connect; a ``UserError`` for a value that is not a positive number of seconds."""
+    import httpx
+
+    raw = os.environ.get(TIMEOUT_SETTING, "").strip()
+    try:
+        seconds = float(raw) if raw else 600.0
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise UserError(f"{TIMEOUT_SETTING} must be a positive number of seconds, got {raw!r}.")
+    return httpx.Timeout(seconds, connect=min(CONNECT_TIMEOUT_SECONDS, seconds))
+
 
 class OpenAIBackend(Backend):
     name = "openai"
@@ -95,7 +116,8 @@ class OpenAIBackend(Backend):
                 f"The openai backend needs the model's tokenizer to render prompts and count tokens; "
                 f"could not load it from {source!r} ({error}). Pass --tokenizer DIR_OR_HUB_ID."
             ) from None
-        client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
+        client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                               timeout=request_timeout(), max_retries=MAX_RETRIES)
         served_length, owner = served_model_card(client, model)
         sampling_fields = True if owner in SERVERS_WITH_SAMPLING_FIELDS else None
         return cls(client, model, local_tokenizer, reasoning_format=reasoning_format,
