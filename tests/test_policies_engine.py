@@ -5,6 +5,7 @@ tiny random model; the command line."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from t0s1.errors import UserError
 from t0s1.forcing import Engine, generate, generate_from_ids
 from t0s1.forcing_rules import BudgetForcing, ForcingRules, render_prompt_ids
 from t0s1.policies import make_policy, rules
-from t0s1.policies.run import generate_with_policy
+from t0s1.policies.run import generate_with_policy, rows_at_once as policy_rows
 
 CONTEXT = 2048
 
@@ -231,6 +232,32 @@ def test_short_m_of_k_stops_the_rest(tiny_model):
     out = generate_with_policy(tiny_model, ["What is 1 + 2?"], budget, make_policy("short-m-of-k", {"m": "1"}, n=4))[0]
     finished = [t for t in out.traces if t.result.finish_reason != "cancelled"]
     assert len(finished) >= 1 and sum(t.voted for t in out.traces) == 1
+
+
+def test_short_m_of_k_cancels_only_traces_still_running(tiny_model):
+    """Traces that finished in the same step as the m-th were relabelled cancelled: reported with no
+    answer while whole (their tokens counted). Here all four end in one step, at max_answer_tokens:
+    they finish as they would alone, and the first m vote."""
+    budget = BudgetForcing(max_thinking_tokens=20, num_ignore=1, max_answer_tokens=5, temperature=0.9, seed=4)
+    out = generate_with_policy(tiny_model, ["How many r are in raspberry?"], budget, make_policy("short-m-of-k", {"m": "2"}, n=4))[0]
+    for j, trace in enumerate(out.traces):
+        alone = generate(tiny_model, ["How many r are in raspberry?"], replace(budget, seed=4 + j))[0]
+        assert trace.result.finish_reason == alone.finish_reason == "length" and not trace.stopped_early
+        assert trace.result.answer_token_ids == alone.answer_token_ids
+    assert [t.voted for t in out.traces] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("name, args", [("early-exit", {}), ("probe", {"interval": "4"})])
+def test_branching_policies_run_prompts_admitted_after_the_first(tiny_model, monkeypatch, name, args):
+    """A prompt admitted once another had left (more prompts than the model's rows allow) asked for
+    its trace before it had one: KeyError 0 (llama.cpp: 129 prompts for early exit, 52 for probes)."""
+    prompts = [f"What is {i} + {i}?" for i in range(3)]
+    budget = BudgetForcing(max_thinking_tokens=24, num_ignore=1, max_answer_tokens=3)
+    policy = make_policy(name, args)
+    free = generate_with_policy(tiny_model, prompts, budget, policy)
+    monkeypatch.setattr(tiny_model, "max_sequences", policy_rows(policy), raising=False)  # one prompt at a time
+    limited = generate_with_policy(tiny_model, prompts, budget, policy)
+    assert [o.result.thinking_token_ids for o in limited] == [o.result.thinking_token_ids for o in free]
 
 
 def test_policy_errors(tiny_model):

@@ -515,7 +515,9 @@ class Sequence:
         return self.settings.max_answer_tokens - self.answer_generated
 
     def cancel(self) -> None:
-        self.finish_reason = "cancelled"
+        """Stop the sequence where it is (a finished one keeps how it finished)."""
+        if not self.done:
+            self.finish_reason = "cancelled"
 
     def take_rewind(self) -> int | None:
         """Where the cache must be cut back to before feeding (then forgotten), or None."""

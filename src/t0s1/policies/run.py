@@ -173,9 +173,10 @@ def _run(lm, controllers: list, policy: Policy, started: float, bar) -> None:
                 if added:
                     engine.add(added)
                 admitted = admission.next(engine)
+                joining = [s for c in admitted for s in c.start()]
                 for c in admitted:
                     c.keep_prompt(engine)
-                engine.add([s for c in admitted for s in c.start()])
+                engine.add(joining)
                 now = sum(c.complete for c in controllers)
                 bar.advance(now - done)
                 done = now
@@ -226,10 +227,15 @@ class _Controller:
         """Sequences that may join later (sizes the runner); none by default."""
         return []
 
+    def starts_later(self) -> bool:
+        """Whether traces start after the first ones may have left the engine (DeepConf online's
+        later traces); branches fork a running trace and need no copy."""
+        return False
+
     def keep_prompt(self, engine) -> None:
-        """Have the engine keep the prompt's prefill when traces will start after the first ones
-        have left (``reserve``): they fork it instead of prefilling the prompt again."""
-        if self.reserve():
+        """Have the engine keep the prompt's prefill when traces start later (``starts_later``):
+        they fork it instead of prefilling the prompt again."""
+        if self.starts_later():
             self.kept_prompt = list(self.prompt.ids)
             engine.keep_prompt(self.kept_prompt)
 
@@ -310,6 +316,9 @@ class _DeepConf(_Controller):
         # online: the later traces start once the warm-up has finished
         return max(policy.warmup, policy.wave) if policy.mode == "online" else policy.n
 
+    def starts_later(self) -> bool:
+        return self.policy.mode == "online"
+
     def reserve(self) -> list:
         if self.policy.mode != "online":
             return []
@@ -353,8 +362,9 @@ class _DeepConf(_Controller):
         after_warmup = any(j >= policy.warmup and t.result.finish_reason != "cancelled" for j, t in self.traces.items())
         if voting and after_warmup and rules.consensus([t.answer for t in voting], [t.confidence for t in voting]) >= policy.consensus:
             for sequence in self.live:
-                sequence.stopped_early = True
-                sequence.cancel()
+                if not sequence.done:  # one that finished in this same step is whole: not cancelled
+                    sequence.stopped_early = True
+                    sequence.cancel()
         elif not self.live:  # the wave has ended without consensus: the next one (none once n have started)
             added = self._next_wave()
             if added:
@@ -405,8 +415,9 @@ class _ShortMOfK(_Controller):
         trace.voted = trace.result.finish_reason != "cancelled" and len(finished) <= self.policy.m
         if len(finished) >= self.policy.m:
             for sequence in self.live:
-                sequence.stopped_early = True
-                sequence.cancel()
+                if not sequence.done:  # one that finished in this same step is whole: not cancelled
+                    sequence.stopped_early = True
+                    sequence.cancel()
 
     def vote(self, traces: list[Trace]) -> str | None:
         voting = [t for t in traces if t.voted]
