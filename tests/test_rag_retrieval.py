@@ -445,3 +445,18 @@ def test_cross_encoder_reranker_from_a_local_folder(tmp_path, hybrid_index, corp
     expected = [candidates[i].doc_id for i in np.argsort(-np.asarray(scores), kind="stable")[:4]]
     assert [h.doc_id for h in hits] == expected
     assert [h.score for h in hits] == pytest.approx(sorted(scores, reverse=True)[:4], abs=1e-5)
+
+
+def test_tied_scores_rank_by_index_whatever_k():
+    """argpartition kept an arbitrary subset of the scores tied at the cut: a search for 1 and one
+    for 30 disagreed on the first document when many documents scored alike (boilerplate)."""
+    from t0s1.rag.retrievers import _top
+
+    generator = np.random.default_rng(0)
+    for _ in range(500):
+        scores = generator.integers(0, 4, size=int(generator.integers(1, 60))).astype(np.float32)
+        full = _top(scores, len(scores), None)
+        assert list(full) == sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        for n in (1, 3, 10):
+            assert list(_top(scores, n, None)) == list(full[:n])
+        assert list(_top(scores, 5, 1.0)) == [i for i in full if scores[i] > 1.0][:5]

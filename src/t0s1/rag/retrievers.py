@@ -152,10 +152,10 @@ class ChunkScoringRetriever(Retriever):
 def _top(scores: np.ndarray, n: int, above: float | None) -> np.ndarray:
     """Indices of the ``n`` largest scores, largest first, ties by index; only scores > ``above``."""
     candidates = np.arange(len(scores)) if above is None else np.flatnonzero(scores > above)
-    if len(candidates) > n:
-        part = np.argpartition(-scores[candidates], n - 1)[:n]
-        candidates = candidates[part]
-    return candidates[np.lexsort((candidates, -scores[candidates]))]
+    if len(candidates) > n:  # keep every score tied with the n-th: which of them argpartition keeps is arbitrary
+        nth = -np.partition(-scores[candidates], n - 1)[n - 1]
+        candidates = candidates[scores[candidates] >= nth]
+    return candidates[np.lexsort((candidates, -scores[candidates]))][:n]
 
 
 class Bm25Retriever(ChunkScoringRetriever):
