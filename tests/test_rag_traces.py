@@ -65,6 +65,26 @@ def test_reasoning_comes_from_the_reasoning_field_or_think_tags():
     assert split_reasoning("The source says</think>Paris") == ("The source says", "Paris")
 
 
+def test_a_teacher_reply_cut_by_its_token_limit_or_far_too_long_is_an_error_reply():
+    """A reply cut at max_tokens ('The capital is Par') became a training trace, and a 5 MB one was
+    taken whole."""
+    from types import SimpleNamespace as Reply
+
+    from t0s1.rag.teacher import OpenAITeacher, TeacherRequest
+
+    def teacher(content, finish, reasoning=None):
+        message = Reply(content=content, reasoning_content=reasoning)
+        completions = Reply(create=lambda **request: Reply(choices=[Reply(message=message, finish_reason=finish)]))
+        return OpenAITeacher("m", "http://127.0.0.1:9/v1", client=Reply(chat=Reply(completions=completions)), max_tokens=16)
+
+    request = [TeacherRequest([{"role": "user", "content": "q"}])]
+    assert "cut by its token limit" in teacher("<think>reasoning</think>The capital is Par", "length").reply(request)[0].error
+    assert "cut by its token limit" in teacher("The patient should be giv", "length", "reasoning").reply(request)[0].error
+    assert "at most 1,000,000 are taken" in teacher("x" * 2_000_000, "stop").reply(request)[0].error
+    whole = teacher("<think>reasoning</think>The capital is Paris [1]", "stop").reply(request)[0]
+    assert whole.error is None and whole.answer == "The capital is Paris [1]"
+
+
 def test_traces_from_a_served_teacher_pass_prepare_and_train(served, knowledge_base, index, tmp_path):
     questions = write_rows(tmp_path / "questions.jsonl", question_rows(knowledge_base), extra_lines=[
         json.dumps({"question": "", "gold_ids": [knowledge_base.people[0].name]}),

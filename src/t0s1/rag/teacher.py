@@ -63,8 +63,20 @@ def split_reasoning(content: str, reasoning: str | None = None) -> tuple[str, st
 _BARE_PREFIX = re.compile(r"^\W*(?:final\s+)?answer\s*:?\W*$", re.IGNORECASE)
 
 
-def checked_reply(thinking: str, answer: str) -> TeacherReply:
-    """The reply, or an error when it holds no answer (nothing, or only "Final Answer:")."""
+MAX_REPLY_CHARS = 1_000_000
+"""The longest teacher reply taken (thinking and answer together); a longer one is an error reply."""
+
+
+def checked_reply(thinking: str, answer: str, *, cut: bool = False) -> TeacherReply:
+    """The reply, or an error when it holds no answer (nothing, or only "Final Answer:"), when its
+    answer was ``cut`` by the token limit (a sentence broken off would be trained on as the answer),
+    or when it is longer than ``MAX_REPLY_CHARS``."""
+    if len(thinking) + len(answer) > MAX_REPLY_CHARS:
+        return TeacherReply(error=f"the teacher's reply has {len(thinking) + len(answer):,} characters; at most "
+                                  f"{MAX_REPLY_CHARS:,} are taken")
+    if cut and answer.strip():
+        return TeacherReply(thinking, "", "the teacher's answer was cut by its token limit (finish_reason length): "
+                                          "raise the teacher's max tokens")
     if not answer.strip() or _BARE_PREFIX.match(answer):
         reason = "the teacher's reply holds no answer" + (" (only thinking: it may have run out of tokens)" if thinking else "")
         return TeacherReply(thinking, "", reason)
@@ -123,10 +135,11 @@ class OpenAITeacher(Teacher):
             return TeacherReply(error=f"the teacher's endpoint refused the request ({type(error).__name__}: {_first_line(error)})")
         if not response.choices:
             return TeacherReply(error="the teacher's reply has no choices")
-        message = response.choices[0].message
+        choice = response.choices[0]
+        message = choice.message
         reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
         thinking, answer = split_reasoning(message.content or "", reasoning if isinstance(reasoning, str) else None)
-        return checked_reply(thinking, answer)
+        return checked_reply(thinking, answer, cut=choice.finish_reason == "length")
 
 
 class LocalTeacher(Teacher):
@@ -150,7 +163,7 @@ class LocalTeacher(Teacher):
                     continue
                 replies += [self.reply([request])[0] for request in batch]
                 continue
-            replies += [checked_reply(result.thinking, result.answer) for result in results]
+            replies += [checked_reply(result.thinking, result.answer, cut=result.finish_reason == "length") for result in results]
         return replies
 
 
