@@ -106,6 +106,14 @@ def test_a_file_without_usable_questions_is_refused(index, tmp_path):
     assert result.exit_code == 2 and "no usable question" in " ".join(result.output.split())
 
 
+def test_repeated_gold_ids_count_once(index, tmp_path):
+    """A gold id written twice put its source twice in the gold-ceiling prompt."""
+    gold = QUESTIONS[0]["gold_ids"][0]
+    repeated = {**QUESTIONS[0], "gold_ids": [gold, gold]}
+    [question] = read_questions(write_questions(tmp_path / "q.jsonl", [repeated]), index=index).questions
+    assert question.gold_ids == (gold,)
+
+
 def test_grid_prompts_hold_no_sources_the_first_k_or_the_gold_documents(index, tmp_path, tiny_model):
     questions = read_questions(write_questions(tmp_path / "q.jsonl", QUESTIONS), index=index).questions
     spec = RagEvalSpec(ks=(1,))

@@ -85,6 +85,36 @@ def test_a_teacher_reply_cut_by_its_token_limit_or_far_too_long_is_an_error_repl
     assert whole.error is None and whole.answer == "The capital is Paris [1]"
 
 
+def test_traces_refuse_another_student_packing_and_a_batch_size_below_one(knowledge_base, index, tmp_path):
+    """The student's context and tokenizer pack the sources: a rerun with another context appended
+    rows packed otherwise to the same file. A batch size of 0 was a traceback, -1 did nothing."""
+    from t0s1.data.prepare import load_tokenizer
+    from t0s1.models import EMBEDDED_MODEL
+    from t0s1.rag.questions import read_questions
+    from t0s1.rag.teacher import Teacher, TeacherReply
+    from t0s1.rag.traces import write_traces
+
+    class Echo(Teacher):
+        name = "echo"
+
+        def reply(self, requests):
+            return [TeacherReply("thinking", "an answer") for _ in requests]
+
+    questions = read_questions(write_rows(tmp_path / "q.jsonl", question_rows(knowledge_base, 2)), index=index).questions
+    tokenizer, out = load_tokenizer(EMBEDDED_MODEL), tmp_path / "traces.jsonl"
+    write_traces(questions[:1], index, Echo(), out, tokenizer=tokenizer, context_length=8192, reserved_tokens=600, progress=False)
+    with pytest.raises(UserError, match="context_length differ"):
+        write_traces(questions, index, Echo(), out, tokenizer=tokenizer, context_length=1200, reserved_tokens=600, progress=False)
+    for size in (0, -1):
+        with pytest.raises(UserError, match="--batch-size must be at least 1"):
+            write_traces(questions, index, Echo(), out, tokenizer=tokenizer, context_length=8192, reserved_tokens=600, batch_size=size,
+                         progress=False)
+    write_traces(questions, index, Echo(), out, tokenizer=tokenizer, context_length=8192, reserved_tokens=600, progress=False)
+    assert len(out.read_text().splitlines()) == 2
+    with pytest.raises(UserError, match="--batch-size must be at least 1"):
+        synth_questions(knowledge_base.documents[:2], Echo(), tmp_path / "questions.jsonl", batch_size=0, progress=False)
+
+
 def test_traces_from_a_served_teacher_pass_prepare_and_train(served, knowledge_base, index, tmp_path):
     questions = write_rows(tmp_path / "questions.jsonl", question_rows(knowledge_base), extra_lines=[
         json.dumps({"question": "", "gold_ids": [knowledge_base.people[0].name]}),

@@ -125,9 +125,10 @@ def read_questions(
 
 
 def _gold_tuple(gold) -> tuple[str, ...]:
+    """The gold ids as strings, each once (a repeat would show its source twice in the prompt)."""
     if gold is None:
         return ()
-    return (gold,) if isinstance(gold, str) else tuple(str(doc) for doc in gold)
+    return (gold,) if isinstance(gold, str) else tuple(dict.fromkeys(str(doc) for doc in gold))
 
 
 def _row_problem(row: dict, index, need_gold: bool, need_answer: bool) -> str | None:

@@ -115,6 +115,8 @@ def synth_questions(
     """Write (or resume) questions about ``documents`` to ``out``; see the module docstring."""
     if per_document < 1:
         raise UserError(f"--per-document must be at least 1, got {per_document}.")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     template = load_template() if template is None else template
     log = JsonlLog(out, lambda row: row["id"])
     rejected = JsonlLog(rejected_path(out), lambda row: row["id"])

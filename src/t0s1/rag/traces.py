@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from t0s1.errors import UserError
 from t0s1.evaluation import grading
 from t0s1.progress import ProgressBar
 from t0s1.rag.answer import retrieve_sources
@@ -102,6 +103,8 @@ def write_traces(
     from t0s1.evaluation.runner import check_run_key
 
     check_k(k)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     grading.extract_answer("", answer_kind)  # an unknown kind fails before any work
     retriever_name = retriever or index.default_retriever
     # What the rows depend on: a rerun with other settings would append rows made otherwise.
@@ -110,7 +113,9 @@ def write_traces(
         "index_corpus_sha256": index.manifest.get("corpus_sha256"), "index_build_id": index.manifest.get("build_id"),
         "retriever": retriever_name, "k": k, "teacher": teacher.name,
         "reserved_tokens": reserved_tokens, "filter_correct": filter_correct, "answer_kind": answer_kind,
-    })
+        # the student's tokenizer and context pack the sources
+        "context_length": context_length, "student_tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+    }, later=("context_length", "student_tokenizer"))
     log = JsonlLog(out, trace_key)
     rejected = JsonlLog(rejected_path(out), lambda row: row["id"])
     final = {row["id"] for row in rejected.rows if row["kind"] == INCORRECT}
