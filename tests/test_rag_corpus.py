@@ -241,8 +241,11 @@ def assert_nothing_written(parent: Path, out: Path) -> None:
         ([{"id": "a", "text": "fine"}, {"id": "b", "title": "No text"}, {"id": "c", "text": "fine"}], ["line 2", "no text"]),
         ([{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}], ["line 3", "duplicate id 'a'", "line 1"]),
         ([{"id": "a", "text": "   "}], ["line 1", "no text"]),
+        ([{"id": "a", "text": "fine"}, {"id": "b", "text": "half \ud800 a character"}], ["line 2", "lone surrogate"]),
+        ([{"id": {"x": 1}, "text": "fine"}], ["line 1", "the id is dict", "a string or a number"]),
     ],
-    ids=["empty corpus", "row without text", "duplicate id", "blank text"],
+    ids=["empty corpus", "row without text", "duplicate id", "blank text", "lone surrogate (a traceback at the index's write)",
+         "an object as id (taken as its repr)"],
 )
 def test_bad_corpus_is_refused_and_nothing_is_written(tmp_path, rows, fragments):
     path = write_jsonl(tmp_path / "corpus.jsonl", rows)

@@ -101,6 +101,15 @@ def corpus_sha256(documents: list[Document]) -> str:
     return digest.hexdigest()
 
 
+def _encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode for UTF-8 (JSON may carry lone surrogates: ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parquet_rows(path: Path) -> list[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
@@ -124,8 +133,15 @@ def _from_rows(path: Path, rows: list[tuple[int, dict]], fields: FieldMap, unit:
                 "Name the field with --text-field."
             )
         title = _field(row, fields, "title")
-        title = "" if title is None else str(title).strip()
         doc_id = _field(row, fields, "id")
+        for name, value in (("title", title), ("id", doc_id)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+                raise UserError(f"{where}: the {name} is {type(value).__name__} ({str(value)[:60]!r}); give a string or a number.")
+        for name, value in (("text", text), ("title", title), ("id", doc_id)):
+            if isinstance(value, str) and not _encodes(value):
+                raise UserError(f"{where}: the {name} holds a lone surrogate (an escape such as \\ud800 that is half of a "
+                                "character): it cannot be written as UTF-8. Fix the corpus.")
+        title = "" if title is None else str(title).strip()
         if doc_id is None or str(doc_id).strip() == "":
             doc_id = title or str(number)
         doc_id = str(doc_id).strip()
