@@ -69,6 +69,23 @@ def test_a_long_document_is_given_as_its_best_chunks(tiny_model):
     assert long.chunks[0].text.strip() in content and long.text not in content
 
 
+def test_overlapping_best_chunks_are_one_passage_and_a_gap_is_marked(tiny_model):
+    """Neighbouring chunks share their overlap: joined with "…" the shared words came twice and a
+    gap was marked where there was none."""
+    from t0s1.rag.prompt import source_content
+    from t0s1.rag.retrievers import ChunkMatch
+
+    text = " ".join(f"w{i}" for i in range(3000))
+    at = {word: text.index(f" {word} ") + 1 for word in ("w100", "w200", "w250", "w400", "w500")}
+    chunks = [ChunkMatch(text[at["w200"]:at["w400"]], 2.0, at["w200"], at["w400"]),  # best first, as hits give them
+              ChunkMatch(text[at["w100"]:at["w250"]], 1.0, at["w100"], at["w250"]),
+              ChunkMatch(text[at["w500"]:at["w500"] + 40], 0.5, at["w500"], at["w500"] + 40)]
+    content = source_content(Hit("d", "T", text, 1.0, chunks, "bm25"), tiny_model.tokenizer, max_source_tokens=100)
+    first, second = content.split("\n…\n")
+    assert first == text[at["w100"]:at["w400"]].strip() and second.startswith("w500")
+    assert content.split().count("w220") == 1
+
+
 def test_a_long_document_without_chunks_is_given_as_its_beginning(tiny_model):
     """The gold ceiling's documents come without chunks: a long one is cut to max_source_tokens
     instead of filling the context (it was dropped, leaving a "gold" prompt with no sources)."""

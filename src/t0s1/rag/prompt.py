@@ -64,15 +64,21 @@ def format_source(number: int, hit: Hit, content: str) -> str:
 
 def source_content(hit: Hit, tokenizer, max_source_tokens: int = MAX_SOURCE_TOKENS) -> str:
     """The whole document, or when it is longer than ``max_source_tokens``: its best chunks (in
-    document order), or its beginning for a document given without chunks (a gold document of the
-    ceiling run), so one long document cannot push every source out of the prompt."""
+    document order; chunks that overlap are joined into one passage, "…" marks a gap), or its
+    beginning for a document given without chunks (a gold document of the ceiling run), so one long
+    document cannot push every source out of the prompt."""
     ids = tokenizer(hit.text, add_special_tokens=False).input_ids
     if len(ids) <= max_source_tokens:
         return hit.text
     if not hit.chunks:
         return tokenizer.decode(ids[:max_source_tokens], skip_special_tokens=True).rstrip("\ufffd").rstrip() + "\n…"
-    chunks = sorted(hit.chunks, key=lambda chunk: chunk.start)
-    return "\n…\n".join(chunk.text.strip() for chunk in chunks)
+    spans: list[list[int]] = []  # the chunks' spans in document order, overlapping or touching ones merged
+    for chunk in sorted(hit.chunks, key=lambda chunk: chunk.start):
+        if spans and chunk.start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], chunk.end)
+        else:
+            spans.append([chunk.start, chunk.end])
+    return "\n…\n".join(hit.text[start:end].strip() for start, end in spans)
 
 
 def user_message(question: str, sources: list[str]) -> str:
