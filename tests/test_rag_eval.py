@@ -68,6 +68,8 @@ def test_metrics_match_hand_computed_values():
         assert scores[key] == pytest.approx(value), key
     # MRR counts only ranks within the depth: the second document at depth 1 scores 0
     assert score_rankings([["B", "C"]], [{"C"}], ks=(1,), depth=1).mrr == 0
+    with pytest.raises(ValueError, match="without gold ids"):  # was a miss in p@k and MRR, and nothing in recall
+        score_rankings([["A"], ["B"]], [{"A"}, set()])
 
 
 def test_retrieval_only_reports_hand_computed_metrics_and_skips_bad_rows(index, tmp_path):

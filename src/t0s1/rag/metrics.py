@@ -45,12 +45,14 @@ def score_rankings(
     ``gold[i]`` (the ids of question i's gold documents)."""
     if len(rankings) != len(gold):
         raise ValueError(f"{len(rankings)} rankings for {len(gold)} sets of gold ids")
+    if not all(gold):  # it would count as a miss in p@k and MRR, and not at all in recall
+        raise ValueError("a question without gold ids cannot be scored: leave it out")
     count = max(len(rankings), 1)
     precision, recall = {}, {}
     for k in ks:
         precision[k] = sum(any(doc in wanted for doc in ranking[:k]) for ranking, wanted in zip(rankings, gold)) / count
         recall[k] = sum(
-            len(set(ranking[:k]) & set(wanted)) / len(wanted) for ranking, wanted in zip(rankings, gold) if wanted
+            len(set(ranking[:k]) & set(wanted)) / len(wanted) for ranking, wanted in zip(rankings, gold)
         ) / count
     reciprocal = 0.0
     for ranking, wanted in zip(rankings, gold):
