@@ -65,6 +65,15 @@ def test_bad_commands_are_reported_and_the_chat_goes_on(tiny_model):
     assert len(token_counts(text)) == 1
 
 
+def test_what_the_user_typed_is_shown_as_text_never_as_markup(tiny_model):
+    """An error repeats the command typed; with "[/x]" in it Rich raised a MarkupError and the chat
+    ended with a traceback, its conversation lost. /wait 1,2 quietly took 1."""
+    messages, text = chat_with(tiny_model, ["/budget [/x]", "/[/]", "/wait [red]1", "/wait 1,2", "Hi"])
+    assert text.count("Error:") == 4 and "'[/x]'" in text and "'/[/]'" in text and "[red]1" in text
+    assert "/wait takes one number of Waits, got '1,2'" in text
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
 def test_chat_command_reads_stdin(tiny_model_dir):
     result = CliRunner().invoke(
         app, ["chat", "--model", str(tiny_model_dir), "--max-thinking-tokens", "6", "--max-answer-tokens", "3"],

@@ -32,7 +32,7 @@ HELP = (
 
 
 def describe(budget: BudgetForcing) -> str:
-    return f"thinking budget {budget.max_thinking_tokens}, wait x{budget.num_ignore} ({budget.ignore_str!r})"
+    return f"thinking budget {budget.max_thinking_tokens}, wait x{budget.num_ignore} ({escape(repr(budget.ignore_str))})"
 
 
 def run_chat(
@@ -55,7 +55,7 @@ def run_chat(
     console = console or Console(highlight=False)
     read_line = read_line or (lambda prompt: console.input(prompt))
     messages: list[dict] = []
-    console.print(f"[bold]t0s1 chat[/] with {lm.name}: {describe(budget)}. {HELP}", highlight=False)
+    console.print(f"[bold]t0s1 chat[/] with {escape(lm.name)}: {describe(budget)}. {HELP}", highlight=False)
     while True:
         try:
             line = read_line("[bold cyan]you>[/] ")
@@ -72,14 +72,17 @@ def run_chat(
             try:
                 budget, messages = _command(command, argument, budget, messages, console)
             except UserError as error:
-                console.print(f"[bold red]Error:[/] {error}", highlight=False)
+                console.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False)
             continue
         messages.append({"role": "user", "content": line})
         try:
             prompt, sources = _with_sources(lm, messages, budget, index, rag, console)
             result = _reply(lm, prompt, budget, console, chat_template_kwargs)
         except UserError as error:  # e.g. the conversation no longer fits the context
-            console.print(f"[bold red]Error:[/] {error}", highlight=False)
+            console.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False)
+            result = None
+        except KeyboardInterrupt:  # while retrieving (generation has its own)
+            console.print("\n[yellow](interrupted)[/]")
             result = None
         if result is None or result.finish_reason == "cancelled":
             messages.pop()  # an interrupted turn is forgotten
@@ -126,7 +129,10 @@ def _command(command: str, argument: str, budget: BudgetForcing, messages: list[
     if command == "/budget":
         budget = replace(budget, max_thinking_tokens=parse_thinking_budget(argument, "/budget"))
     elif command == "/wait":
-        budget = replace(budget, num_ignore=parse_int_list(argument, "/wait")[0])
+        values = parse_int_list(argument, "/wait")
+        if len(values) != 1:
+            raise UserError(f"/wait takes one number of Waits, got {argument.strip()!r}.")
+        budget = replace(budget, num_ignore=values[0])
     elif command == "/reset":
         messages = []
         console.print("[dim]New conversation.[/]")
