@@ -155,6 +155,44 @@ def test_chat_streams_the_thinking_then_the_answer_and_follows_the_controls(tiny
     assert page.locator("#messages .reply").count() == 1  # nothing was sent
 
 
+def test_long_thinking_stays_in_view_long_words_wrap_and_the_default_ignore_string_keeps_its_line_breaks(tiny_model, page,
+                                                                                                         monkeypatch):
+    """The thinking box scrolls by itself: it stayed at its top while hundreds of lines arrived out
+    of view. A pasted unbroken word pushed the whole chat sideways. The one-line ignore_str field
+    dropped the line breaks of a server default such as "\\n\\nWait", so the page asked for another."""
+    from t0s1.forcing import TorchRunner
+
+    step = TorchRunner.step
+
+    def paced_step(self, slots, tokens):  # a piece of thinking per network write, as a real model sends them
+        time.sleep(0.004)
+        return step(self, slots, tokens)
+
+    monkeypatch.setattr(TorchRunner, "step", paced_step)
+    defaults = BudgetForcing(max_thinking_tokens=600, num_ignore=10, max_answer_tokens=4, ignore_str="\n\nWait")
+    with serve_in_background(create_app(tiny_model, defaults)) as url:
+        open_page(page, url)
+        sent = []
+        page.on("request", lambda request: request.method == "POST" and sent.append(json.loads(request.post_data)))
+        page.evaluate("""() => {  // the thinking box as the reader saw it after each piece of thinking
+            window.thinkingBox = [];
+            new MutationObserver(() => {
+                const box = document.querySelector('#messages .reply[data-state="thinking"] .thinking-text');
+                if (box) window.thinkingBox.push([box.scrollTop, box.scrollHeight, box.clientHeight]);
+            }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+        }""")
+        ask(page, "x" * 400)
+        assert sent[-1]["ignore_str"] == "\n\nWait"
+        top, height, shown = page.evaluate("window.thinkingBox")[-1]
+        assert height > shown and top + shown >= height - 2  # it overflowed, and its end was in view
+        bubble = page.locator("#messages .user").last
+        assert bubble.evaluate("b => b.scrollWidth <= b.clientWidth + 1")
+        assert page.locator("#messages").evaluate("m => m.scrollWidth <= m.clientWidth + 1")
+        set_control(page, "#ignore-str", "Hmm")
+        ask(page, QUESTION)
+        assert sent[-1]["ignore_str"] == "Hmm"  # one the user typed goes as typed
+
+
 def test_page_loads_only_its_own_files_and_the_server_errors_show(tiny_server, page):
     requested = []
     page.on("response", lambda response: requested.append((response.url, response.status)))

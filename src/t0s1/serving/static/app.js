@@ -159,10 +159,20 @@ function requestSettings() {
   return {
     max_thinking_tokens: parseBudget($("budget").value),
     num_ignore: wholeNumber("num-ignore", "Waits (num_ignore)", 0),
-    ignore_str: $("ignore-str").value,
+    ignore_str: ignoreString(),
     temperature,
     max_tokens: wholeNumber("max-answer", "Answer tokens", 1),
   };
+}
+
+// The server's default ignore_str, whole: a one-line field drops its line breaks (s1's is "Wait",
+// but a server may be started with --ignore-str $'\n\nWait').
+let defaultIgnoreString = "";
+
+// What the ignore_str field asks for: the server's default, line breaks included, while it shows it.
+function ignoreString() {
+  const shown = $("ignore-str").value;
+  return shown === defaultIgnoreString.replace(/[\r\n]/g, "") ? defaultIgnoreString : shown;
 }
 
 function settingsOrShow(errorId) {
@@ -201,6 +211,7 @@ class ReplyView {
     this.error = part(".reply-error");
     this.collapseOnAnswer = collapseOnAnswer;
     this.onGrow = onGrow;
+    this.followThinking = followBottom(this.thinking); // its own scrolled box: the newest thinking stays in view
     this.started = performance.now();
   }
 
@@ -211,6 +222,7 @@ class ReplyView {
   addThinking(text) {
     if (this.root.dataset.state !== "thinking") this.root.dataset.state = "thinking";
     this.thinking.append(text);
+    this.followThinking();
     this.label.textContent = `Thinking… ${this.seconds()} s`;
     this.onGrow();
   }
@@ -430,6 +442,7 @@ function showInfo() {
   const defaults = info.defaults;
   $("budget").value = String(defaults.max_thinking_tokens);
   $("num-ignore").value = defaults.num_ignore;
+  defaultIgnoreString = defaults.ignore_str;
   $("ignore-str").value = defaults.ignore_str;
   $("temperature").value = defaults.temperature;
   $("max-answer").value = defaults.max_answer_tokens;
