@@ -136,3 +136,15 @@ def test_bad_rows_are_user_errors(tmp_path):
         get_task("math500").load(tmp_path)
     with pytest.raises(UserError, match="limit"):
         get_task("math500").load(tmp_path, limit=0)
+    # a null or blank gold became the gold answer "None"; a question that is blank was taken
+    for row, words in (('{"id": "a", "problem": "p", "answer": null}', "has no gold answer"),
+                       ('{"id": "a", "problem": "  ", "answer": "1"}', "has no question")):
+        (tmp_path / "aime24.jsonl").write_text(row + "\n")
+        with pytest.raises(UserError, match=f"row 1 {words}"):
+            get_task("aime24").load(tmp_path)
+    # GPQA's wrong options: text that is not a JSON list, or a number, were tracebacks
+    for wrong in ('"y; z; w"', "3", '{"a": 1}'):
+        (tmp_path / "gpqa_diamond.jsonl").write_text(
+            f'{{"id": "a", "question": "q", "correct_answer": "x", "incorrect_answers": {wrong}}}\n')
+        with pytest.raises(UserError, match="must be a list of the wrong options"):
+            get_task("gpqa_diamond").load(tmp_path)

@@ -137,18 +137,31 @@ class Task:
                     f"(fields: {sorted(row)}). Is the file the right benchmark?"
                 ) from None
 
+        def text(role: str, what: str) -> str:
+            value = get(role)
+            if value is None or (isinstance(value, str) and not value.strip()) or isinstance(value, dict | list):
+                raise UserError(f"Task {self.name}: row {index + 1} has no {what} (its {source.fields[role]!r} is "
+                                f"{str(value)[:60]!r}). Is the file the right benchmark?")
+            return str(value).strip()
+
         example_id = str(get("id")) if "id" in source.fields else f"{self.name}-{index}"
-        question = str(get("question")).strip()
+        question = text("question", "question")
         meta = {name: row[name] for name in source.extra if name in row}
         if self.multiple_choice:
             incorrect = get("incorrect")
-            if isinstance(incorrect, str):  # a list stored as text
-                incorrect = json.loads(incorrect)
-            options, gold = shuffle_options(example_id, str(get("correct")).strip(), [str(o).strip() for o in incorrect])
+            try:
+                if isinstance(incorrect, str):  # a list stored as text
+                    incorrect = json.loads(incorrect)
+                if not isinstance(incorrect, list) or not incorrect or not all(isinstance(o, str | int | float) for o in incorrect):
+                    raise TypeError
+            except (json.JSONDecodeError, TypeError):
+                raise UserError(f"Task {self.name}: row {index + 1}: {source.fields['incorrect']!r} must be a list of the "
+                                f"wrong options, got {str(incorrect)[:60]!r}.") from None
+            options, gold = shuffle_options(example_id, text("correct", "correct option"), [str(o).strip() for o in incorrect])
             meta["options"] = options
             prompt = multiple_choice_prompt(question, options)
         else:
-            gold = grading.normalize_gold(str(get("gold")), self.answer_kind)
+            gold = grading.normalize_gold(text("gold", "gold answer"), self.answer_kind)
             prompt = question
         return Example(id=example_id, question=question, prompt=prompt, gold=gold, meta=meta)
 
