@@ -111,6 +111,13 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, smollm2, one_torch_th
     again = CliRunner().invoke(app, args)  # every step's output exists: nothing is redone
     assert again.exit_code == 0, again.output
     assert "already prepared" in again.output and "already trained" in again.output and "already exported" in again.output
+    # Other problem counts would test on problems the reused model trained on; other steps would keep
+    # that model: both are refused before any work (they ran on, with the old data and model).
+    for flag, value, field in (("--num-test", "6", "num_test"), ("--steps", "3", "steps")):
+        changed = [*args]
+        changed[changed.index(flag) + 1] = value
+        refused = CliRunner().invoke(app, changed)
+        assert refused.exit_code == 2 and f"({field} differ)" in " ".join(refused.output.split()), refused.output
 
 
 def test_quickstart_rejects_bad_options(tmp_path):

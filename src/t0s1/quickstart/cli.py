@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 @exit_on_user_error
 def quickstart_command(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Run directory (rerun to resume: finished steps are skipped).")] = Path("runs/quickstart"),
+    out: Annotated[Path, typer.Option(help="Run directory (rerun to resume: finished steps are skipped; --num-test and --steps must stay as they were).")] = Path("runs/quickstart"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: recipes/quickstart.yaml).")] = None,
     num_test: Annotated[int, typer.Option(help="Held-out problems in the budget sweeps.")] = 100,
     budgets: Annotated[

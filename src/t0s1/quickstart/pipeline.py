@@ -22,7 +22,7 @@ from t0s1.data.prepare import prepare
 from t0s1.errors import UserError
 from t0s1.evaluation import metrics
 from t0s1.evaluation.plots import plot_task
-from t0s1.evaluation.runner import EvalConfig, Setting, expand_policies, run_eval
+from t0s1.evaluation.runner import EvalConfig, Setting, check_run_key, expand_policies, run_eval
 from t0s1.evaluation.tasks import Source, Task
 from t0s1.jsonl import read_jsonl
 from t0s1.models import EMBEDDED_MODEL
@@ -45,6 +45,8 @@ RECIPE = "quickstart"
 """The shipped training recipe (``recipes/quickstart.yaml``)."""
 
 SUMMARY_FILE = "summary.json"
+RUN_KEY_FILE = "quickstart.json"
+"""The settings the run's problems and model were made with (a rerun must keep them)."""
 
 POLICY_COMPARISON = {
     "policies": "budget,deepconf,early-exit",
@@ -110,6 +112,11 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
         raise UserError(f"The quickstart runs its sweeps on {' or '.join(BACKENDS)}, not {settings.backend!r}.")
     on_llamacpp = settings.backend == "llamacpp"
     count = (6 if on_llamacpp else 5) + settings.policies
+    out.mkdir(parents=True, exist_ok=True)
+    # The problems and the model a rerun reuses: other counts would test on problems it trained on
+    # (the split moves), other steps would keep the model trained before.
+    check_run_key(out / RUN_KEY_FILE, {"num_train": settings.num_train, "num_test": settings.num_test, "seed": settings.seed,
+                                       "steps": settings.steps}, holds="a quickstart run made with other settings")
     stages = Stages(console)
     with library_progress_bars_off():
         stages.start("data", f"1/{count}  Problems: arithmetic chains, seeded train/test split (s1K schema)")
@@ -157,7 +164,9 @@ def run_quickstart(settings: QuickstartSettings, console: Console | None = None)
             stages.stop("policies")
 
     seconds = stages.seconds
-    rows = [row for _, row in read_jsonl(out / _eval_dir("trained", settings) / "samples" / f"{TASK.name}.jsonl")]
+    held_out = {example.id for example in TASK.load(data_dir)}  # this run's problems, not an earlier run's rows
+    rows = [row for _, row in read_jsonl(out / _eval_dir("trained", settings) / "samples" / f"{TASK.name}.jsonl")
+            if row["id"] in held_out]
     curves = budget_curves(trained["tasks"][TASK.name], settings.budgets, settings.num_ignore)
     wait = wait_effects(rows, settings.budgets, settings.num_ignore)
     base_points = base["tasks"][TASK.name]["methods"].get("budget")

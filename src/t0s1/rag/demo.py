@@ -88,8 +88,15 @@ def run_rag_demo(settings: RagDemoSettings, console: Console | None = None) -> d
     from t0s1.rag.store import build_index
     from t0s1.rag.traces import model_context_length, write_traces
 
+    from t0s1.evaluation.runner import check_run_key
+
     console = console or Console()
     out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    # What the traces and the model a rerun reuses were made from: other steps would keep the model trained before.
+    check_run_key(out / "quickstart-rag.json", {"num_people": settings.num_people, "num_train": settings.num_train,
+                                                "train_k": settings.train_k, "seed": settings.seed, "steps": settings.steps},
+                  holds="a RAG demo run made with other settings")
     stages = Stages(console)
     with library_progress_bars_off():
         stages.start("data", "1/5  Knowledge base: made-up people, questions needing one or two facts")
