@@ -26,6 +26,7 @@ one, as the engine sees it.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -62,8 +63,8 @@ def request_timeout():
     try:
         seconds = float(raw) if raw else 600.0
     except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
+        seconds = 0.0  # refused below
+    if not (math.isfinite(seconds) and seconds > 0):
         raise UserError(f"{TIMEOUT_SETTING} must be a positive number of seconds, got {raw!r}.")
     return httpx.Timeout(seconds, connect=min(CONNECT_TIMEOUT_SECONDS, seconds))
 

@@ -79,7 +79,7 @@ def run_rag_demo(settings: RagDemoSettings, console: Console | None = None) -> d
     ``seconds`` per step added."""
     from t0s1.backends import make_backend
     from t0s1.data.prepare import load_tokenizer, prepare
-    from t0s1.evaluation.runner import EvalConfig
+    from t0s1.evaluation.runner import EvalConfig, check_run_key
     from t0s1.forcing import BudgetForcing
     from t0s1.quickstart.stages import Stages, library_progress_bars_off, recipe_max_length, train_unless_done
     from t0s1.rag.evaluate import RagEvalSpec, run_rag_eval
@@ -87,8 +87,6 @@ def run_rag_demo(settings: RagDemoSettings, console: Console | None = None) -> d
     from t0s1.rag.questions import read_questions
     from t0s1.rag.store import build_index
     from t0s1.rag.traces import model_context_length, write_traces
-
-    from t0s1.evaluation.runner import check_run_key
 
     console = console or Console()
     out = settings.out

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None):
 def train(script_args, training_args, model_args, ours):
     import torch
     from datasets import Dataset
-    from trl import get_peft_config, get_quantization_config
+    from trl import get_peft_config
 
     from t0s1.training.loss import trainer_class
 
